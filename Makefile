@@ -1,0 +1,42 @@
+# Two commands matter: `make run` (the whole service on embedded defaults) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: run test install lint typecheck unit browser lock bench clean
+
+run: install ## start API, admin, worker, Temporal dev server, PostgreSQL and capture SMTP
+	$(BIN)/marquee dev
+
+test: install browser lint typecheck ## ruff, mypy, then the whole suite with coverage
+	$(BIN)/python -m pytest --cov --cov-report=term-missing:skip-covered
+
+install: $(VENV)/.installed
+
+# The venv is rebuilt from the hash-pinned lock whenever the lock or the project changes.
+$(VENV)/.installed: requirements.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --require-hashes -r requirements.lock
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $@
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: install
+	$(BIN)/mypy .
+
+# The admin tests drive Debian's Chromium through Playwright (no browser download).
+browser:
+	@command -v chromium >/dev/null 2>&1 || bash scripts/install-chromium.sh
+
+lock: install ## re-resolve requirements.lock after changing dependencies in pyproject.toml
+	$(BIN)/python -m pip install --quiet uv
+	$(BIN)/uv pip compile pyproject.toml --group dev --python-version 3.11 --generate-hashes --quiet -o requirements.lock
+
+bench: install
+	$(BIN)/python -m bench.instant
+
+clean:
+	rm -rf $(VENV) .data .pytest_cache .mypy_cache .ruff_cache .coverage

@@ -1,0 +1,1 @@
+"""Side effects of the workflows: database writes, provider calls, history rows."""

@@ -1,0 +1,291 @@
+"""Activities of NotificationWorkflow."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncEngine
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from channels.base import OutboundMessage, PermanentSendError, Provider, TransientSendError
+from core.history import HistoryRow, HistoryWriter
+from core.models import DeliveryStatus
+from core.queries import (
+    dead_letters,
+    deliveries,
+    lock_notification,
+    notifications,
+    recipients,
+    refresh_notification_status,
+)
+from workflows.contracts import (
+    CancelInput,
+    ChannelPlan,
+    DeliveryPlan,
+    FailureInput,
+    NotificationInput,
+    SendInput,
+    SendResult,
+)
+
+PERMANENT_ERROR = "PermanentSendError"
+TRANSIENT_ERROR = "TransientSendError"
+SENT_OR_LATER = (DeliveryStatus.sent.value, DeliveryStatus.delivered.value, DeliveryStatus.opened.value)
+
+
+class NotificationActivities:
+    """Built once per worker with its clients; Temporal calls the decorated methods."""
+
+    def __init__(self, engine: AsyncEngine, providers: dict[str, Provider], history: HistoryWriter) -> None:
+        self._engine = engine
+        self._providers = providers
+        self._history = history
+
+    @activity.defn(name="prepare_notification")
+    async def prepare(self, request: NotificationInput) -> DeliveryPlan:
+        """Ensure the rows exist, and decide per channel where to send or why not."""
+        info = activity.info()
+        async with self._engine.begin() as conn:
+            # The API wrote this row before starting the workflow; the upsert makes the
+            # workflow whole even if that transaction was lost after the start.
+            await conn.execute(
+                insert(notifications)
+                .values(
+                    id=request.notification_id,
+                    idempotency_key=request.idempotency_key,
+                    request_hash=request.request_hash,
+                    requested_by=request.requested_by,
+                    user_id=request.user_id,
+                    content_id=request.content_id,
+                    category=request.category,
+                    channels=request.channels,
+                    title=request.title,
+                    body=request.body,
+                    data=request.data,
+                    workflow_id=info.workflow_id,
+                    run_id=info.workflow_run_id,
+                )
+                .on_conflict_do_update(index_elements=["id"], set_={"run_id": info.workflow_run_id})
+            )
+            recipient = (
+                await conn.execute(sa.select(recipients).where(recipients.c.user_id == request.user_id))
+            ).first()
+            plans = [_plan_channel(channel, recipient) for channel in request.channels]
+            for plan in plans:
+                status = DeliveryStatus.suppressed if plan.skip_reason == "opted_out" else DeliveryStatus.pending
+                await conn.execute(
+                    insert(deliveries)
+                    .values(
+                        notification_id=request.notification_id,
+                        channel=plan.channel,
+                        address=plan.address,
+                        status=status.value,
+                        error=plan.skip_reason if status is DeliveryStatus.suppressed else None,
+                    )
+                    .on_conflict_do_nothing(constraint="uq_delivery_channel")
+                )
+            await refresh_notification_status(conn, request.notification_id)
+        await self._history.record(
+            [
+                HistoryRow(
+                    notification_id=str(request.notification_id),
+                    channel=plan.channel,
+                    status="suppressed" if plan.skip_reason == "opted_out" else "pending",
+                    user_id=request.user_id,
+                    category=request.category,
+                )
+                for plan in plans
+            ]
+        )
+        return DeliveryPlan(locale=recipient.locale if recipient else "en", channels=plans)
+
+    @activity.defn(name="send_notification")
+    async def send(self, request: SendInput) -> SendResult:
+        """Send one channel through its provider and record it right after acceptance."""
+        attempt = activity.info().attempt
+        async with self._engine.begin() as conn:
+            row = (
+                await conn.execute(
+                    deliveries.update()
+                    .where(deliveries.c.notification_id == request.notification_id)
+                    .where(deliveries.c.channel == request.channel)
+                    .values(attempts=attempt, updated_at=sa.func.now())
+                    .returning(deliveries.c.status, deliveries.c.provider, deliveries.c.provider_message_id)
+                )
+            ).first()
+        if row is not None and row.status in SENT_OR_LATER:
+            # A retry after the provider took it but before the activity completed.
+            await self._record_history(request, "sent", row.provider or "", attempt)
+            return SendResult(
+                provider=row.provider or "", provider_message_id=row.provider_message_id or "", already_sent=True
+            )
+
+        provider = self._providers.get(request.channel)
+        if provider is None:
+            raise ApplicationError(
+                f"no provider configured for channel {request.channel!r}", type=PERMANENT_ERROR, non_retryable=True
+            )
+        message = OutboundMessage(
+            channel=request.channel,
+            address=request.address,
+            title=request.title,
+            body=request.body,
+            idempotency_key=f"{request.idempotency_key}:{request.channel}",
+            data=request.data,
+        )
+        try:
+            receipt = await provider.send(message)
+        except PermanentSendError as err:
+            raise ApplicationError(str(err), type=PERMANENT_ERROR, non_retryable=True) from err
+        except TransientSendError as err:
+            await self._note_error(request, str(err))
+            raise ApplicationError(str(err), type=TRANSIENT_ERROR, next_retry_delay=_delay(err.retry_after)) from err
+
+        async with self._engine.begin() as conn:
+            await lock_notification(conn, request.notification_id)
+            await conn.execute(
+                deliveries.update()
+                .where(deliveries.c.notification_id == request.notification_id)
+                .where(deliveries.c.channel == request.channel)
+                .where(deliveries.c.status == DeliveryStatus.pending.value)
+                .values(
+                    status=DeliveryStatus.sent.value,
+                    provider=receipt.provider,
+                    provider_message_id=receipt.message_id,
+                    sent_at=sa.func.now(),
+                    updated_at=sa.func.now(),
+                    error=None,
+                )
+            )
+            await refresh_notification_status(conn, request.notification_id)
+        await self._record_history(request, "sent", receipt.provider, attempt)
+        return SendResult(provider=receipt.provider, provider_message_id=receipt.message_id)
+
+    @activity.defn(name="record_notification_failure")
+    async def record_failure(self, failure: FailureInput) -> None:
+        """Mark a channel failed for good and keep a dead letter for replay."""
+        async with self._engine.begin() as conn:
+            await lock_notification(conn, failure.notification_id)
+            attempts = await conn.scalar(
+                deliveries.update()
+                .where(deliveries.c.notification_id == failure.notification_id)
+                .where(deliveries.c.channel == failure.channel)
+                .where(deliveries.c.status == DeliveryStatus.pending.value)
+                .values(
+                    status=DeliveryStatus.failed.value,
+                    error=failure.error,
+                    failed_at=sa.func.now(),
+                    updated_at=sa.func.now(),
+                )
+                .returning(deliveries.c.attempts)
+            )
+            if attempts is None:  # already recorded by an earlier attempt of this activity
+                return
+            await conn.execute(
+                insert(dead_letters)
+                .values(
+                    notification_id=failure.notification_id,
+                    channel=failure.channel,
+                    reason=failure.reason,
+                    last_error=failure.error,
+                    attempts=attempts,
+                    request=failure.request.model_dump(mode="json"),
+                )
+                .on_conflict_do_nothing(constraint="uq_dead_letter_channel")
+            )
+            await refresh_notification_status(conn, failure.notification_id)
+        await self._history.record(
+            [
+                HistoryRow(
+                    notification_id=str(failure.notification_id),
+                    channel=failure.channel,
+                    status="failed",
+                    user_id=failure.request.user_id,
+                    category=failure.request.category,
+                    attempt=attempts,
+                    error=failure.error[:1000],
+                )
+            ]
+        )
+
+    @activity.defn(name="record_notification_cancelled")
+    async def record_cancelled(self, cancel: CancelInput) -> None:
+        """A cancelled run leaves its unsent channels `cancelled`, not pending forever."""
+        async with self._engine.begin() as conn:
+            await lock_notification(conn, cancel.notification_id)
+            result = await conn.execute(
+                deliveries.update()
+                .where(deliveries.c.notification_id == cancel.notification_id)
+                .where(deliveries.c.status == DeliveryStatus.pending.value)
+                .values(status=DeliveryStatus.cancelled.value, updated_at=sa.func.now())
+                .returning(deliveries.c.channel)
+            )
+            channels = [row.channel for row in result]
+            await refresh_notification_status(conn, cancel.notification_id)
+        if channels:
+            await self._history.record(
+                [
+                    HistoryRow(
+                        notification_id=str(cancel.notification_id),
+                        channel=channel,
+                        status="cancelled",
+                        user_id=cancel.user_id,
+                        category=cancel.category,
+                    )
+                    for channel in channels
+                ]
+            )
+
+    async def _note_error(self, request: SendInput, error: str) -> None:
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                deliveries.update()
+                .where(deliveries.c.notification_id == request.notification_id)
+                .where(deliveries.c.channel == request.channel)
+                .values(error=error, updated_at=sa.func.now())
+            )
+
+    async def _record_history(self, request: SendInput, status: str, provider: str, attempt: int) -> None:
+        await self._history.record(
+            [
+                HistoryRow(
+                    notification_id=str(request.notification_id),
+                    channel=request.channel,
+                    status=status,
+                    user_id=request.user_id,
+                    category=request.category,
+                    provider=provider,
+                    attempt=attempt,
+                )
+            ]
+        )
+
+
+def _plan_channel(channel: str, recipient: sa.Row[Any] | None) -> ChannelPlan:
+    if recipient is None:
+        return ChannelPlan(channel=channel, address=None, skip_reason="recipient not found")
+    if channel in recipient.opted_out_channels:
+        return ChannelPlan(channel=channel, address=None, skip_reason="opted_out")
+    address = contact_for(channel, recipient.email, recipient.phone, recipient.push_tokens)
+    if address is None:
+        return ChannelPlan(channel=channel, address=None, skip_reason=f"recipient has no {channel} contact")
+    return ChannelPlan(channel=channel, address=address)
+
+
+def contact_for(channel: str, email: str | None, phone: str | None, push_tokens: list[str]) -> str | None:
+    """Where a channel reaches a recipient. Push uses the most recently registered token."""
+    if channel == "email":
+        return email
+    if channel == "sms":
+        return phone
+    if channel == "push":
+        return push_tokens[-1] if push_tokens else None
+    return None
+
+
+def _delay(retry_after: float | None) -> timedelta | None:
+    return timedelta(seconds=retry_after) if retry_after else None

@@ -1,0 +1,132 @@
+"""The admin panel (SQLAdmin) on the API's ASGI app, at /admin."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import sqlalchemy as sa
+from fastapi import FastAPI
+from sqladmin import Admin, ModelView
+from sqladmin.authentication import AuthenticationBackend
+from sqladmin.authorization import Action, AuthorizationBackend
+from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.requests import Request
+
+from core.auth import Role, verify_password
+from core.config import Settings
+from core.models import AdminUser, DeadLetter, Delivery, Notification, Recipient
+
+READ_ACTIONS = {Action.LIST.value, Action.DETAILS.value, Action.EXPORT.value}
+
+
+class PasswordLogin(AuthenticationBackend):
+    """Email + password against admin_users; the role rides in the signed session cookie."""
+
+    def __init__(self, secret_key: str, engine: AsyncEngine) -> None:
+        super().__init__(secret_key=secret_key, same_site="strict", https_only=False)
+        self._engine = engine
+
+    async def login(self, request: Request) -> bool:
+        form = await request.form()
+        email, password = str(form.get("username", "")).strip().lower(), str(form.get("password", ""))
+        table = AdminUser.__table__  # type: ignore[attr-defined]
+        async with self._engine.connect() as conn:
+            user = (await conn.execute(sa.select(table).where(table.c.email == email))).first()
+        if user is None or not user.is_active or not verify_password(password, user.password_hash):
+            return False
+        request.session.update({"user_id": user.id, "email": user.email, "role": user.role})
+        return True
+
+    async def logout(self, request: Request) -> bool:
+        request.session.clear()
+        return True
+
+    async def authenticate(self, request: Request) -> bool:
+        return "user_id" in request.session
+
+
+class RolePermissions(AuthorizationBackend):
+    """Admin may do everything; campaign managers and analysts read these tables."""
+
+    def has_permission(self, request: Request, identity: str, action: str, obj: Any | None = None) -> bool:
+        role = request.session.get("role")
+        if role == Role.admin.value:
+            return True
+        if identity == "admin-user":
+            return False
+        return role in (Role.campaign_manager.value, Role.analyst.value) and action in READ_ACTIONS
+
+
+class ReadOnlyView(ModelView):
+    can_create = False
+    can_edit = False
+    can_delete = False
+    can_export = True
+    page_size = 50
+
+
+class RecipientAdmin(ReadOnlyView, model=Recipient):
+    name_plural = "Recipients"
+    icon = "fa-solid fa-user"
+    column_list = ["user_id", "email", "phone", "locale", "timezone", "country", "opted_out_channels", "updated_at"]
+    column_searchable_list = ["user_id", "email", "phone"]
+    column_sortable_list = ["user_id", "updated_at"]
+    can_delete = True
+
+
+class NotificationAdmin(ReadOnlyView, model=Notification):
+    name_plural = "Notifications"
+    icon = "fa-solid fa-bell"
+    column_list = ["id", "status", "user_id", "category", "channels", "title", "created_at"]
+    column_searchable_list = ["user_id", "title", "category"]
+    column_sortable_list = ["created_at", "status"]
+    column_default_sort = ("created_at", True)
+    column_details_exclude_list = ["request_hash"]
+
+
+class DeliveryAdmin(ReadOnlyView, model=Delivery):
+    name_plural = "Deliveries"
+    icon = "fa-solid fa-paper-plane"
+    column_list = ["notification_id", "channel", "status", "address", "attempts", "error", "sent_at", "updated_at"]
+    column_searchable_list = ["address", "status"]
+    column_sortable_list = ["updated_at", "status", "attempts"]
+    column_default_sort = ("updated_at", True)
+
+
+class DeadLetterAdmin(ReadOnlyView, model=DeadLetter):
+    name = "Dead letter"
+    name_plural = "Dead letters"
+    icon = "fa-solid fa-skull-crossbones"
+    column_list = ["id", "notification_id", "channel", "reason", "last_error", "attempts", "created_at"]
+    column_sortable_list = ["created_at"]
+    column_default_sort = ("created_at", True)
+
+
+class AdminUserAdmin(ReadOnlyView, model=AdminUser):
+    identity = "admin-user"
+    name_plural = "Admin users"
+    icon = "fa-solid fa-user-shield"
+    column_list = ["email", "role", "is_active", "created_at"]
+    column_details_exclude_list = ["password_hash"]
+    column_export_exclude_list = ["password_hash"]
+
+
+def session_secret(settings: Settings, jwt_secret: str) -> str:
+    if settings.admin_session_secret is not None:
+        return settings.admin_session_secret.get_secret_value()
+    # Derived, not reused: a leaked session key must not mint API tokens.
+    return hashlib.sha256(b"marquee-admin-session:" + jwt_secret.encode()).hexdigest()
+
+
+def mount_admin(app: FastAPI, engine: AsyncEngine, settings: Settings) -> Admin:
+    admin = Admin(
+        app,
+        engine=engine,
+        title="Marquee admin",
+        authentication_backend=PasswordLogin(session_secret(settings, app.state.jwt_secret), engine),
+        authorization_backend=RolePermissions(),
+    )
+    for view in (NotificationAdmin, DeliveryAdmin, DeadLetterAdmin, RecipientAdmin, AdminUserAdmin):
+        admin.add_view(view)
+    return admin

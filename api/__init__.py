@@ -1,0 +1,1 @@
+"""The HTTP API (FastAPI): starts, inspects and cancels workflows; reads PostgreSQL."""

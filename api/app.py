@@ -1,0 +1,55 @@
+"""The ASGI application: public API, admin panel and (in dev) the outbox pages."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from sqlalchemy.ext.asyncio import AsyncEngine
+from temporalio.client import Client
+
+from admin import mount_admin
+from api import problems
+from api.routes import dev, health, notifications, recipients
+from core.config import Settings
+from core.db import create_engine
+from core.temporal import connect
+
+
+def create_app(settings: Settings, *, engine: AsyncEngine | None = None, temporal: Client | None = None) -> FastAPI:
+    """Build the app. Pass an engine and a Temporal client to share them (dev stack, tests);
+    otherwise the app opens its own on startup."""
+
+    own_engine = engine is None
+    if engine is None:
+        if not settings.database_url:
+            raise RuntimeError("MARQUEE_DATABASE_URL is not set (the dev stack sets it: `marquee dev`)")
+        engine = create_engine(settings.database_url, settings.database_pool_size)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.temporal = temporal or await connect(settings)
+        try:
+            yield
+        finally:
+            if own_engine:
+                await app.state.engine.dispose()
+
+    app = FastAPI(
+        title="Marquee",
+        version="0.1.0",
+        summary="Notifications by email, push and SMS, each one a durable Temporal workflow.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.jwt_secret = settings.resolved_jwt_secret()
+    app.state.engine = engine
+    problems.install(app)
+    app.include_router(health.router)
+    app.include_router(recipients.router)
+    app.include_router(notifications.router)
+    if settings.dev_tools:
+        app.include_router(dev.router)
+    mount_admin(app, engine, settings)
+    return app

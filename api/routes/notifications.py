@@ -1,0 +1,277 @@
+"""Instant notifications: each one is a NotificationWorkflow run."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import uuid
+from datetime import datetime
+from typing import Annotated, Any
+
+import sqlalchemy as sa
+from fastapi import APIRouter, Header, Query, Request, Response, status
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncConnection
+from temporalio.client import Client, WorkflowFailureError
+from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError
+
+from activities.notifications import contact_for
+from api.deps import AnyRole, ConnectionDep, Sender, SettingsDep, TemporalDep
+from api.problems import InvalidInput, Problem
+from api.schemas import DeliveryOut, NotificationCreate, NotificationOut, NotificationPage
+from core.config import Settings
+from core.queries import deliveries, notifications, recipients
+from workflows.contracts import NotificationInput, RetryOptions
+from workflows.notification import NotificationWorkflow, workflow_id_for
+
+router = APIRouter(prefix="/v1/notifications", tags=["notifications"])
+
+# Keys are scoped to the caller, so two services choosing the same key never collide.
+_KEY_NAMESPACE = uuid.UUID("6f6b1c5e-6d61-7271-7565-650000000001")
+
+
+def notification_id_for(scoped_key: str) -> uuid.UUID:
+    return uuid.uuid5(_KEY_NAMESPACE, scoped_key)
+
+
+def request_hash(body: NotificationCreate) -> str:
+    payload = body.model_dump(mode="json", exclude={"idempotency_key"})
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _retry_options(settings: Settings) -> RetryOptions:
+    return RetryOptions(
+        initial_seconds=settings.send_retry_initial_seconds,
+        max_seconds=settings.send_retry_max_seconds,
+        max_attempts=settings.send_retry_max_attempts,
+        timeout_seconds=settings.send_timeout_seconds,
+    )
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=NotificationOut,
+    responses={200: {"description": "With ?wait=true: the outcome once every channel is sent or failed"}},
+)
+async def create_notification(
+    body: NotificationCreate,
+    request: Request,
+    response: Response,
+    conn: ConnectionDep,
+    temporal: TemporalDep,
+    settings: SettingsDep,
+    principal: Sender,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)] = None,
+    wait: Annotated[bool, Query(description="Answer only once the provider accepted or it failed")] = False,
+) -> Any:
+    """Send a notification now. The same idempotency key always means the same notification."""
+    if idempotency_key and body.idempotency_key and idempotency_key != body.idempotency_key:
+        raise InvalidInput(["idempotency_key"], "differs from the Idempotency-Key header")
+    key = idempotency_key or body.idempotency_key
+    notification_id = notification_id_for(f"{principal.subject}:{key}") if key else uuid.uuid4()
+    scoped_key = f"{principal.subject}:{key}" if key else str(notification_id)
+    digest = request_hash(body)
+
+    await _check_recipient(conn, body)
+    workflow_id = workflow_id_for(notification_id)
+    inserted = await conn.scalar(
+        insert(notifications)
+        .values(
+            id=notification_id,
+            idempotency_key=scoped_key,
+            request_hash=digest,
+            requested_by=principal.subject,
+            user_id=body.user_id,
+            content_id=body.content_id,
+            category=body.type,
+            channels=[channel.value for channel in body.channels],
+            title=body.title,
+            body=body.body,
+            data=body.data,
+            workflow_id=workflow_id,
+        )
+        .on_conflict_do_nothing()
+        .returning(notifications.c.id)
+    )
+    if inserted is None:
+        # A request with this key came before (or is in flight and has just committed).
+        await conn.rollback()
+        existing = await conn.scalar(
+            sa.select(notifications.c.request_hash).where(notifications.c.id == notification_id)
+        )
+        if existing != digest:
+            raise Problem(409, "Idempotency key reused", f"key {key!r} was already used with a different request")
+        response.headers["Idempotent-Replayed"] = "true"
+    else:
+        workflow_input = NotificationInput(
+            notification_id=notification_id,
+            idempotency_key=scoped_key,
+            request_hash=digest,
+            requested_by=principal.subject,
+            user_id=body.user_id,
+            content_id=body.content_id,
+            category=body.type,
+            channels=[channel.value for channel in body.channels],
+            title=body.title,
+            body=body.body,
+            data=body.data,
+            retry=_retry_options(settings),
+        )
+        # Start inside the transaction: if the start fails, the row is rolled back and the
+        # caller may retry; if the commit fails after the start, the workflow writes the row.
+        try:
+            handle = await temporal.start_workflow(
+                NotificationWorkflow.run,
+                workflow_input,
+                id=workflow_id,
+                task_queue=settings.temporal_task_queue,
+                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+                id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+            )
+        except WorkflowAlreadyStartedError as err:
+            # The run exists and is closed but its row was lost (say, a database restore).
+            await conn.rollback()
+            raise Problem(409, "Already processed", f"notification {notification_id} already ran") from err
+        except RPCError as err:
+            await conn.rollback()
+            raise Problem(503, "Temporal unavailable", f"could not start the notification: {err.message}") from err
+        await conn.execute(
+            notifications.update().where(notifications.c.id == notification_id).values(run_id=handle.result_run_id)
+        )
+        await conn.commit()
+
+    if wait:
+        await _wait_for_outcome(temporal, workflow_id, settings.wait_timeout_seconds)
+        response.status_code = status.HTTP_200_OK
+    found = await _load(conn, notification_id, _base_url(request))
+    assert found is not None
+    response.headers["Location"] = found.links["self"]
+    return found
+
+
+@router.get("/{notification_id}", response_model=NotificationOut)
+async def get_notification(notification_id: uuid.UUID, request: Request, conn: ConnectionDep, _: AnyRole) -> Any:
+    found = await _load(conn, notification_id, _base_url(request))
+    if found is None:
+        raise Problem(404, "Not found", f"no notification {notification_id}")
+    return found
+
+
+@router.post("/{notification_id}/cancel", response_model=NotificationOut)
+async def cancel_notification(
+    notification_id: uuid.UUID, request: Request, conn: ConnectionDep, temporal: TemporalDep, _: Sender
+) -> Any:
+    """Cancel a notification still in progress; channels already sent stay sent."""
+    found = await _load(conn, notification_id, _base_url(request))
+    if found is None:
+        raise Problem(404, "Not found", f"no notification {notification_id}")
+    if found.status != "pending":
+        raise Problem(409, "Not cancellable", f"notification is already {found.status}")
+    handle = temporal.get_workflow_handle(found.workflow_id)
+    await handle.cancel()
+    await _wait_for_outcome(temporal, found.workflow_id, 10.0)
+    return await _load(conn, notification_id, _base_url(request))
+
+
+@router.get("", response_model=NotificationPage)
+async def list_notifications(
+    request: Request,
+    conn: ConnectionDep,
+    _: AnyRole,
+    user_id: str | None = None,
+    status_: Annotated[str | None, Query(alias="status")] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: str | None = None,
+) -> Any:
+    """Newest first, in keyset pages: pass next_cursor back as ?cursor=."""
+    query = sa.select(notifications.c.id, notifications.c.created_at).order_by(
+        notifications.c.created_at.desc(), notifications.c.id.desc()
+    )
+    if user_id is not None:
+        query = query.where(notifications.c.user_id == user_id)
+    if status_ is not None:
+        query = query.where(notifications.c.status == status_)
+    if cursor is not None:
+        created_at, last_id = _decode_cursor(cursor)
+        query = query.where(
+            sa.tuple_(notifications.c.created_at, notifications.c.id)
+            < sa.tuple_(sa.literal(created_at), sa.literal(last_id))
+        )
+    rows = (await conn.execute(query.limit(limit + 1))).all()
+    page = rows[:limit]
+    base = _base_url(request)
+    items = [await _load(conn, row.id, base) for row in page]
+    next_cursor = _encode_cursor(page[-1].created_at, page[-1].id) if len(rows) > limit else None
+    return NotificationPage(items=[item for item in items if item is not None], next_cursor=next_cursor)
+
+
+async def _check_recipient(conn: AsyncConnection, body: NotificationCreate) -> None:
+    """Refuse up front what can never be delivered: unknown user, missing contact."""
+    row = (await conn.execute(sa.select(recipients).where(recipients.c.user_id == body.user_id))).first()
+    if row is None:
+        raise InvalidInput(
+            ["user_id"], f"no recipient with user_id {body.user_id!r}; create it with POST /v1/recipients"
+        )
+    for index, channel in enumerate(body.channels):
+        if contact_for(channel.value, row.email, row.phone, row.push_tokens) is None:
+            contact = {"email": "email", "sms": "phone", "push": "push_tokens"}[channel.value]
+            raise InvalidInput(
+                ["channels", index], f"recipient {body.user_id!r} has no {contact} for channel {channel.value!r}"
+            )
+
+
+async def _wait_for_outcome(temporal: Client, workflow_id: str, seconds: float) -> None:
+    handle = temporal.get_workflow_handle(workflow_id)
+    try:
+        await asyncio.wait_for(handle.result(), timeout=seconds)
+    except WorkflowFailureError:
+        pass  # the failure is recorded on the rows that we read next
+    except TimeoutError as err:
+        raise Problem(504, "Still in progress", f"not finished within {seconds:g} s; poll the notification") from err
+
+
+async def _load(conn: AsyncConnection, notification_id: uuid.UUID, base_url: str) -> NotificationOut | None:
+    row = (await conn.execute(sa.select(notifications).where(notifications.c.id == notification_id))).first()
+    if row is None:
+        return None
+    channel_rows = (
+        await conn.execute(
+            sa.select(deliveries).where(deliveries.c.notification_id == notification_id).order_by(deliveries.c.channel)
+        )
+    ).all()
+    return NotificationOut(
+        id=row.id,
+        status=row.status,
+        user_id=row.user_id,
+        content_id=row.content_id,
+        type=row.category,
+        title=row.title,
+        channels=[DeliveryOut.model_validate(channel._mapping, from_attributes=False) for channel in channel_rows],
+        workflow_id=row.workflow_id,
+        run_id=row.run_id,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        links={"self": f"{base_url}/v1/notifications/{row.id}"},
+    )
+
+
+def _base_url(request: Request) -> str:
+    return str(request.base_url).rstrip("/")
+
+
+def _encode_cursor(created_at: datetime, notification_id: uuid.UUID) -> str:
+    raw = f"{created_at.isoformat()}|{notification_id}"
+    return base64.urlsafe_b64encode(raw.encode()).decode()
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        created_at, notification_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|")
+        return datetime.fromisoformat(created_at), uuid.UUID(notification_id)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise InvalidInput(["cursor"], "not a cursor returned by this API") from err

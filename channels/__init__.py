@@ -1,0 +1,1 @@
+"""Channel providers behind one small interface (see base.Provider)."""

@@ -1,0 +1,1 @@
+"""Shared foundations: settings, database, auth, the CLI and the embedded dev stack."""

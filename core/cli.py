@@ -1,0 +1,145 @@
+"""The `marquee` command: dev, api, worker, migrate, token and user management."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import getpass
+import os
+import sys
+from collections.abc import Sequence
+
+from core.auth import Role
+from core.config import Settings
+
+
+def _cmd_dev(settings: Settings, _: argparse.Namespace) -> int:
+    from core.dev import run_dev
+
+    asyncio.run(run_dev(settings))
+    return 0
+
+
+def _cmd_api(settings: Settings, args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from api.app import create_app
+    from core.logging import configure_logging
+
+    configure_logging(settings)
+    uvicorn.run(create_app(settings), host=args.host or settings.api_host, port=args.port or settings.api_port,
+                log_config=None, proxy_headers=True)  # fmt: skip
+    return 0
+
+
+def _cmd_worker(settings: Settings, _: argparse.Namespace) -> int:
+    from core.logging import configure_logging
+    from worker import run_worker
+
+    configure_logging(settings)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run_worker(settings))
+    return 0
+
+
+def _cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
+    from core.migrate import upgrade
+
+    if not settings.database_url:
+        raise SystemExit("marquee migrate: MARQUEE_DATABASE_URL is not set")
+    upgrade(settings.database_url, args.revision)
+    print(f"database migrated to {args.revision}")
+    return 0
+
+
+def _cmd_token(settings: Settings, args: argparse.Namespace) -> int:
+    from core.auth import create_token
+
+    try:
+        secret = settings.resolved_jwt_secret()
+    except RuntimeError as err:
+        raise SystemExit(f"marquee token create: {err}") from err
+    print(create_token(secret, args.subject or f"cli-{args.role}", Role(args.role), args.ttl, settings.jwt_issuer))
+    return 0
+
+
+def _cmd_user(settings: Settings, args: argparse.Namespace) -> int:
+    import sqlalchemy as sa
+
+    from core.auth import hash_password
+    from core.db import create_engine
+    from core.models import AdminUser
+
+    if not settings.database_url:
+        raise SystemExit("marquee user create: MARQUEE_DATABASE_URL is not set")
+    password = sys.stdin.readline().rstrip("\n") if args.password_stdin else getpass.getpass("Password: ")
+    if len(password) < 10:
+        raise SystemExit("marquee user create: the password must have at least 10 characters")
+    table = AdminUser.__table__  # type: ignore[attr-defined]
+
+    async def create() -> bool:
+        engine = create_engine(settings.database_url or "", pool_size=1)
+        try:
+            async with engine.begin() as conn:
+                result = await conn.execute(
+                    sa.dialects.postgresql.insert(table)
+                    .values(email=args.email.lower(), password_hash=hash_password(password), role=args.role)
+                    .on_conflict_do_nothing(index_elements=["email"])
+                )
+                return bool(result.rowcount)
+        finally:
+            await engine.dispose()
+
+    if not asyncio.run(create()):
+        raise SystemExit(f"marquee user create: a user {args.email!r} exists already")
+    print(f"created {args.role} {args.email}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="marquee", description="Marquee notification service")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    commands.add_parser("dev", help="run everything on embedded defaults (what `make run` starts)").set_defaults(
+        handler=_cmd_dev
+    )
+    api = commands.add_parser("api", help="run the HTTP API and admin")
+    api.add_argument("--host")
+    api.add_argument("--port", type=int)
+    api.set_defaults(handler=_cmd_api)
+    commands.add_parser("worker", help="run a Temporal worker").set_defaults(handler=_cmd_worker)
+    migrate = commands.add_parser("migrate", help="apply database migrations")
+    migrate.add_argument("--revision", default="head")
+    migrate.set_defaults(handler=_cmd_migrate)
+
+    token = commands.add_parser("token", help="API tokens").add_subparsers(dest="action", required=True)
+    create_token = token.add_parser("create", help="print a signed JWT")
+    create_token.add_argument("--role", required=True, choices=[role.value for role in Role])
+    create_token.add_argument("--subject", help="who the token stands for (default: cli-<role>)")
+    create_token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default 3600)")
+    create_token.set_defaults(handler=_cmd_token)
+
+    user = commands.add_parser("user", help="admin panel users").add_subparsers(dest="action", required=True)
+    create_user = user.add_parser("create", help="create an admin panel user")
+    create_user.add_argument("--email", required=True)
+    create_user.add_argument("--role", required=True, choices=[r.value for r in Role if r is not Role.service])
+    create_user.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    create_user.set_defaults(handler=_cmd_user)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    code = args.handler(Settings(), args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if args.command in ("dev", "worker"):
+        # The Temporal SDK's native bridge can crash during interpreter teardown after a
+        # clean shutdown; the work is done, so leave without running that teardown.
+        os._exit(code)
+    raise SystemExit(code)
+
+
+if __name__ == "__main__":
+    main()

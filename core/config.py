@@ -1,0 +1,111 @@
+"""The one place configuration is read: environment variables prefixed MARQUEE_."""
+
+from __future__ import annotations
+
+import secrets
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEV_SECRET_FILE = "jwt-secret"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MARQUEE_", env_file=".env", extra="ignore")
+
+    # Where the embedded defaults keep their state (PostgreSQL, Temporal, chDB, captured mail).
+    data_dir: Path = Path(".data")
+
+    # PostgreSQL. Unset: `marquee dev` starts an embedded server under data_dir.
+    database_url: str | None = None
+    database_pool_size: int = 10
+
+    # Temporal. Unset: `marquee dev` starts the CLI's dev server (SQLite under data_dir).
+    temporal_address: str | None = None
+    temporal_namespace: str = "default"
+    temporal_task_queue: str = "marquee"
+    temporal_port: int = 7233
+    temporal_ui_port: int = 8233
+
+    # ClickHouse. Unset: chDB (in-process ClickHouse) under data_dir/chdb.
+    clickhouse_url: str | None = None
+    history_flush_seconds: float = 0.2
+    history_flush_rows: int = 5000
+
+    # API
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    public_url: str = "http://127.0.0.1:8000"
+    wait_timeout_seconds: float = 30.0
+    jwt_secret: SecretStr | None = None
+    jwt_issuer: str = "marquee"
+    jwt_ttl_seconds: int = 3600
+
+    # Email over SMTP. The dev stack points these at its capture server.
+    smtp_host: str = "127.0.0.1"
+    smtp_port: int = 1025
+    smtp_username: str | None = None
+    smtp_password: SecretStr | None = None
+    smtp_use_tls: bool = False
+    smtp_start_tls: bool = False
+    smtp_timeout_seconds: float = 10.0
+    smtp_pool_size: int = 10
+    mail_from: str = "Marquee <no-reply@marquee.localhost>"
+    message_id_domain: str = "marquee.localhost"
+
+    # Push and SMS: "sandbox" records what would be sent (real providers come later).
+    push_provider: str = "sandbox"
+    sms_provider: str = "sandbox"
+
+    # Delivery retries (passed to each workflow as input, so a change never breaks replay).
+    send_retry_initial_seconds: float = 1.0
+    send_retry_max_seconds: float = 60.0
+    send_retry_max_attempts: int = 8
+    send_timeout_seconds: float = 30.0
+
+    # Dev stack
+    capture_smtp_port: int = 1025
+    dev_tools: bool = False
+    admin_session_secret: SecretStr | None = None
+
+    # Observability
+    sentry_dsn: str | None = None
+    log_json: bool = False
+    log_level: str = "INFO"
+
+    worker_max_concurrent_activities: int = Field(default=200, ge=1)
+
+    def resolved_jwt_secret(self) -> str:
+        """The JWT secret: from the environment, else the dev stack's file under data_dir."""
+        if self.jwt_secret is not None:
+            return self.jwt_secret.get_secret_value()
+        path = self.data_dir / DEV_SECRET_FILE
+        if path.exists():
+            return path.read_text().strip()
+        raise RuntimeError(
+            "MARQUEE_JWT_SECRET is not set and no dev secret exists: set it, or run `marquee dev` once to create one"
+        )
+
+    def ensure_dev_secret(self) -> str:
+        """Create the dev stack's JWT secret file once; later runs reuse it."""
+        path = self.data_dir / DEV_SECRET_FILE
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(secrets.token_urlsafe(48))
+            path.chmod(0o600)
+        return path.read_text().strip()
+
+    @property
+    def chdb_path(self) -> Path:
+        return self.data_dir / "chdb"
+
+    @property
+    def mail_capture_dir(self) -> Path:
+        return self.data_dir / "mail"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,135 @@
+"""`marquee dev` (what `make run` starts): the whole service on embedded defaults.
+
+One process runs the API, the admin, the worker and the capture SMTP server; PostgreSQL
+and the Temporal dev server run as child processes with their data under data_dir. chDB
+can be opened by one process only, which is why API and worker share this one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import signal
+from contextlib import AsyncExitStack
+
+import sqlalchemy as sa
+import uvicorn
+
+from api.app import create_app
+from core.auth import Role, create_token, hash_password
+from core.config import Settings
+from core.db import create_engine
+from core.embedded import EmbeddedPostgres, TemporalDevServer, ensure_database, start_capture_smtp
+from core.logging import configure_logging
+from core.migrate import upgrade_async
+from core.models import AdminUser
+from core.temporal import connect
+from worker import create_worker, worker_services
+
+DEV_ADMIN_EMAIL = "admin@marquee.localhost"
+EMBEDDED_PG_PORT = int(os.environ.get("MARQUEE_EMBEDDED_PG_PORT", "5433"))
+
+
+async def ensure_dev_admin(settings: Settings, database_url: str) -> str | None:
+    """Create the first admin user with a random password; return it, or None if users exist."""
+    engine = create_engine(database_url, pool_size=1)
+    table = AdminUser.__table__  # type: ignore[attr-defined]
+    password_file = settings.data_dir / "admin-password"
+    try:
+        async with engine.begin() as conn:
+            if await conn.scalar(sa.select(sa.func.count()).select_from(table)):
+                return password_file.read_text().strip() if password_file.exists() else None
+            password = secrets.token_urlsafe(12)
+            await conn.execute(
+                table.insert().values(
+                    email=DEV_ADMIN_EMAIL, password_hash=hash_password(password), role=Role.admin.value
+                )
+            )
+        password_file.write_text(password)
+        password_file.chmod(0o600)
+        return password
+    finally:
+        await engine.dispose()
+
+
+async def run_dev(settings: Settings) -> None:
+    configure_logging(settings)
+    data_dir = settings.data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    jwt_secret = settings.ensure_dev_secret()
+    updates: dict[str, object] = {"dev_tools": True, "data_dir": data_dir}
+
+    async with AsyncExitStack() as stack:
+        lines: list[tuple[str, str]] = []
+        if settings.database_url is None:
+            postgres = EmbeddedPostgres(data_dir / "postgres", EMBEDDED_PG_PORT)
+            server_url = await asyncio.to_thread(postgres.start)
+            stack.callback(postgres.stop)
+            updates["database_url"] = await ensure_database(server_url, "marquee")
+            lines.append(("PostgreSQL (embedded)", f"{updates['database_url']}"))
+        if settings.temporal_address is None:
+            temporal_server = TemporalDevServer(
+                data_dir / "temporal.db", settings.temporal_port, settings.temporal_ui_port, data_dir / "temporal.log"
+            )
+            await asyncio.to_thread(temporal_server.start)
+            stack.callback(temporal_server.stop)
+            lines.append(("Temporal Web UI", f"http://127.0.0.1:{settings.temporal_ui_port}"))
+            lines.append(("Temporal frontend", f"127.0.0.1:{settings.temporal_port}"))
+        if "MARQUEE_SMTP_HOST" not in os.environ:
+            capture = start_capture_smtp(data_dir / "mail", settings.capture_smtp_port)
+            stack.callback(capture.stop)
+            updates.update(smtp_host="127.0.0.1", smtp_port=settings.capture_smtp_port)
+            lines.append(("Capture SMTP server", f"127.0.0.1:{settings.capture_smtp_port}"))
+
+        settings = settings.model_copy(update=updates)
+        assert settings.database_url is not None
+        await upgrade_async(settings.database_url)
+        password = await ensure_dev_admin(settings, settings.database_url)
+
+        client = await connect(settings)
+        engine = create_engine(settings.database_url, settings.database_pool_size)
+        stack.push_async_callback(engine.dispose)
+        services = await stack.enter_async_context(worker_services(settings, engine))
+        worker = create_worker(client, settings, services)
+        app = create_app(settings, engine=engine, temporal=client)
+        server = uvicorn.Server(
+            uvicorn.Config(app, host=settings.api_host, port=settings.api_port, log_config=None, lifespan="on")
+        )
+        token = create_token(jwt_secret, "dev-service", Role.service, ttl_seconds=30 * 24 * 3600)
+        base = settings.public_url
+        lines = [
+            ("API", base),
+            ("OpenAPI docs", f"{base}/docs"),
+            ("Admin", f"{base}/admin  ({DEV_ADMIN_EMAIL} / {password or 'see .data/admin-password'})"),
+            ("Captured mail and sandbox push/SMS", f"{base}/dev"),
+            *lines,
+        ]
+
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+
+        worker_task = asyncio.create_task(worker.run(), name="worker")
+        server_task = asyncio.create_task(server.serve(), name="api")
+        while not server.started and not server_task.done():  # noqa: ASYNC110 - uvicorn only offers a flag
+            await asyncio.sleep(0.05)
+        if server_task.done():
+            await server_task  # raises the reason it could not start (port taken, ...)
+        width = max(len(name) for name, _ in lines)
+        print("\nMarquee is running (Ctrl-C stops everything):\n")
+        for name, where in lines:
+            print(f"  {name:<{width}}  {where}")
+        print(f"\n  A service token (30 days):\n  export TOKEN={token}\n", flush=True)
+
+        done, _ = await asyncio.wait(
+            [asyncio.create_task(stop.wait()), worker_task, server_task], return_when=asyncio.FIRST_COMPLETED
+        )
+        print("\nStopping...", flush=True)
+        server.should_exit = True
+        await worker.shutdown() if worker.is_running else None
+        await asyncio.gather(server_task, worker_task, return_exceptions=True)
+        for task in done:
+            if task in (worker_task, server_task) and task.exception():
+                raise task.exception()  # type: ignore[misc]

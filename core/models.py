@@ -1,0 +1,187 @@
+"""PostgreSQL tables (SQLModel). Migrations in migrations/ are the source of the schema."""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql as pg
+from sqlmodel import Field, SQLModel
+
+
+class Channel(enum.StrEnum):
+    email = "email"
+    push = "push"
+    sms = "sms"
+
+
+class DeliveryStatus(enum.StrEnum):
+    """Per-channel status. Order matters: a status never moves back to an earlier one."""
+
+    pending = "pending"
+    sent = "sent"
+    delivered = "delivered"
+    opened = "opened"
+    failed = "failed"
+    suppressed = "suppressed"  # the recipient opted out of this channel
+    cancelled = "cancelled"
+
+
+def _tz() -> sa.DateTime:
+    return sa.DateTime(timezone=True)
+
+
+class Recipient(SQLModel, table=True):
+    __tablename__ = "recipients"
+
+    id: int | None = Field(default=None, sa_column=sa.Column(sa.BigInteger, primary_key=True, autoincrement=True))
+    user_id: str = Field(sa_column=sa.Column(sa.Text, nullable=False, unique=True))
+    email: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    phone: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    push_tokens: list[str] = Field(
+        default_factory=list,
+        sa_column=sa.Column(pg.ARRAY(sa.Text), nullable=False, server_default="{}"),
+    )
+    locale: str = Field(default="en", sa_column=sa.Column(sa.Text, nullable=False))
+    timezone: str = Field(default="UTC", sa_column=sa.Column(sa.Text, nullable=False))
+    country: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    opted_out_channels: list[str] = Field(
+        default_factory=list,
+        sa_column=sa.Column(pg.ARRAY(sa.Text), nullable=False, server_default="{}"),
+    )
+    attributes: dict[str, Any] = Field(
+        default_factory=dict,
+        sa_column=sa.Column(pg.JSONB, nullable=False, server_default="{}"),
+    )
+    created_at: datetime | None = Field(
+        default=None, sa_column=sa.Column(_tz(), nullable=False, server_default=sa.func.now())
+    )
+    updated_at: datetime | None = Field(
+        default=None, sa_column=sa.Column(_tz(), nullable=False, server_default=sa.func.now())
+    )
+
+
+class Notification(SQLModel, table=True):
+    __tablename__ = "notifications"
+
+    id: uuid.UUID = Field(primary_key=True)
+    idempotency_key: str = Field(sa_column=sa.Column(sa.Text, nullable=False, unique=True))
+    request_hash: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    user_id: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    content_id: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    category: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    channels: list[str] = Field(sa_column=sa.Column(pg.ARRAY(sa.Text), nullable=False))
+    title: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    body: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    data: dict[str, Any] = Field(
+        default_factory=dict, sa_column=sa.Column(pg.JSONB, nullable=False, server_default="{}")
+    )
+    status: str = Field(
+        default=DeliveryStatus.pending.value,
+        sa_column=sa.Column(sa.Text, nullable=False, server_default="pending"),
+    )
+    requested_by: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    workflow_id: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    run_id: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    created_at: datetime | None = Field(
+        default=None, sa_column=sa.Column(_tz(), nullable=False, server_default=sa.func.now())
+    )
+    updated_at: datetime | None = Field(
+        default=None, sa_column=sa.Column(_tz(), nullable=False, server_default=sa.func.now())
+    )
+
+    __table_args__ = (
+        sa.Index("ix_notifications_created", "created_at", "id"),
+        sa.Index("ix_notifications_user_created", "user_id", "created_at", "id"),
+    )
+
+
+class Delivery(SQLModel, table=True):
+    """One channel of one notification: its address, status and attempts."""
+
+    __tablename__ = "deliveries"
+
+    id: int | None = Field(default=None, sa_column=sa.Column(sa.BigInteger, primary_key=True, autoincrement=True))
+    notification_id: uuid.UUID = Field(
+        sa_column=sa.Column(
+            pg.UUID(as_uuid=True), sa.ForeignKey("notifications.id", ondelete="CASCADE"), nullable=False
+        )
+    )
+    channel: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    address: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    status: str = Field(
+        default=DeliveryStatus.pending.value,
+        sa_column=sa.Column(sa.Text, nullable=False, server_default="pending"),
+    )
+    provider: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    provider_message_id: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    attempts: int = Field(default=0, sa_column=sa.Column(sa.Integer, nullable=False, server_default="0"))
+    error: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    queued_at: datetime | None = Field(
+        default=None, sa_column=sa.Column(_tz(), nullable=False, server_default=sa.func.now())
+    )
+    sent_at: datetime | None = Field(default=None, sa_column=sa.Column(_tz()))
+    delivered_at: datetime | None = Field(default=None, sa_column=sa.Column(_tz()))
+    opened_at: datetime | None = Field(default=None, sa_column=sa.Column(_tz()))
+    failed_at: datetime | None = Field(default=None, sa_column=sa.Column(_tz()))
+    updated_at: datetime | None = Field(
+        default=None, sa_column=sa.Column(_tz(), nullable=False, server_default=sa.func.now())
+    )
+
+    __table_args__ = (sa.UniqueConstraint("notification_id", "channel", name="uq_delivery_channel"),)
+
+
+class DeadLetter(SQLModel, table=True):
+    """A delivery that failed for good, kept with the original request for replay."""
+
+    __tablename__ = "dead_letters"
+
+    id: int | None = Field(default=None, sa_column=sa.Column(sa.BigInteger, primary_key=True, autoincrement=True))
+    notification_id: uuid.UUID = Field(
+        sa_column=sa.Column(
+            pg.UUID(as_uuid=True), sa.ForeignKey("notifications.id", ondelete="CASCADE"), nullable=False
+        )
+    )
+    channel: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    reason: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    last_error: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    attempts: int = Field(sa_column=sa.Column(sa.Integer, nullable=False))
+    request: dict[str, Any] = Field(sa_column=sa.Column(pg.JSONB, nullable=False))
+    created_at: datetime | None = Field(
+        default=None, sa_column=sa.Column(_tz(), nullable=False, server_default=sa.func.now())
+    )
+
+    __table_args__ = (sa.UniqueConstraint("notification_id", "channel", name="uq_dead_letter_channel"),)
+
+
+class SandboxMessage(SQLModel, table=True):
+    """What a sandbox push/SMS provider would have sent (development and tests)."""
+
+    __tablename__ = "sandbox_messages"
+
+    id: int | None = Field(default=None, sa_column=sa.Column(sa.BigInteger, primary_key=True, autoincrement=True))
+    channel: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    address: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    idempotency_key: str = Field(sa_column=sa.Column(sa.Text, nullable=False, unique=True))
+    payload: dict[str, Any] = Field(sa_column=sa.Column(pg.JSONB, nullable=False))
+    created_at: datetime | None = Field(
+        default=None, sa_column=sa.Column(_tz(), nullable=False, server_default=sa.func.now())
+    )
+
+
+class AdminUser(SQLModel, table=True):
+    """A person who signs in to the admin panel."""
+
+    __tablename__ = "admin_users"
+
+    id: int | None = Field(default=None, sa_column=sa.Column(sa.BigInteger, primary_key=True, autoincrement=True))
+    email: str = Field(sa_column=sa.Column(sa.Text, nullable=False, unique=True))
+    password_hash: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    role: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    is_active: bool = Field(default=True, sa_column=sa.Column(sa.Boolean, nullable=False, server_default="true"))
+    created_at: datetime | None = Field(
+        default=None, sa_column=sa.Column(_tz(), nullable=False, server_default=sa.func.now())
+    )

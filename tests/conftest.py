@@ -1,0 +1,241 @@
+"""Real components for every test: PostgreSQL, the Temporal dev server, chDB, aiosmtpd.
+
+One of each per test session; tests isolate themselves by unique user ids and keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import socket
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+import uvicorn
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, Envelope, Session
+from sqlalchemy.ext.asyncio import AsyncEngine
+from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+
+from api.app import create_app
+from core.auth import Role, create_token
+from core.config import Settings
+from core.db import create_engine
+from core.embedded import EmbeddedPostgres, MailCapture, venv_binary
+from core.migrate import upgrade_async
+from worker import WorkerServices, create_worker, worker_services
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ScriptedSmtp(MailCapture):
+    """A capture SMTP server that can refuse recipients with a chosen reply."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+        self.refuse: dict[str, str] = {}  # address -> SMTP reply, e.g. "550 5.1.1 No such user"
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
+    ) -> str:
+        if address in self.refuse:
+            return self.refuse[address]
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    def to(self, address: str) -> list:
+        return [message for message in self.parsed() if message["To"] == address]
+
+
+class SmtpServer:
+    """The test's SMTP server: can be stopped and started on the same port."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.handler = ScriptedSmtp()
+        self._controller: Controller | None = None
+
+    def start(self) -> None:
+        self._controller = Controller(self.handler, hostname="127.0.0.1", port=self.port)
+        self._controller.start()
+
+    def stop(self) -> None:
+        if self._controller is not None:
+            self._controller.stop()
+            self._controller = None
+
+
+async def _server_url() -> tuple[str, EmbeddedPostgres | None]:
+    """The machine's PostgreSQL when it answers (or MARQUEE_TEST_DATABASE_URL), else embedded."""
+    explicit = os.environ.get("MARQUEE_TEST_DATABASE_URL")
+    if explicit:
+        return explicit.rstrip("/"), None
+    try:
+        conn = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/postgres", timeout=2)
+        await conn.close()
+        return "postgresql://postgres@127.0.0.1:5432", None
+    except (OSError, asyncpg.PostgresError):
+        pgdata = Path(os.environ.get("TMPDIR", "/tmp")) / f"marquee-pg-{uuid.uuid4().hex[:8]}"
+        embedded = EmbeddedPostgres(pgdata, free_port())
+        return await asyncio.to_thread(embedded.start), embedded
+
+
+@pytest.fixture(scope="session")
+async def database_url() -> AsyncIterator[str]:
+    server_url, embedded = await _server_url()
+    name = f"marquee_test_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(f"{server_url}/postgres")
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    url = f"{server_url}/{name}"
+    await upgrade_async(url)
+    yield url
+    await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    await admin.close()
+    if embedded is not None:
+        await asyncio.to_thread(embedded.stop)
+
+
+@pytest.fixture(scope="session")
+def smtp_server() -> Iterator[SmtpServer]:
+    server = SmtpServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def settings(tmp_path_factory: pytest.TempPathFactory, database_url: str, smtp_server: SmtpServer) -> Settings:
+    return Settings(
+        _env_file=None,
+        data_dir=tmp_path_factory.mktemp("data"),
+        database_url=database_url,
+        temporal_task_queue=f"marquee-test-{uuid.uuid4().hex[:8]}",
+        jwt_secret=secrets.token_urlsafe(32),
+        smtp_host="127.0.0.1",
+        smtp_port=smtp_server.port,
+        smtp_timeout_seconds=2.0,
+        send_retry_initial_seconds=0.2,
+        send_retry_max_seconds=1.0,
+        send_retry_max_attempts=6,
+        send_timeout_seconds=5.0,
+        history_flush_seconds=0.05,
+        dev_tools=True,
+        wait_timeout_seconds=20.0,
+    )
+
+
+@pytest.fixture(scope="session")
+async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
+    env = await WorkflowEnvironment.start_local(
+        data_converter=pydantic_data_converter, dev_server_existing_path=str(venv_binary("temporal"))
+    )
+    yield env
+    await env.shutdown()
+
+
+@pytest.fixture(scope="session")
+def temporal_client(temporal_env: WorkflowEnvironment) -> Client:
+    return temporal_env.client
+
+
+@pytest.fixture(scope="session")
+async def engine(settings: Settings) -> AsyncIterator[AsyncEngine]:
+    assert settings.database_url
+    engine = create_engine(settings.database_url)
+    yield engine
+    await engine.dispose()
+
+
+@pytest.fixture(scope="session")
+async def services(settings: Settings, engine: AsyncEngine) -> AsyncIterator[WorkerServices]:
+    async with worker_services(settings, engine) as services:
+        yield services
+
+
+@pytest.fixture(scope="session")
+async def worker(temporal_client: Client, settings: Settings, services: WorkerServices) -> AsyncIterator[Worker]:
+    worker = create_worker(temporal_client, settings, services)
+    async with worker:
+        yield worker
+
+
+@pytest.fixture(scope="session")
+async def api_url(
+    settings: Settings, engine: AsyncEngine, temporal_client: Client, worker: Worker
+) -> AsyncIterator[str]:
+    """The API served by uvicorn on a real port, as clients reach it."""
+    port = free_port()
+    app = create_app(settings.model_copy(update={"public_url": f"http://127.0.0.1:{port}"}), engine=engine,
+                     temporal=temporal_client)  # fmt: skip
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on"))
+    task = asyncio.create_task(server.serve())
+    while not server.started:  # noqa: ASYNC110 - uvicorn only offers a flag
+        await asyncio.sleep(0.02)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    await task
+
+
+@pytest.fixture(scope="session")
+def app_settings(api_url: str, settings: Settings) -> Settings:
+    return settings
+
+
+def token_for(settings: Settings, role: Role, subject: str | None = None) -> str:
+    assert settings.jwt_secret is not None
+    return create_token(settings.jwt_secret.get_secret_value(), subject or f"test-{role.value}", role, 3600)
+
+
+@pytest.fixture
+async def api(api_url: str, settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client authenticated as a service."""
+    headers = {"Authorization": f"Bearer {token_for(settings, Role.service)}"}
+    async with httpx.AsyncClient(base_url=api_url, headers=headers, timeout=30) as client:
+        yield client
+
+
+@pytest.fixture
+def user_id() -> str:
+    return f"user-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+async def recipient(api: httpx.AsyncClient, user_id: str) -> dict:
+    response = await api.post(
+        "/v1/recipients",
+        json={
+            "user_id": user_id,
+            "email": f"{user_id}@example.com",
+            "phone": "+15551234567",
+            "push_tokens": [f"token-{user_id}"],
+            "locale": "en",
+            "timezone": "Europe/Moscow",
+            "country": "RU",
+        },
+    )
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+async def wait_for_status(api: httpx.AsyncClient, notification_id: str, *statuses: str, seconds: float = 20) -> dict:
+    """Poll the API until the notification reaches one of `statuses`."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    while True:
+        body = (await api.get(f"/v1/notifications/{notification_id}")).json()
+        if body["status"] in statuses:
+            return body
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"status stayed {body['status']!r}, wanted {statuses}: {body}")
+        await asyncio.sleep(0.1)

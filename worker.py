@@ -1,0 +1,99 @@
+"""The Temporal worker process: `marquee worker`. Scale out by running more of them."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from activities.notifications import NotificationActivities
+from channels.base import Provider
+from channels.sandbox import SandboxProvider
+from channels.smtp import SmtpProvider
+from core.config import Settings
+from core.db import create_engine
+from core.history import HistoryWriter, open_store
+from core.temporal import connect
+from workflows.notification import NotificationWorkflow
+
+WORKFLOWS = [NotificationWorkflow]
+
+
+def build_providers(settings: Settings, engine: AsyncEngine) -> dict[str, Provider]:
+    """One provider per channel from settings (provider records in the admin come later)."""
+    providers: dict[str, Provider] = {
+        "email": SmtpProvider(
+            host=settings.smtp_host,
+            port=settings.smtp_port,
+            username=settings.smtp_username,
+            password=settings.smtp_password.get_secret_value() if settings.smtp_password else None,
+            use_tls=settings.smtp_use_tls,
+            start_tls=settings.smtp_start_tls,
+            timeout=settings.smtp_timeout_seconds,
+            pool_size=settings.smtp_pool_size,
+            sender=settings.mail_from,
+            message_id_domain=settings.message_id_domain,
+        )
+    }
+    for channel, kind in (("push", settings.push_provider), ("sms", settings.sms_provider)):
+        if kind != "sandbox":
+            raise ValueError(f"MARQUEE_{channel.upper()}_PROVIDER={kind!r}: only 'sandbox' is available yet")
+        providers[channel] = SandboxProvider(engine, channel)
+    return providers
+
+
+@dataclass
+class WorkerServices:
+    engine: AsyncEngine
+    history: HistoryWriter
+    providers: dict[str, Provider]
+
+    def activities(self) -> NotificationActivities:
+        return NotificationActivities(self.engine, self.providers, self.history)
+
+
+@asynccontextmanager
+async def worker_services(settings: Settings, engine: AsyncEngine | None = None) -> AsyncIterator[WorkerServices]:
+    """Database, history store and providers for a worker; closed on exit."""
+    own_engine = engine is None
+    engine = engine or create_engine(_database_url(settings), settings.database_pool_size)
+    store = open_store(settings.clickhouse_url, settings.chdb_path)
+    await asyncio.to_thread(store.ensure_schema)
+    history = HistoryWriter(store, settings.history_flush_seconds, settings.history_flush_rows)
+    providers = build_providers(settings, engine)
+    try:
+        yield WorkerServices(engine=engine, history=history, providers=providers)
+    finally:
+        for provider in providers.values():
+            await provider.close()
+        await history.close()
+        if own_engine:
+            await engine.dispose()
+
+
+def create_worker(client: Client, settings: Settings, services: WorkerServices) -> Worker:
+    activities = services.activities()
+    return Worker(
+        client,
+        task_queue=settings.temporal_task_queue,
+        workflows=WORKFLOWS,
+        activities=[activities.prepare, activities.send, activities.record_failure, activities.record_cancelled],
+        max_concurrent_activities=settings.worker_max_concurrent_activities,
+    )
+
+
+def _database_url(settings: Settings) -> str:
+    if not settings.database_url:
+        raise RuntimeError("MARQUEE_DATABASE_URL is not set (the dev stack sets it for you: `marquee dev`)")
+    return settings.database_url
+
+
+async def run_worker(settings: Settings) -> None:
+    client = await connect(settings)
+    async with worker_services(settings) as services:
+        await create_worker(client, settings, services).run()
