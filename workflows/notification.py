@@ -7,7 +7,7 @@ from datetime import timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
 
 with workflow.unsafe.imports_passed_through():
     from activities.notifications import PERMANENT_ERROR, NotificationActivities
@@ -90,6 +90,8 @@ class NotificationWorkflow:
                 ),
             )
         except ActivityError as err:
+            if is_cancelled_exception(err):
+                raise asyncio.CancelledError from err  # the run was cancelled, not the channel
             cause = err.cause
             message = str(cause.message if isinstance(cause, ApplicationError) else cause or err)
             permanent = isinstance(cause, ApplicationError) and cause.type == PERMANENT_ERROR

@@ -5,8 +5,10 @@ Mounted only with MARQUEE_DEV_TOOLS=true (which `marquee dev` sets).
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
+from html import escape
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +42,15 @@ def _mail_files(mail_dir: Path, limit: int) -> list[Path]:
     return sorted(mail_dir.glob("*.eml"), reverse=True)[:limit]
 
 
+# Plain `def`: FastAPI runs these in its thread pool, so file reads do not block the loop.
 @router.get("/mail")
-async def list_mail(settings: SettingsDep, limit: int = 100) -> list[dict[str, Any]]:
+def list_mail(settings: SettingsDep, limit: int = 100) -> list[dict[str, Any]]:
     """Messages received by the capture SMTP server, newest first."""
     return [_summary(path) for path in _mail_files(settings.mail_capture_dir, limit)]
 
 
 @router.get("/mail/{message_id}", response_class=PlainTextResponse)
-async def raw_mail(message_id: str, settings: SettingsDep) -> str:
+def raw_mail(message_id: str, settings: SettingsDep) -> str:
     path = settings.mail_capture_dir / f"{message_id}.eml"
     if "/" in message_id or not path.exists():
         raise Problem(404, "Not found", f"no captured message {message_id!r}")
@@ -66,12 +69,11 @@ async def list_sandbox(conn: ConnectionDep, channel: str | None = None, limit: i
 @router.get("", response_class=HTMLResponse, include_in_schema=False)
 async def outbox_page(request: Request, settings: SettingsDep, conn: ConnectionDep) -> str:
     """One page to see everything the dev stack 'sent'."""
-    from html import escape
-
+    mail = await asyncio.to_thread(list_mail, settings, 50)
     mail_rows = "".join(
         f"<tr><td>{escape(str(m['date']))}</td><td>{escape(str(m['to']))}</td>"
         f"<td><a href='/dev/mail/{escape(m['id'])}'>{escape(str(m['subject']))}</a></td></tr>"
-        for m in (_summary(path) for path in _mail_files(settings.mail_capture_dir, 50))
+        for m in mail
     )
     sandbox_rows = "".join(
         f"<tr><td>{escape(str(r.created_at))}</td><td>{escape(r.channel)}</td><td>{escape(r.address)}</td>"
