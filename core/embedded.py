@@ -44,6 +44,13 @@ def wait_for_port(host: str, port: int, timeout: float, process: subprocess.Pope
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout:g} s")
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def port_is_free(host: str, port: int) -> bool:
     with socket.socket() as probe:
         return probe.connect_ex((host, port)) != 0

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -29,15 +28,9 @@ from api.app import create_app
 from core.auth import Role, create_token
 from core.config import Settings
 from core.db import create_engine
-from core.embedded import EmbeddedPostgres, MailCapture, venv_binary
+from core.embedded import EmbeddedPostgres, MailCapture, free_port, venv_binary
 from core.migrate import upgrade_async
 from worker import WorkerServices, create_worker, worker_services
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class ScriptedSmtp(MailCapture):
