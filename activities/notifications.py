@@ -7,7 +7,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
@@ -22,6 +22,8 @@ from core.queries import (
     recipients,
     refresh_notification_status,
 )
+from core.template_store import PinnedVersions, TemplateNotFound
+from core.templating import Rendered, RenderError, coerce_variables, recipient_context, render
 from workflows.contracts import (
     CancelInput,
     ChannelPlan,
@@ -40,10 +42,17 @@ SENT_OR_LATER = (DeliveryStatus.sent.value, DeliveryStatus.delivered.value, Deli
 class NotificationActivities:
     """Built once per worker with its clients; Temporal calls the decorated methods."""
 
-    def __init__(self, engine: AsyncEngine, providers: dict[str, Provider], history: HistoryWriter) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        providers: dict[str, Provider],
+        history: HistoryWriter,
+        templates: PinnedVersions | None = None,
+    ) -> None:
         self._engine = engine
         self._providers = providers
         self._history = history
+        self._templates = templates or PinnedVersions()
 
     @activity.defn(name="prepare_notification")
     async def prepare(self, request: NotificationInput) -> DeliveryPlan:
@@ -66,6 +75,9 @@ class NotificationActivities:
                     title=request.title,
                     body=request.body,
                     data=request.data,
+                    template_key=request.template_key,
+                    template_version=request.template_version,
+                    variables=request.variables if request.template_key else None,
                     workflow_id=info.workflow_id,
                     run_id=info.workflow_run_id,
                 )
@@ -75,6 +87,8 @@ class NotificationActivities:
                 await conn.execute(sa.select(recipients).where(recipients.c.user_id == request.user_id))
             ).first()
             plans = [_plan_channel(channel, recipient) for channel in request.channels]
+            if request.template_key is not None and recipient is not None:
+                plans = await self._render(conn, request, recipient, plans)
             for plan in plans:
                 status = DeliveryStatus.suppressed if plan.skip_reason == "opted_out" else DeliveryStatus.pending
                 await conn.execute(
@@ -102,6 +116,30 @@ class NotificationActivities:
             ]
         )
         return DeliveryPlan(locale=recipient.locale if recipient else "en", channels=plans)
+
+    async def _render(
+        self, conn: AsyncConnection, request: NotificationInput, recipient: sa.Row[Any], plans: list[ChannelPlan]
+    ) -> list[ChannelPlan]:
+        """Render the pinned template version for this recipient into each sendable channel."""
+        assert request.template_key is not None
+        assert request.template_version is not None
+        sendable = [plan.channel for plan in plans if plan.skip_reason is None]
+        try:
+            content = await self._templates.get(conn, request.template_key, request.template_version)
+            variables, problems = coerce_variables(content.variables, request.variables)
+            if problems:
+                raise RenderError("; ".join(f"{p.part}: {p.message}" for p in problems))
+            rendered = render(
+                content,
+                locale_wanted=recipient.locale,
+                variables=variables,
+                recipient=recipient_context(dict(recipient._mapping)),
+                channels=sendable,
+            )
+        except (RenderError, TemplateNotFound) as err:
+            reason = f"template {request.template_key} v{request.template_version} failed to render: {err}"
+            return [plan if plan.skip_reason else plan.model_copy(update={"skip_reason": reason}) for plan in plans]
+        return [_with_content(plan, rendered) for plan in plans]
 
     @activity.defn(name="send_notification")
     async def send(self, request: SendInput) -> SendResult:
@@ -274,6 +312,20 @@ def _plan_channel(channel: str, recipient: sa.Row[Any] | None) -> ChannelPlan:
     if address is None:
         return ChannelPlan(channel=channel, address=None, skip_reason=f"recipient has no {channel} contact")
     return ChannelPlan(channel=channel, address=address)
+
+
+def _with_content(plan: ChannelPlan, rendered: Rendered) -> ChannelPlan:
+    if plan.skip_reason is not None:
+        return plan
+    if plan.channel == "email" and rendered.email:
+        email = rendered.email
+        return plan.model_copy(update={"title": email.subject, "body": email.text, "data": {"html": email.html}})
+    if plan.channel == "push" and rendered.push:
+        push = rendered.push
+        return plan.model_copy(update={"title": push.title, "body": push.body, "data": push.data})
+    if plan.channel == "sms" and rendered.sms:
+        return plan.model_copy(update={"title": "", "body": rendered.sms.text, "data": {}})
+    return plan
 
 
 def contact_for(channel: str, email: str | None, phone: str | None, push_tokens: list[str]) -> str | None:

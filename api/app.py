@@ -11,7 +11,7 @@ from temporalio.client import Client
 
 from admin import mount_admin
 from api import problems
-from api.routes import dev, health, notifications, recipients
+from api.routes import dev, health, notifications, recipients, templates
 from core.config import Settings
 from core.db import create_engine
 from core.temporal import connect
@@ -49,6 +49,7 @@ def create_app(settings: Settings, *, engine: AsyncEngine | None = None, tempora
     app.include_router(health.router)
     app.include_router(recipients.router)
     app.include_router(notifications.router)
+    app.include_router(templates.router)
     if settings.dev_tools:
         app.include_router(dev.router)
     mount_admin(app, engine, settings)

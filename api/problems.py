@@ -9,6 +9,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from core.template_store import TemplateExists, TemplateNotFound, problems_as_errors
+from core.templating import TemplateInvalid
+
 PROBLEM_JSON = "application/problem+json"
 
 
@@ -56,6 +59,19 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Problem)
     async def _problem(_: Request, exc: Problem) -> JSONResponse:
         return problem_response(exc.status, exc.title, exc.detail, exc.errors)
+
+    @app.exception_handler(TemplateInvalid)
+    async def _template_invalid(_: Request, exc: TemplateInvalid) -> JSONResponse:
+        detail = f"{len(exc.problems)} problem(s): {exc}"
+        return problem_response(422, "Template is invalid", detail, problems_as_errors(exc.problems))
+
+    @app.exception_handler(TemplateNotFound)
+    async def _template_missing(_: Request, exc: TemplateNotFound) -> JSONResponse:
+        return problem_response(404, "Not found", f"no template {exc}")
+
+    @app.exception_handler(TemplateExists)
+    async def _template_exists(_: Request, exc: TemplateExists) -> JSONResponse:
+        return problem_response(409, "Template exists", f"a template with key {exc} exists already")
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

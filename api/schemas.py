@@ -7,9 +7,10 @@ import zoneinfo
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, EmailStr, Field, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, EmailStr, Field, StringConstraints, field_validator, model_validator
 
 from core.models import Channel
+from core.templating import TemplateContent
 
 UserId = Annotated[str, StringConstraints(min_length=1, max_length=128, strip_whitespace=True)]
 Phone = Annotated[str, StringConstraints(pattern=r"^\+[1-9]\d{6,14}$")]
@@ -21,6 +22,7 @@ PushToken = Annotated[str, StringConstraints(min_length=1, max_length=4096)]
 class RecipientFields(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    name: str | None = Field(default=None, max_length=200, description="Shown in templates as recipient.name")
     email: EmailStr | None = None
     phone: Phone | None = Field(default=None, description="E.164, e.g. +15551234567")
     push_tokens: list[PushToken] = Field(default_factory=list, max_length=20)
@@ -71,9 +73,16 @@ class NotificationCreate(BaseModel):
         description="Category, e.g. new_episode, password_reset"
     )
     channels: list[Channel] = Field(min_length=1, max_length=3)
-    title: Annotated[str, StringConstraints(min_length=1, max_length=998)]
-    body: Annotated[str, StringConstraints(min_length=1, max_length=100_000)]
+    title: Annotated[str, StringConstraints(min_length=1, max_length=998)] | None = Field(
+        default=None, description="Raw content: title (email subject); give title and body, or a template"
+    )
+    body: Annotated[str, StringConstraints(min_length=1, max_length=100_000)] | None = None
     data: dict[str, Any] = Field(default_factory=dict, description="Extra payload (push data, html body)")
+    template: Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")] | None = Field(
+        default=None, description="Template key; the active version unless template_version is given"
+    )
+    template_version: int | None = Field(default=None, ge=1)
+    variables: dict[str, Any] = Field(default_factory=dict, description="Values for the template's variables")
     idempotency_key: Annotated[str, StringConstraints(min_length=1, max_length=255)] | None = Field(
         default=None, description="Same as the Idempotency-Key header; one of the two is enough"
     )
@@ -84,6 +93,17 @@ class NotificationCreate(BaseModel):
         if len(set(value)) != len(value):
             raise ValueError("each channel may appear once")
         return value
+
+    @model_validator(mode="after")
+    def _content_or_template(self) -> NotificationCreate:
+        if self.template is None:
+            if self.title is None or self.body is None:
+                raise ValueError("give title and body, or a template")
+            if self.variables or self.template_version is not None:
+                raise ValueError("variables and template_version go with a template")
+        elif self.title is not None or self.body is not None:
+            raise ValueError("give either a template or title and body, not both")
+        return self
 
 
 class DeliveryOut(BaseModel):
@@ -108,7 +128,9 @@ class NotificationOut(BaseModel):
     user_id: str
     content_id: str | None
     type: str
-    title: str
+    title: str | None
+    template: str | None = None
+    template_version: int | None = None
     channels: list[DeliveryOut]
     workflow_id: str
     run_id: str | None
@@ -120,3 +142,106 @@ class NotificationOut(BaseModel):
 class NotificationPage(BaseModel):
     items: list[NotificationOut]
     next_cursor: str | None = Field(description="Pass as ?cursor= for the next page; null at the end")
+
+
+TemplateKey = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")]
+
+
+class TemplateCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    key: TemplateKey = Field(description="Stable identifier, e.g. new-episode")
+    category: Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")]
+    description: str = Field(default="", max_length=1000)
+    content: TemplateContent
+    change_note: str = Field(default="created", max_length=1000)
+
+
+class TemplateUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    content: TemplateContent
+    change_note: str = Field(min_length=1, max_length=1000, description="Why this change; kept in the history")
+    category: Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")] | None = None
+    description: str | None = Field(default=None, max_length=1000)
+
+
+class TemplateOut(BaseModel):
+    key: str
+    category: str
+    description: str
+    version: int
+    active_version: int
+    channels: list[str]
+    content: TemplateContent
+    author: str
+    change_note: str
+    created_at: datetime
+
+
+class TemplateSummary(BaseModel):
+    key: str
+    category: str
+    description: str
+    active_version: int
+    updated_at: datetime
+
+
+class VersionSummary(BaseModel):
+    version: int
+    active: bool
+    author: str
+    change_note: str
+    created_at: datetime
+
+
+class RollbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = Field(ge=1)
+    reason: str = Field(min_length=3, max_length=1000)
+
+
+class TemplateDiff(BaseModel):
+    key: str
+    from_version: int
+    to_version: int
+    parts: dict[str, str] = Field(description="Unified diff per changed part, e.g. en.email.html")
+
+
+class PreviewRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    variables: dict[str, Any] = Field(default_factory=dict, description="Missing ones use the examples")
+    user_id: str | None = Field(default=None, description="Render for this recipient's data and locale")
+    version: int | None = Field(default=None, ge=1)
+    locale: str | None = None
+
+
+class PreviewEmail(BaseModel):
+    subject: str
+    html: str
+    text: str
+
+
+class PreviewPush(BaseModel):
+    title: str
+    body: str
+    data: dict[str, str]
+    payload_bytes: int
+
+
+class PreviewSms(BaseModel):
+    text: str
+    encoding: str
+    segments: int
+    characters: int
+
+
+class PreviewOut(BaseModel):
+    key: str
+    version: int
+    locale: str
+    email: PreviewEmail | None = None
+    push: PreviewPush | None = None
+    sms: PreviewSms | None = None

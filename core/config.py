@@ -9,6 +9,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from core.templating import TemplateLimits
+
 DEV_SECRET_FILE = "jwt-secret"
 
 
@@ -59,6 +61,11 @@ class Settings(BaseSettings):
     push_provider: str = "sandbox"
     sms_provider: str = "sandbox"
 
+    # Template validation limits (checked with each template's example values before save).
+    sms_max_segments: int = 3
+    push_max_bytes: int = 4096
+    email_subject_max_chars: int = 255
+
     # Delivery retries (passed to each workflow as input, so a change never breaks replay).
     send_retry_initial_seconds: float = 1.0
     send_retry_max_seconds: float = 60.0
@@ -96,6 +103,13 @@ class Settings(BaseSettings):
             path.write_text(secrets.token_urlsafe(48))
             path.chmod(0o600)
         return path.read_text().strip()
+
+    def template_limits(self) -> TemplateLimits:
+        return TemplateLimits(
+            sms_max_segments=self.sms_max_segments,
+            push_max_bytes=self.push_max_bytes,
+            email_subject_max_chars=self.email_subject_max_chars,
+        )
 
     @property
     def chdb_path(self) -> Path:

@@ -39,6 +39,7 @@ class Recipient(SQLModel, table=True):
 
     id: int | None = Field(default=None, sa_column=sa.Column(sa.BigInteger, primary_key=True, autoincrement=True))
     user_id: str = Field(sa_column=sa.Column(sa.Text, nullable=False, unique=True))
+    name: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
     email: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
     phone: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
     push_tokens: list[str] = Field(
@@ -74,11 +75,15 @@ class Notification(SQLModel, table=True):
     content_id: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
     category: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
     channels: list[str] = Field(sa_column=sa.Column(pg.ARRAY(sa.Text), nullable=False))
-    title: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
-    body: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    title: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    body: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
     data: dict[str, Any] = Field(
         default_factory=dict, sa_column=sa.Column(pg.JSONB, nullable=False, server_default="{}")
     )
+    # Set when the notification was rendered from a template: the exact version used.
+    template_key: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    template_version: int | None = Field(default=None, sa_column=sa.Column(sa.Integer))
+    variables: dict[str, Any] | None = Field(default=None, sa_column=sa.Column(pg.JSONB))
     status: str = Field(
         default=DeliveryStatus.pending.value,
         sa_column=sa.Column(sa.Text, nullable=False, server_default="pending"),
@@ -155,6 +160,45 @@ class DeadLetter(SQLModel, table=True):
     )
 
     __table_args__ = (sa.UniqueConstraint("notification_id", "channel", name="uq_dead_letter_channel"),)
+
+
+class Template(SQLModel, table=True):
+    """A template's identity; its content lives in immutable versions."""
+
+    __tablename__ = "templates"
+
+    id: int | None = Field(default=None, sa_column=sa.Column(sa.BigInteger, primary_key=True, autoincrement=True))
+    key: str = Field(sa_column=sa.Column(sa.Text, nullable=False, unique=True))
+    category: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    description: str = Field(default="", sa_column=sa.Column(sa.Text, nullable=False, server_default=""))
+    active_version: int = Field(sa_column=sa.Column(sa.Integer, nullable=False))
+    archived_at: datetime | None = Field(default=None, sa_column=sa.Column(_tz()))
+    created_at: datetime | None = Field(
+        default=None, sa_column=sa.Column(_tz(), nullable=False, server_default=sa.func.now())
+    )
+    updated_at: datetime | None = Field(
+        default=None, sa_column=sa.Column(_tz(), nullable=False, server_default=sa.func.now())
+    )
+
+
+class TemplateVersion(SQLModel, table=True):
+    """One saved state of a template. Never updated: a rollback writes a new version."""
+
+    __tablename__ = "template_versions"
+
+    id: int | None = Field(default=None, sa_column=sa.Column(sa.BigInteger, primary_key=True, autoincrement=True))
+    template_id: int = Field(
+        sa_column=sa.Column(sa.BigInteger, sa.ForeignKey("templates.id", ondelete="CASCADE"), nullable=False)
+    )
+    version: int = Field(sa_column=sa.Column(sa.Integer, nullable=False))
+    content: dict[str, Any] = Field(sa_column=sa.Column(pg.JSONB, nullable=False))
+    author: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    change_note: str = Field(default="", sa_column=sa.Column(sa.Text, nullable=False, server_default=""))
+    created_at: datetime | None = Field(
+        default=None, sa_column=sa.Column(_tz(), nullable=False, server_default=sa.func.now())
+    )
+
+    __table_args__ = (sa.UniqueConstraint("template_id", "version", name="uq_template_version"),)
 
 
 class SandboxMessage(SQLModel, table=True):

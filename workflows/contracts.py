@@ -28,16 +28,24 @@ class NotificationInput(BaseModel):
     content_id: str | None = None
     category: str
     channels: list[str]
-    title: str
-    body: str
+    # Either raw content (title, body, data) or a pinned template version with variables.
+    title: str | None = None
+    body: str | None = None
     data: dict[str, Any] = Field(default_factory=dict)
+    template_key: str | None = None
+    template_version: int | None = None
+    variables: dict[str, Any] = Field(default_factory=dict)
     retry: RetryOptions = Field(default_factory=RetryOptions)
 
 
 class ChannelPlan(BaseModel):
     channel: str
     address: str | None
-    skip_reason: str | None = None  # set when the channel is not sent (opt-out, no contact)
+    skip_reason: str | None = None  # set when the channel is not sent (opt-out, no contact, render error)
+    # The rendered content when the notification uses a template.
+    title: str | None = None
+    body: str | None = None
+    data: dict[str, Any] | None = None
 
 
 class DeliveryPlan(BaseModel):

@@ -62,7 +62,7 @@ class NotificationWorkflow:
         if plan.skip_reason == "opted_out":
             self._outcomes[plan.channel] = ChannelOutcome(channel=plan.channel, status="suppressed")
             return
-        if plan.address is None:
+        if plan.skip_reason is not None or plan.address is None:
             await self._fail(request, plan.channel, plan.skip_reason or "no address", "undeliverable")
             return
         retry = request.retry
@@ -76,9 +76,9 @@ class NotificationWorkflow:
                     address=plan.address,
                     user_id=request.user_id,
                     category=request.category,
-                    title=request.title,
-                    body=request.body,
-                    data=request.data,
+                    title=plan.title if plan.title is not None else request.title or "",
+                    body=plan.body if plan.body is not None else request.body or "",
+                    data=plan.data if plan.data is not None else request.data,
                 ),
                 start_to_close_timeout=timedelta(seconds=retry.timeout_seconds),
                 retry_policy=RetryPolicy(

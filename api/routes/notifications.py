@@ -23,8 +23,11 @@ from activities.notifications import contact_for
 from api.deps import AnyRole, ConnectionDep, Sender, SettingsDep, TemporalDep
 from api.problems import InvalidInput, Problem
 from api.schemas import DeliveryOut, NotificationCreate, NotificationOut, NotificationPage
+from core import template_store
 from core.config import Settings
 from core.queries import deliveries, notifications, recipients
+from core.template_store import TemplateNotFound
+from core.templating import coerce_variables
 from workflows.contracts import NotificationInput, RetryOptions
 from workflows.notification import NotificationWorkflow, workflow_id_for
 
@@ -78,6 +81,7 @@ async def create_notification(
     digest = request_hash(body)
 
     await _check_recipient(conn, body)
+    template_version = await _pin_template(conn, body)
     workflow_id = workflow_id_for(notification_id)
     inserted = await conn.scalar(
         insert(notifications)
@@ -93,6 +97,9 @@ async def create_notification(
             title=body.title,
             body=body.body,
             data=body.data,
+            template_key=body.template,
+            template_version=template_version,
+            variables=body.variables if body.template else None,
             workflow_id=workflow_id,
         )
         .on_conflict_do_nothing()
@@ -120,6 +127,9 @@ async def create_notification(
             title=body.title,
             body=body.body,
             data=body.data,
+            template_key=body.template,
+            template_version=template_version,
+            variables=body.variables,
             retry=_retry_options(settings),
         )
         # Start inside the transaction: if the start fails, the row is rolled back and the
@@ -225,6 +235,26 @@ async def _check_recipient(conn: AsyncConnection, body: NotificationCreate) -> N
             )
 
 
+async def _pin_template(conn: AsyncConnection, body: NotificationCreate) -> int | None:
+    """Resolve the template version this notification will use, and check its inputs now."""
+    if body.template is None:
+        return None
+    try:
+        record = await template_store.get(conn, body.template, body.template_version)
+    except TemplateNotFound as err:
+        field = "template_version" if body.template_version else "template"
+        raise InvalidInput([field], f"no template {err}") from err
+    available = record.content.channels()
+    for index, channel in enumerate(body.channels):
+        if channel.value not in available:
+            raise InvalidInput(["channels", index], f"template {body.template!r} has no {channel.value} part")
+    _, problems = coerce_variables(record.content.variables, body.variables)
+    if problems:
+        errors = [{"field": problem.part, "message": problem.message} for problem in problems]
+        raise Problem(422, "Invalid request", "; ".join(f"{e['field']}: {e['message']}" for e in errors), errors)
+    return record.version
+
+
 async def _wait_for_outcome(temporal: Client, workflow_id: str, seconds: float) -> None:
     handle = temporal.get_workflow_handle(workflow_id)
     try:
@@ -251,6 +281,8 @@ async def _load(conn: AsyncConnection, notification_id: uuid.UUID, base_url: str
         content_id=row.content_id,
         type=row.category,
         title=row.title,
+        template=row.template_key,
+        template_version=row.template_version,
         channels=[DeliveryOut.model_validate(channel._mapping, from_attributes=False) for channel in channel_rows],
         workflow_id=row.workflow_id,
         run_id=row.run_id,

@@ -15,7 +15,17 @@ from core.queries import recipients
 
 router = APIRouter(prefix="/v1/recipients", tags=["recipients"])
 
-_UPDATABLE = ("email", "phone", "push_tokens", "locale", "timezone", "country", "opted_out_channels", "attributes")
+_UPDATABLE = (
+    "name",
+    "email",
+    "phone",
+    "push_tokens",
+    "locale",
+    "timezone",
+    "country",
+    "opted_out_channels",
+    "attributes",
+)
 
 
 def _row_values(recipient: RecipientUpsert) -> dict[str, Any]:
