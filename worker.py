@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from activities.campaigns import CampaignActivities
 from activities.notifications import NotificationActivities
 from channels.base import Provider
 from channels.sandbox import SandboxProvider
@@ -18,10 +20,12 @@ from channels.smtp import SmtpProvider
 from core.config import Settings
 from core.db import create_engine
 from core.history import HistoryWriter, open_store
+from core.template_store import PinnedVersions
 from core.temporal import connect
+from workflows.campaign import CampaignWorkflow
 from workflows.notification import NotificationWorkflow
 
-WORKFLOWS = [NotificationWorkflow]
+WORKFLOWS = [NotificationWorkflow, CampaignWorkflow]
 
 
 def build_providers(settings: Settings, engine: AsyncEngine) -> dict[str, Provider]:
@@ -53,8 +57,25 @@ class WorkerServices:
     history: HistoryWriter
     providers: dict[str, Provider]
 
-    def activities(self) -> NotificationActivities:
-        return NotificationActivities(self.engine, self.providers, self.history)
+    send_concurrency: int = 20
+    templates: PinnedVersions = field(default_factory=PinnedVersions)
+
+    def activities(self) -> list[Callable[..., Any]]:
+        notifications = NotificationActivities(self.engine, self.providers, self.history, self.templates)
+        campaigns = CampaignActivities(
+            self.engine, self.providers, self.history, self.send_concurrency, templates=self.templates
+        )
+        return [
+            notifications.prepare,
+            notifications.send,
+            notifications.record_failure,
+            notifications.record_cancelled,
+            campaigns.start_run,
+            campaigns.next_range,
+            campaigns.send_window,
+            campaigns.send_batch,
+            campaigns.finish_run,
+        ]
 
 
 @asynccontextmanager
@@ -67,7 +88,9 @@ async def worker_services(settings: Settings, engine: AsyncEngine | None = None)
     history = HistoryWriter(store, settings.history_flush_seconds, settings.history_flush_rows)
     providers = build_providers(settings, engine)
     try:
-        yield WorkerServices(engine=engine, history=history, providers=providers)
+        yield WorkerServices(
+            engine=engine, history=history, providers=providers, send_concurrency=settings.campaign_send_concurrency
+        )
     finally:
         for provider in providers.values():
             await provider.close()
@@ -77,13 +100,15 @@ async def worker_services(settings: Settings, engine: AsyncEngine | None = None)
 
 
 def create_worker(client: Client, settings: Settings, services: WorkerServices) -> Worker:
-    activities = services.activities()
     return Worker(
         client,
         task_queue=settings.temporal_task_queue,
         workflows=WORKFLOWS,
-        activities=[activities.prepare, activities.send, activities.record_failure, activities.record_cancelled],
+        activities=services.activities(),
         max_concurrent_activities=settings.worker_max_concurrent_activities,
+        # Eager activities would all run on the worker that runs the workflow, leaving the
+        # other workers idle during a campaign (measured: docs/benchmarks.md).
+        disable_eager_activity_execution=True,
     )
 
 

@@ -11,7 +11,7 @@ from temporalio.client import Client
 
 from admin import mount_admin
 from api import problems
-from api.routes import dev, health, notifications, recipients, templates
+from api.routes import campaigns, dev, health, notifications, recipients, segments, templates
 from core.config import Settings
 from core.db import create_engine
 from core.temporal import connect
@@ -48,8 +48,12 @@ def create_app(settings: Settings, *, engine: AsyncEngine | None = None, tempora
     problems.install(app)
     app.include_router(health.router)
     app.include_router(recipients.router)
+    # Before /v1/notifications/{id}: the scheduled alias must win the path match.
+    app.include_router(campaigns.aliases)
     app.include_router(notifications.router)
     app.include_router(templates.router)
+    app.include_router(segments.router)
+    app.include_router(campaigns.router)
     if settings.dev_tools:
         app.include_router(dev.router)
     mount_admin(app, engine, settings)

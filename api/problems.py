@@ -9,6 +9,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from core.campaign_control import CampaignInvalid, CampaignNotFound, CampaignStateError
+from core.campaign_store import SegmentNotFound
 from core.template_store import TemplateExists, TemplateNotFound, problems_as_errors
 from core.templating import TemplateInvalid
 
@@ -72,6 +74,22 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(TemplateExists)
     async def _template_exists(_: Request, exc: TemplateExists) -> JSONResponse:
         return problem_response(409, "Template exists", f"a template with key {exc} exists already")
+
+    @app.exception_handler(CampaignNotFound)
+    async def _campaign_missing(_: Request, exc: CampaignNotFound) -> JSONResponse:
+        return problem_response(404, "Not found", f"no campaign {exc}")
+
+    @app.exception_handler(SegmentNotFound)
+    async def _segment_missing(_: Request, exc: SegmentNotFound) -> JSONResponse:
+        return problem_response(404, "Not found", f"no segment {exc}")
+
+    @app.exception_handler(CampaignStateError)
+    async def _campaign_state(_: Request, exc: CampaignStateError) -> JSONResponse:
+        return problem_response(409, "Not possible now", str(exc))
+
+    @app.exception_handler(CampaignInvalid)
+    async def _campaign_invalid(_: Request, exc: CampaignInvalid) -> JSONResponse:
+        return problem_response(422, "Invalid request", exc.message, [{"field": exc.field, "message": exc.message}])
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

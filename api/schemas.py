@@ -5,11 +5,12 @@ from __future__ import annotations
 import uuid
 import zoneinfo
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, EmailStr, Field, StringConstraints, field_validator, model_validator
 
 from core.models import Channel
+from core.segments import Filter
 from core.templating import TemplateContent
 
 UserId = Annotated[str, StringConstraints(min_length=1, max_length=128, strip_whitespace=True)]
@@ -17,6 +18,15 @@ Phone = Annotated[str, StringConstraints(pattern=r"^\+[1-9]\d{6,14}$")]
 Locale = Annotated[str, StringConstraints(pattern=r"^[a-z]{2,3}(-[A-Z]{2})?$")]
 Country = Annotated[str, StringConstraints(pattern=r"^[A-Z]{2}$")]
 PushToken = Annotated[str, StringConstraints(min_length=1, max_length=4096)]
+Tag_ = Annotated[str, StringConstraints(min_length=1, max_length=64, strip_whitespace=True)]
+
+
+def known_timezone(value: str) -> str:
+    try:
+        zoneinfo.ZoneInfo(value)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError) as err:
+        raise ValueError(f"unknown IANA time zone {value!r}") from err
+    return value
 
 
 class RecipientFields(BaseModel):
@@ -30,16 +40,14 @@ class RecipientFields(BaseModel):
     timezone: str = Field(default="UTC", description="IANA time zone, e.g. Europe/Moscow")
     country: Country | None = Field(default=None, description="ISO 3166-1 alpha-2")
     opted_out_channels: list[Channel] = Field(default_factory=list)
-    attributes: dict[str, Any] = Field(default_factory=dict)
+    tags: list[Tag_] = Field(default_factory=list, max_length=100, description="e.g. subscription plan, interests")
+    last_active_at: datetime | None = None
+    attributes: dict[str, Any] = Field(default_factory=dict, description="Custom fields segments can filter on")
 
     @field_validator("timezone")
     @classmethod
-    def _known_timezone(cls, value: str) -> str:
-        try:
-            zoneinfo.ZoneInfo(value)
-        except (zoneinfo.ZoneInfoNotFoundError, ValueError) as err:
-            raise ValueError(f"unknown IANA time zone {value!r}") from err
-        return value
+    def _zone(cls, value: str) -> str:
+        return known_timezone(value)
 
 
 class RecipientUpsert(RecipientFields):
@@ -245,3 +253,199 @@ class PreviewOut(BaseModel):
     email: PreviewEmail | None = None
     push: PreviewPush | None = None
     sms: PreviewSms | None = None
+
+
+# --- Segments and campaigns ----------------------------------------------------------------
+
+Clock = Annotated[str, StringConstraints(pattern=r"^([01]\d|2[0-3]):[0-5]\d$")]
+CronExpression = Annotated[str, StringConstraints(pattern=r"^\S+(\s+\S+){4}$")]
+
+
+class SegmentCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: Annotated[str, StringConstraints(min_length=1, max_length=200, strip_whitespace=True)]
+    description: str = Field(default="", max_length=1000)
+    filter: Filter | None = Field(default=None, description="A structured filter (see docs/campaigns.md)")
+    user_ids: list[UserId] | None = Field(default=None, max_length=100_000, description="A static list instead")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> SegmentCreate:
+        if (self.filter is None) == (self.user_ids is None):
+            raise ValueError("give either filter or user_ids")
+        return self
+
+
+class SegmentOut(BaseModel):
+    id: int
+    name: str
+    description: str
+    kind: str
+    filter: dict[str, Any] | None
+    members: int | None = Field(default=None, description="Static segments: how many recipients are listed")
+    unknown_user_ids: list[str] = Field(default_factory=list, description="Given user_ids with no recipient")
+    created_by: str
+    created_at: datetime
+
+
+class MembersResult(BaseModel):
+    added: int
+    already_members: int
+    unknown_user_ids: list[str]
+
+
+class SegmentCount(BaseModel):
+    matches: int
+    opted_out: dict[str, int]
+    reachable: dict[str, int]
+    summary: str
+
+
+class FilterCount(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    filter: Filter
+    channels: list[Channel] = Field(default_factory=lambda: [Channel.email])
+
+
+class SendWindow(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    start: Clock
+    end: Clock
+    timezone: str = "UTC"
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        return known_timezone(value)
+
+
+class CampaignSchedule(BaseModel):
+    """When: now, at a time, or recurring (cron, or the daily/weekly/monthly shortcuts)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["now", "at", "cron", "daily", "weekly", "monthly"] = "now"
+    at: datetime | None = Field(default=None, description="kind=at: when (with an offset)")
+    cron: CronExpression | None = Field(default=None, description="kind=cron: five fields")
+    time: Clock | None = Field(default=None, description="daily/weekly/monthly: the time of day")
+    weekday: int | None = Field(default=None, ge=0, le=6, description="weekly: 0 = Sunday")
+    day: int | None = Field(default=None, ge=1, le=28, description="monthly: day of the month")
+    timezone: str = Field(default="UTC", description="The time zone of cron, time and window")
+    local_time: Clock | None = Field(default=None, description="Deliver at this time in each recipient's own time zone")
+    window: SendWindow | None = Field(default=None, description="Send only inside this daily window")
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        return known_timezone(value)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CampaignSchedule:
+        if self.kind == "at" and (self.at is None or self.at.tzinfo is None):
+            raise ValueError("kind 'at' needs 'at': a time with its UTC offset")
+        if self.kind == "cron" and self.cron is None:
+            raise ValueError("kind 'cron' needs 'cron'")
+        if self.kind in ("daily", "weekly", "monthly") and self.time is None:
+            raise ValueError(f"kind {self.kind!r} needs 'time' (HH:MM)")
+        if self.kind == "weekly" and self.weekday is None:
+            raise ValueError("kind 'weekly' needs 'weekday' (0 = Sunday)")
+        if self.kind == "monthly" and self.day is None:
+            raise ValueError("kind 'monthly' needs 'day' (1-28)")
+        return self
+
+    def cron_expression(self) -> str | None:
+        """The recurring schedule as one cron expression (None for now/at)."""
+        if self.kind == "cron":
+            return self.cron
+        if self.time is None or self.kind in ("now", "at"):
+            return None
+        hours, minutes = (int(part) for part in self.time.split(":"))
+        day = str(self.day) if self.kind == "monthly" else "*"
+        weekday = str(self.weekday) if self.kind == "weekly" else "*"
+        return f"{minutes} {hours} {day} * {weekday}"
+
+
+class CampaignCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: Annotated[str, StringConstraints(min_length=1, max_length=200, strip_whitespace=True)]
+    category: Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")] = "marketing"
+    template: Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")]
+    template_version: int | None = Field(default=None, ge=1, description="Pinned; the active version by default")
+    segment_id: int
+    channels: list[Channel] = Field(min_length=1, max_length=3)
+    variables: dict[str, Any] = Field(default_factory=dict)
+    schedule: CampaignSchedule = Field(default_factory=CampaignSchedule)
+    throttle_per_second: int | None = Field(default=None, ge=1, le=100_000, description="Messages per second")
+
+
+class CampaignAction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str | None = Field(default=None, max_length=1000)
+
+
+class CampaignCancel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: Annotated[str, StringConstraints(min_length=3, max_length=1000, strip_whitespace=True)]
+
+
+class RunOut(BaseModel):
+    id: str
+    status: str
+    targeted: int
+    sent: int
+    failed: int
+    suppressed: int
+    skipped_duplicate: int
+    started_at: datetime
+    finished_at: datetime | None
+    live: dict[str, Any] | None = Field(default=None, description="The running workflow's own view")
+
+
+class CampaignOut(BaseModel):
+    id: uuid.UUID
+    name: str
+    category: str
+    status: str
+    status_reason: str | None
+    template: str
+    template_version: int
+    segment_id: int
+    channels: list[str]
+    variables: dict[str, Any]
+    schedule: dict[str, Any]
+    throttle_per_second: int | None
+    created_by: str
+    created_at: datetime
+    updated_at: datetime
+    runs: list[RunOut]
+    next_run_times: list[datetime] = Field(default_factory=list)
+    links: dict[str, str]
+
+
+class ScheduledSend(BaseModel):
+    """The spec's POST /v1/notifications/scheduled: a one-off or recurring templated send."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(default=None, max_length=200)
+    category: Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")] = "scheduled"
+    template: Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")]
+    template_version: int | None = Field(default=None, ge=1)
+    channels: list[Channel] = Field(min_length=1, max_length=3)
+    variables: dict[str, Any] = Field(default_factory=dict)
+    user_ids: list[UserId] | None = Field(default=None, max_length=100_000)
+    segment_id: int | None = None
+    schedule: CampaignSchedule
+
+    @model_validator(mode="after")
+    def _audience(self) -> ScheduledSend:
+        if (self.user_ids is None) == (self.segment_id is None):
+            raise ValueError("give either user_ids or segment_id")
+        if self.schedule.kind == "now":
+            raise ValueError("a scheduled send needs a schedule kind other than 'now'")
+        return self

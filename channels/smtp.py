@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from email.message import EmailMessage
-from email.utils import formatdate
+from email.utils import parseaddr
 
 import aiosmtplib
 
 from channels.base import OutboundMessage, PermanentSendError, ProviderReceipt, TransientSendError
+from channels.mime import build_message
 
 
 def message_id_for(idempotency_key: str, domain: str) -> str:
@@ -17,21 +17,6 @@ def message_id_for(idempotency_key: str, domain: str) -> str:
     mailbox providers (and our tests) can collapse duplicates."""
     digest = hashlib.sha256(idempotency_key.encode()).hexdigest()[:32]
     return f"<{digest}@{domain}>"
-
-
-def build_email(message: OutboundMessage, sender: str, domain: str) -> EmailMessage:
-    email = EmailMessage()
-    email["From"] = sender
-    email["To"] = message.address
-    email["Subject"] = message.title
-    email["Date"] = formatdate(localtime=False, usegmt=True)
-    email["Message-ID"] = message_id_for(message.idempotency_key, domain)
-    email["X-Marquee-Idempotency-Key"] = message.idempotency_key
-    email.set_content(message.body)
-    html = message.data.get("html")
-    if isinstance(html, str) and html:
-        email.add_alternative(html, subtype="html")
-    return email
 
 
 class SmtpProvider:
@@ -63,6 +48,7 @@ class SmtpProvider:
             timeout=timeout,
         )
         self._sender = sender
+        self._envelope_from = parseaddr(sender)[1]
         self._domain = message_id_domain
         self._idle: asyncio.Queue[aiosmtplib.SMTP] = asyncio.Queue()
         self._slots = asyncio.Semaphore(pool_size)
@@ -77,12 +63,21 @@ class SmtpProvider:
         return conn
 
     async def send(self, message: OutboundMessage) -> ProviderReceipt:
-        email = build_email(message, self._sender, self._domain)
+        message_id = message_id_for(message.idempotency_key, self._domain)
+        html = message.data.get("html")
+        raw = build_message(
+            sender=self._sender,
+            to=message.address,
+            subject=message.title,
+            text=message.body,
+            html=html if isinstance(html, str) and html else None,
+            message_id=message_id,
+        )
         async with self._slots:
             conn: aiosmtplib.SMTP | None = None
             try:
                 conn = await self._acquire()
-                await conn.send_message(email)
+                await conn.sendmail(self._envelope_from, [message.address], raw)
             except aiosmtplib.SMTPRecipientsRefused as err:
                 _discard(conn)
                 code, text = next(iter(err.recipients)).code, str(next(iter(err.recipients)).message)
@@ -94,7 +89,7 @@ class SmtpProvider:
                 _discard(conn)
                 raise TransientSendError(f"SMTP connection failed: {err}") from err
             self._idle.put_nowait(conn)
-        return ProviderReceipt(provider=self.name, message_id=str(email["Message-ID"]))
+        return ProviderReceipt(provider=self.name, message_id=message_id)
 
     async def close(self) -> None:
         while not self._idle.empty():

@@ -30,6 +30,7 @@ class Settings(BaseSettings):
     temporal_task_queue: str = "marquee"
     temporal_port: int = 7233
     temporal_ui_port: int = 8233
+    temporal_ui_url: str = "http://127.0.0.1:8233"  # for links to runs from the API and admin
 
     # ClickHouse. Unset: chDB (in-process ClickHouse) under data_dir/chdb.
     clickhouse_url: str | None = None
@@ -71,6 +72,12 @@ class Settings(BaseSettings):
     send_retry_max_seconds: float = 60.0
     send_retry_max_attempts: int = 8
     send_timeout_seconds: float = 30.0
+
+    # Campaigns: recipients per batch activity, batches in flight per campaign, concurrent
+    # sends per batch (keep within smtp_pool_size).
+    campaign_batch_size: int = Field(default=1000, ge=1, le=5000)
+    campaign_window: int = Field(default=4, ge=1, le=100)
+    campaign_send_concurrency: int = Field(default=10, ge=1)
 
     # Dev stack
     capture_smtp_port: int = 1025

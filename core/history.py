@@ -28,7 +28,11 @@ HISTORY_COLUMNS = (
     "provider",
     "attempt",
     "error",
+    "campaign_id",
 )
+
+# Columns added after the first release, for tables created before them.
+UPGRADES = ["ALTER TABLE notification_history ADD COLUMN IF NOT EXISTS campaign_id String DEFAULT ''"]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS notification_history (
@@ -40,7 +44,8 @@ CREATE TABLE IF NOT EXISTS notification_history (
     category LowCardinality(String),
     provider LowCardinality(String),
     attempt UInt16,
-    error String
+    error String,
+    campaign_id String DEFAULT ''
 ) ENGINE = MergeTree
 PARTITION BY toYYYYMM(event_time)
 ORDER BY (channel, status, event_time)
@@ -57,6 +62,7 @@ class HistoryRow:
     provider: str = ""
     attempt: int = 0
     error: str = ""
+    campaign_id: str = ""
     event_time: datetime | None = None
 
     def as_json(self) -> dict[str, Any]:
@@ -89,7 +95,8 @@ class ChdbStore:
 
     def ensure_schema(self) -> None:
         with self._lock:
-            self._session.query(SCHEMA)
+            for statement in (SCHEMA, *UPGRADES):
+                self._session.query(statement)
 
     def insert(self, rows: list[HistoryRow]) -> None:
         body = "\n".join(json.dumps(row.as_json()) for row in rows)
@@ -124,7 +131,8 @@ class ClickHouseServerStore:
         )
 
     def ensure_schema(self) -> None:
-        self._client.command(SCHEMA)
+        for statement in (SCHEMA, *UPGRADES):
+            self._client.command(statement)
 
     def insert(self, rows: list[HistoryRow]) -> None:
         data = [[getattr(row, column) or _default(column) for column in HISTORY_COLUMNS] for row in rows]
@@ -162,6 +170,8 @@ class HistoryWriter:
 
     async def record(self, rows: list[HistoryRow]) -> None:
         """Queue rows and return once they are stored (raises if the insert failed)."""
+        if not rows:
+            return
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.extend(rows)
         self._waiters.append(waiter)

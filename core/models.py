@@ -57,6 +57,11 @@ class Recipient(SQLModel, table=True):
         default_factory=dict,
         sa_column=sa.Column(pg.JSONB, nullable=False, server_default="{}"),
     )
+    tags: list[str] = Field(
+        default_factory=list,
+        sa_column=sa.Column(pg.ARRAY(sa.Text), nullable=False, server_default="{}"),
+    )
+    last_active_at: datetime | None = Field(default=None, sa_column=sa.Column(_tz()))
     created_at: datetime | None = Field(
         default=None, sa_column=sa.Column(_tz(), nullable=False, server_default=sa.func.now())
     )
@@ -229,3 +234,116 @@ class AdminUser(SQLModel, table=True):
     created_at: datetime | None = Field(
         default=None, sa_column=sa.Column(_tz(), nullable=False, server_default=sa.func.now())
     )
+
+
+class CampaignStatus(enum.StrEnum):
+    draft = "draft"
+    scheduled = "scheduled"
+    running = "running"
+    paused = "paused"
+    completed = "completed"
+    cancelled = "cancelled"
+    failed = "failed"
+
+
+class Segment(SQLModel, table=True):
+    """Who a campaign goes to: a filter over recipients, or a static list of them."""
+
+    __tablename__ = "segments"
+
+    id: int | None = Field(default=None, sa_column=sa.Column(sa.BigInteger, primary_key=True, autoincrement=True))
+    name: str = Field(sa_column=sa.Column(sa.Text, nullable=False, unique=True))
+    description: str = Field(default="", sa_column=sa.Column(sa.Text, nullable=False, server_default=""))
+    kind: str = Field(sa_column=sa.Column(sa.Text, nullable=False))  # "filter" or "static"
+    filter: dict[str, Any] | None = Field(default=None, sa_column=sa.Column(pg.JSONB))
+    created_by: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    created_at: datetime | None = Field(
+        default=None, sa_column=sa.Column(_tz(), nullable=False, server_default=sa.func.now())
+    )
+    updated_at: datetime | None = Field(
+        default=None, sa_column=sa.Column(_tz(), nullable=False, server_default=sa.func.now())
+    )
+
+
+class SegmentMember(SQLModel, table=True):
+    __tablename__ = "segment_members"
+
+    segment_id: int = Field(
+        sa_column=sa.Column(sa.BigInteger, sa.ForeignKey("segments.id", ondelete="CASCADE"), primary_key=True)
+    )
+    recipient_id: int = Field(
+        sa_column=sa.Column(sa.BigInteger, sa.ForeignKey("recipients.id", ondelete="CASCADE"), primary_key=True)
+    )
+
+
+class Campaign(SQLModel, table=True):
+    """A bulk send: a pinned template version to a segment, now, at a time or on a cron."""
+
+    __tablename__ = "campaigns"
+
+    id: uuid.UUID = Field(primary_key=True)
+    name: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    category: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    template_key: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    template_version: int = Field(sa_column=sa.Column(sa.Integer, nullable=False))
+    segment_id: int = Field(sa_column=sa.Column(sa.BigInteger, sa.ForeignKey("segments.id"), nullable=False))
+    channels: list[str] = Field(sa_column=sa.Column(pg.ARRAY(sa.Text), nullable=False))
+    variables: dict[str, Any] = Field(
+        default_factory=dict, sa_column=sa.Column(pg.JSONB, nullable=False, server_default="{}")
+    )
+    schedule: dict[str, Any] = Field(sa_column=sa.Column(pg.JSONB, nullable=False))
+    throttle_per_second: int | None = Field(default=None, sa_column=sa.Column(sa.Integer))
+    status: str = Field(sa_column=sa.Column(sa.Text, nullable=False, server_default="draft"))
+    status_reason: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    created_by: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    created_at: datetime | None = Field(
+        default=None, sa_column=sa.Column(_tz(), nullable=False, server_default=sa.func.now())
+    )
+    updated_at: datetime | None = Field(
+        default=None, sa_column=sa.Column(_tz(), nullable=False, server_default=sa.func.now())
+    )
+
+
+class CampaignRun(SQLModel, table=True):
+    """One execution of a campaign (a recurring campaign has one per firing); counters are
+    updated in the same transaction as the delivery rows they count."""
+
+    __tablename__ = "campaign_runs"
+
+    id: str = Field(sa_column=sa.Column(sa.Text, primary_key=True))  # the workflow id
+    campaign_id: uuid.UUID = Field(
+        sa_column=sa.Column(pg.UUID(as_uuid=True), sa.ForeignKey("campaigns.id", ondelete="CASCADE"), nullable=False)
+    )
+    status: str = Field(sa_column=sa.Column(sa.Text, nullable=False, server_default="running"))
+    targeted: int = Field(default=0, sa_column=sa.Column(sa.Integer, nullable=False, server_default="0"))
+    sent: int = Field(default=0, sa_column=sa.Column(sa.Integer, nullable=False, server_default="0"))
+    failed: int = Field(default=0, sa_column=sa.Column(sa.Integer, nullable=False, server_default="0"))
+    suppressed: int = Field(default=0, sa_column=sa.Column(sa.Integer, nullable=False, server_default="0"))
+    skipped_duplicate: int = Field(default=0, sa_column=sa.Column(sa.Integer, nullable=False, server_default="0"))
+    started_at: datetime | None = Field(
+        default=None, sa_column=sa.Column(_tz(), nullable=False, server_default=sa.func.now())
+    )
+    finished_at: datetime | None = Field(default=None, sa_column=sa.Column(_tz()))
+
+    __table_args__ = (sa.Index("ix_campaign_runs_campaign", "campaign_id", "started_at"),)
+
+
+class CampaignDelivery(SQLModel, table=True):
+    """One (run, recipient, channel): the unique key is the idempotency key of the send."""
+
+    __tablename__ = "campaign_deliveries"
+
+    id: int | None = Field(default=None, sa_column=sa.Column(sa.BigInteger, primary_key=True, autoincrement=True))
+    run_id: str = Field(
+        sa_column=sa.Column(sa.Text, sa.ForeignKey("campaign_runs.id", ondelete="CASCADE"), nullable=False)
+    )
+    recipient_id: int = Field(sa_column=sa.Column(sa.BigInteger, nullable=False))
+    channel: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    status: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    provider_message_id: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    error: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    created_at: datetime | None = Field(
+        default=None, sa_column=sa.Column(_tz(), nullable=False, server_default=sa.func.now())
+    )
+
+    __table_args__ = (sa.UniqueConstraint("run_id", "recipient_id", "channel", name="uq_campaign_delivery"),)

@@ -51,6 +51,12 @@ class ScriptedSmtp(MailCapture):
     def to(self, address: str) -> list:
         return [message for message in self.parsed() if message["To"] == address]
 
+    def delivered_to(self, addresses: set[str]) -> list[tuple[str, bytes]]:
+        """(recipient, raw message) for every message to one of `addresses`, unparsed (fast)."""
+        return [
+            (rcpt, content) for envelope, content in self.messages for rcpt in envelope.rcpt_tos if rcpt in addresses
+        ]
+
 
 class SmtpServer:
     """The test's SMTP server: can be stopped and started on the same port."""
@@ -124,6 +130,9 @@ def settings(tmp_path_factory: pytest.TempPathFactory, database_url: str, smtp_s
         send_retry_max_attempts=6,
         send_timeout_seconds=5.0,
         history_flush_seconds=0.05,
+        campaign_batch_size=100,
+        campaign_window=4,
+        campaign_send_concurrency=10,
         dev_tools=True,
         wait_timeout_seconds=20.0,
     )

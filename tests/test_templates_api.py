@@ -40,7 +40,12 @@ def episode_template(key: str, subject: str = "New episode of {{ show }}") -> di
                     },
                     "sms": {"text": "{{ show }} ep. {{ episode }} is out"},
                 },
-                "ru": {"email": {"subject": "Новая серия: {{ show }}", "html": "<p>{{ recipient.name }}, серия {{ episode }}</p>"}},
+                "ru": {
+                    "email": {
+                        "subject": "Новая серия: {{ show }}",
+                        "html": "<p>{{ recipient.name }}, серия {{ episode }}</p>",
+                    }
+                },
             },
         },
     }  # fmt: skip
@@ -107,7 +112,7 @@ async def test_rollback_makes_a_new_version_and_diff_compares(editor: httpx.Asyn
     patch = diff["parts"]["en.email.subject"]
     assert "-New episode of {{ show }}" in patch
     assert "+Episode {{ episode }}: {{ show }}" in patch
-    assert patch.startswith(f"--- v1/en.email.subject\n+++ v2/en.email.subject\n")
+    assert patch.startswith("--- v1/en.email.subject\n+++ v2/en.email.subject\n")
     same = (await editor.get(f"/v1/templates/{key}/diff", params={"from": 1, "to": 3})).json()
     assert same["parts"] == {}
 
@@ -237,7 +242,7 @@ async def test_editing_a_template_mid_send_does_not_change_that_send(
                 "template": key,
                 "variables": {"show": "Dark", "episode": 1},
             },
-        )  # fmt: skip
+        )
     ).json()
     await asyncio.sleep(0.3)
     edited = {"content": episode_template(key, "EDITED {{ show }}")["content"], "change_note": "mid-send edit"}

@@ -28,7 +28,8 @@ def content(**overrides: Any) -> TemplateContent:
         "fallback_locale": "en",
         "locales": {
             "en": {
-                "email": {"subject": "{{ film }} premieres", "html": "<p>Hi {{ recipient.name }}: <b>{{ film }}</b></p>"},
+                "email": {"subject": "{{ film }} premieres",
+                          "html": "<p>Hi {{ recipient.name }}: <b>{{ film }}</b></p>"},
                 "push": {"title": "{{ film }}", "body": "Starts {{ starts_at|datetime('short') }}",
                          "data": {"link": "cinema://{{ film|lower }}"}},
                 "sms": {"text": "{{ film }} at {{ starts_at|datetime('short') }}"},

@@ -7,6 +7,7 @@ without breaking runs already in flight.
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -95,3 +96,87 @@ class ChannelOutcome(BaseModel):
 class NotificationOutcome(BaseModel):
     notification_id: uuid.UUID
     channels: list[ChannelOutcome]
+
+
+# --- Campaigns -----------------------------------------------------------------------------
+
+
+class CampaignInput(BaseModel):
+    campaign_id: uuid.UUID
+    not_before: datetime | None = None  # a campaign scheduled "at" a time waits in its run
+    batch_size: int = 1000
+    window: int = 4  # batches in flight
+    recurring: bool = False  # started by a Temporal Schedule: the campaign stays scheduled
+    # Carried over continue-as-new:
+    run_id: str | None = None
+    zone_index: int = 0
+    zone_started: bool = False  # the zone's local send time has come already
+    cursor: int = 0
+    paused: bool = False
+
+
+class StartRunInput(BaseModel):
+    campaign_id: uuid.UUID
+    run_id: str
+    now: datetime
+
+
+class ZoneStart(BaseModel):
+    time_zone: str
+    fire_at: datetime
+
+
+class RunPlan(BaseModel):
+    throttle_per_second: int | None
+    zones: list[ZoneStart] = Field(default_factory=list)  # local-time delivery: one start per zone
+    has_window: bool = False
+
+
+class RangeInput(BaseModel):
+    campaign_id: uuid.UUID
+    after_id: int
+    limit: int
+    time_zone: str | None = None
+
+
+class WindowInput(BaseModel):
+    campaign_id: uuid.UUID
+    now: datetime
+
+
+class WindowState(BaseModel):
+    open: bool
+    until: datetime  # when the answer changes
+
+
+class BatchInput(BaseModel):
+    campaign_id: uuid.UUID
+    run_id: str
+    after_id: int
+    upto_id: int
+    time_zone: str | None = None
+    rate_per_second: float | None = None
+
+
+class BatchResult(BaseModel):
+    sent: int = 0
+    failed: int = 0
+    suppressed: int = 0
+    skipped_duplicate: int = 0
+
+
+class FinishRunInput(BaseModel):
+    campaign_id: uuid.UUID
+    run_id: str
+    status: str
+    recurring: bool = False
+
+
+class CampaignProgress(BaseModel):
+    run_id: str
+    state: str  # waiting, running, paused, finishing
+    cursor: int
+    zone: str | None
+    batches_in_flight: int
+    batches_done: int
+    totals: BatchResult

@@ -29,7 +29,8 @@ _UPDATABLE = (
 
 
 def _row_values(recipient: RecipientUpsert) -> dict[str, Any]:
-    values = recipient.model_dump(mode="json")
+    values = recipient.model_dump()
+    values["opted_out_channels"] = [channel.value for channel in recipient.opted_out_channels]
     values["email"] = values["email"].lower() if values["email"] else None
     return values
 

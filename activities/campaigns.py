@@ -1,0 +1,396 @@
+"""Activities of CampaignWorkflow: keyset pages of the segment, batch sends, run bookkeeping.
+
+A batch is a keyset range of recipient ids. Its activity skips what this run already
+recorded for the range, sends the rest concurrently over the pooled providers and records
+results in small chunks right after the provider accepted them, with the run's counters
+updated in the same transaction. A retried batch, a restarted worker or a resumed campaign
+therefore sends only what was not recorded; what can be sent twice is at most the messages
+in flight when a worker dies, and those carry the same Message-ID.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from datetime import time as clock
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import sqlalchemy as sa
+from aiolimiter import AsyncLimiter
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncEngine
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from activities.notifications import TRANSIENT_ERROR, contact_for
+from channels.base import OutboundMessage, PermanentSendError, Provider, TransientSendError
+from core import campaign_store as store
+from core.history import HistoryRow, HistoryWriter
+from core.queries import recipients
+from core.template_store import PinnedVersions
+from core.templating import RenderError, TemplateContent, coerce_variables, recipient_context, render
+from workflows.contracts import (
+    BatchInput,
+    BatchResult,
+    FinishRunInput,
+    RangeInput,
+    RunPlan,
+    StartRunInput,
+    WindowInput,
+    WindowState,
+    ZoneStart,
+)
+
+HEARTBEAT_SECONDS = 2.0  # liveness for Temporal, independent of how fast sends go
+FLUSH_EVERY = 50  # record at most this many sends at once: bounds duplicates after a crash
+FLUSH_SECONDS = 0.25
+
+
+@dataclass(frozen=True)
+class CampaignSpec:
+    """What every batch of a campaign needs; campaigns are immutable once launched."""
+
+    campaign_id: uuid.UUID
+    category: str
+    channels: list[str]
+    variables: dict[str, Any]
+    content: TemplateContent
+    template_key: str
+    template_version: int
+    segment: sa.Row[Any]
+    schedule: dict[str, Any]
+
+
+class _Recorder:
+    """Buffers send outcomes and writes them in small chunks (with counters and history)."""
+
+    def __init__(self, engine: AsyncEngine, history: HistoryWriter, spec: CampaignSpec, run_id: str) -> None:
+        self._engine = engine
+        self._history = history
+        self._spec = spec
+        self._run_id = run_id
+        self._rows: list[dict[str, Any]] = []
+        self._last_flush = time.monotonic()
+        self._lock = asyncio.Lock()
+        self.totals: Counter[str] = Counter()
+
+    async def add(self, recipient: sa.Row[Any], channel: str, status: str, *, message_id: str | None = None,
+                  error: str | None = None) -> None:  # fmt: skip
+        self._rows.append(
+            {
+                "run_id": self._run_id,
+                "recipient_id": recipient.id,
+                "user_id": recipient.user_id,
+                "channel": channel,
+                "status": status,
+                "provider_message_id": message_id,
+                "error": error,
+            }
+        )
+        if len(self._rows) >= FLUSH_EVERY or time.monotonic() - self._last_flush > FLUSH_SECONDS:
+            await self.flush()
+
+    async def flush(self) -> None:
+        async with self._lock:
+            rows, self._rows = self._rows, []
+            self._last_flush = time.monotonic()
+            if not rows:
+                return
+            table = store.campaign_deliveries
+            async with self._engine.begin() as conn:
+                inserted = await conn.execute(
+                    insert(table)
+                    .values([{k: v for k, v in row.items() if k != "user_id"} for row in rows])
+                    .on_conflict_do_nothing(constraint="uq_campaign_delivery")
+                    .returning(table.c.status)
+                )
+                counts = Counter(row.status for row in inserted)
+                if counts:
+                    run = store.campaign_runs
+                    await conn.execute(
+                        run.update()
+                        .where(run.c.id == self._run_id)
+                        .values({name: run.c[name] + counts[name] for name in ("sent", "failed", "suppressed")})
+                    )
+            self.totals.update(counts)
+            activity.heartbeat(dict(self.totals))
+            await self._history.record(
+                [
+                    HistoryRow(
+                        notification_id=str(uuid.uuid5(self._spec.campaign_id, _delivery_key(row))),
+                        channel=row["channel"],
+                        status=row["status"],
+                        user_id=row["user_id"],
+                        category=self._spec.category,
+                        error=(row["error"] or "")[:1000],
+                        campaign_id=str(self._spec.campaign_id),
+                    )
+                    for row in rows
+                ]
+            )
+
+
+class CampaignActivities:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        providers: dict[str, Provider],
+        history: HistoryWriter,
+        send_concurrency: int = 20,
+        templates: PinnedVersions | None = None,
+    ) -> None:
+        self._engine = engine
+        self._providers = providers
+        self._history = history
+        self._send_concurrency = send_concurrency
+        self._templates = templates or PinnedVersions()
+        self._specs: dict[uuid.UUID, CampaignSpec] = {}
+
+    async def _spec(self, campaign_id: uuid.UUID) -> CampaignSpec:
+        if campaign_id in self._specs:
+            return self._specs[campaign_id]
+        async with self._engine.connect() as conn:
+            row = (await conn.execute(sa.select(store.campaigns).where(store.campaigns.c.id == campaign_id))).first()
+            if row is None:
+                raise ApplicationError(f"no campaign {campaign_id}", type="CampaignNotFound", non_retryable=True)
+            segment = await store.load_segment(conn, row.segment_id)
+            content = await self._templates.get(conn, row.template_key, row.template_version)
+        spec = CampaignSpec(
+            campaign_id=campaign_id,
+            category=row.category,
+            channels=list(row.channels),
+            variables=dict(row.variables),
+            content=content,
+            template_key=row.template_key,
+            template_version=row.template_version,
+            segment=segment,
+            schedule=dict(row.schedule),
+        )
+        self._specs[campaign_id] = spec
+        return spec
+
+    @activity.defn(name="start_campaign_run")
+    async def start_run(self, request: StartRunInput) -> RunPlan:
+        """Open the run (once), count its audience and say how it is paced."""
+        spec = await self._spec(request.campaign_id)
+        async with self._engine.begin() as conn:
+            created = await conn.scalar(
+                insert(store.campaign_runs)
+                .values(id=request.run_id, campaign_id=request.campaign_id, status="running")
+                .on_conflict_do_nothing()
+                .returning(store.campaign_runs.c.id)
+            )
+            if created is not None:
+                counted = await store.count_segment(conn, spec.segment, spec.channels)
+                await conn.execute(
+                    store.campaign_runs.update()
+                    .where(store.campaign_runs.c.id == request.run_id)
+                    .values(targeted=counted["matches"])
+                )
+            if not spec.schedule.get("cron"):
+                await store.set_campaign_status(conn, request.campaign_id, "running")
+            zones: list[ZoneStart] = []
+            local_time = spec.schedule.get("local_time")
+            if local_time:
+                for zone in await store.segment_time_zones(conn, spec.segment):
+                    zones.append(ZoneStart(time_zone=zone, fire_at=next_local_time(request.now, zone, local_time)))
+                zones.sort(key=lambda zone: (zone.fire_at, zone.time_zone))
+            throttle = await conn.scalar(
+                sa.select(store.campaigns.c.throttle_per_second).where(store.campaigns.c.id == request.campaign_id)
+            )
+        return RunPlan(throttle_per_second=throttle, zones=zones, has_window=bool(spec.schedule.get("window")))
+
+    @activity.defn(name="next_campaign_range")
+    async def next_range(self, request: RangeInput) -> int | None:
+        spec = await self._spec(request.campaign_id)
+        async with self._engine.connect() as conn:
+            return await store.next_range_end(conn, spec.segment, request.after_id, request.limit, request.time_zone)
+
+    @activity.defn(name="campaign_send_window")
+    async def send_window(self, request: WindowInput) -> WindowState:
+        spec = await self._spec(request.campaign_id)
+        window = spec.schedule["window"]
+        return window_state(request.now, window["start"], window["end"], window.get("timezone", "UTC"))
+
+    @activity.defn(name="send_campaign_batch")
+    async def send_batch(self, batch: BatchInput) -> BatchResult:
+        spec = await self._spec(batch.campaign_id)
+        async with self._engine.connect() as conn:
+            query = sa.select(recipients).where(
+                store.segment_condition(spec.segment),
+                recipients.c.id > batch.after_id,
+                recipients.c.id <= batch.upto_id,
+            )
+            if batch.time_zone is not None:
+                query = query.where(recipients.c.timezone == batch.time_zone)
+            audience = (await conn.execute(query.order_by(recipients.c.id))).all()
+            done = {
+                (row.recipient_id, row.channel)
+                for row in await conn.execute(
+                    sa.select(store.campaign_deliveries.c.recipient_id, store.campaign_deliveries.c.channel).where(
+                        store.campaign_deliveries.c.run_id == batch.run_id,
+                        store.campaign_deliveries.c.recipient_id > batch.after_id,
+                        store.campaign_deliveries.c.recipient_id <= batch.upto_id,
+                    )
+                )
+            }
+        recorder = _Recorder(self._engine, self._history, spec, batch.run_id)
+        variables, _ = coerce_variables(spec.content.variables, spec.variables)
+        jobs: list[tuple[sa.Row[Any], str, OutboundMessage]] = []
+        skipped = 0
+        ticker = asyncio.create_task(_heartbeat_every(HEARTBEAT_SECONDS, recorder))
+        try:
+            for person in audience:
+                for channel in spec.channels:
+                    if (person.id, channel) in done:
+                        skipped += 1
+                        continue
+                    job = await self._prepare(spec, batch.run_id, person, channel, variables, recorder)
+                    if job is not None:
+                        jobs.append((person, channel, job))
+            transient = await self._send_all(jobs, recorder, batch.rate_per_second)
+        finally:
+            ticker.cancel()
+            # Cancelled or not, what was sent is recorded before the activity ends
+            # (the cancellation was delivered once; this await runs to completion).
+            await recorder.flush()
+        if skipped:
+            async with self._engine.begin() as conn:
+                run = store.campaign_runs
+                await conn.execute(
+                    run.update()
+                    .where(run.c.id == batch.run_id)
+                    .values(skipped_duplicate=run.c.skipped_duplicate + skipped)
+                )
+        if transient is not None:
+            # The sent part is recorded; the retry of this batch sends only the rest.
+            raise ApplicationError(
+                f"batch interrupted: {transient}", type=TRANSIENT_ERROR, next_retry_delay=_delay(transient)
+            )
+        totals = recorder.totals
+        return BatchResult(sent=totals["sent"], failed=totals["failed"], suppressed=totals["suppressed"],
+                           skipped_duplicate=skipped)  # fmt: skip
+
+    async def _prepare(
+        self,
+        spec: CampaignSpec,
+        run_id: str,
+        person: sa.Row[Any],
+        channel: str,
+        variables: dict[str, Any],
+        recorder: _Recorder,
+    ) -> OutboundMessage | None:
+        if channel in person.opted_out_channels:
+            await recorder.add(person, channel, "suppressed", error="opted out")
+            return None
+        address = contact_for(channel, person.email, person.phone, person.push_tokens)
+        if address is None:
+            await recorder.add(person, channel, "suppressed", error=f"no {channel} contact")
+            return None
+        try:
+            rendered = render(spec.content, locale_wanted=person.locale, variables=variables,
+                              recipient=recipient_context(dict(person._mapping)), channels=[channel])  # fmt: skip
+        except RenderError as err:
+            await recorder.add(person, channel, "failed", error=f"render failed: {err}")
+            return None
+        key = f"campaign:{run_id}:{person.id}:{channel}"
+        if channel == "email" and rendered.email:
+            email = rendered.email
+            return OutboundMessage(channel, address, email.subject, email.text, key, {"html": email.html})
+        if channel == "push" and rendered.push:
+            return OutboundMessage(channel, address, rendered.push.title, rendered.push.body, key, rendered.push.data)
+        assert rendered.sms is not None
+        return OutboundMessage(channel, address, "", rendered.sms.text, key, {})
+
+    async def _send_all(
+        self, jobs: list[tuple[sa.Row[Any], str, OutboundMessage]], recorder: _Recorder, rate: float | None
+    ) -> TransientSendError | None:
+        """Send with bounded concurrency (and rate); stop taking new jobs on a transient error."""
+        limiter = AsyncLimiter(max(rate, 1e-3), 1) if rate else None
+        queue = list(reversed(jobs))
+        interrupted: list[TransientSendError] = []
+
+        async def sender() -> None:
+            while queue and not interrupted:
+                person, channel, message = queue.pop()
+                if limiter is not None:
+                    await limiter.acquire()
+                try:
+                    receipt = await self._providers[channel].send(message)
+                except PermanentSendError as err:
+                    await recorder.add(person, channel, "failed", error=str(err))
+                    continue
+                except TransientSendError as err:
+                    interrupted.append(err)
+                    return
+                await recorder.add(person, channel, "sent", message_id=receipt.message_id)
+
+        await asyncio.gather(*(sender() for _ in range(min(self._send_concurrency, len(jobs)) or 1)))
+        return interrupted[0] if interrupted else None
+
+    @activity.defn(name="finish_campaign_run")
+    async def finish_run(self, request: FinishRunInput) -> None:
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                store.campaign_runs.update()
+                .where(store.campaign_runs.c.id == request.run_id)
+                .values(status=request.status, finished_at=sa.func.now())
+            )
+            if not request.recurring:
+                await store.set_campaign_status(conn, request.campaign_id, request.status)
+        self._specs.pop(request.campaign_id, None)
+
+
+async def _heartbeat_every(seconds: float, recorder: _Recorder) -> None:
+    while True:
+        activity.heartbeat(dict(recorder.totals))
+        await asyncio.sleep(seconds)
+
+
+def _delivery_key(row: dict[str, Any]) -> str:
+    return f"{row['run_id']}:{row['recipient_id']}:{row['channel']}"
+
+
+def _delay(error: TransientSendError) -> timedelta | None:
+    return timedelta(seconds=error.retry_after) if error.retry_after else None
+
+
+def _parse_clock(value: str) -> clock:
+    hours, minutes = value.split(":")
+    return clock(int(hours), int(minutes))
+
+
+def next_local_time(now: datetime, zone: str, local_time: str) -> datetime:
+    """The next instant (at or after `now`) when it is `local_time` in `zone`, DST-correct."""
+    tz = ZoneInfo(zone)
+    wanted = _parse_clock(local_time)
+    local_now = now.astimezone(tz)
+    candidate = datetime.combine(local_now.date(), wanted, tzinfo=tz)
+    if candidate < local_now:
+        candidate = datetime.combine(local_now.date() + timedelta(days=1), wanted, tzinfo=tz)
+    # A wall time skipped by a DST jump resolves forward; round-trip through UTC to normalise.
+    return candidate.astimezone(ZoneInfo("UTC"))
+
+
+def window_state(now: datetime, start: str, end: str, zone: str) -> WindowState:
+    """Whether `now` is inside the daily [start, end) window in `zone`, and until when."""
+    tz = ZoneInfo(zone)
+    local_now = now.astimezone(tz)
+    opens, closes = _parse_clock(start), _parse_clock(end)
+    today = local_now.date()
+    open_today = datetime.combine(today, opens, tzinfo=tz)
+    close_today = datetime.combine(today, closes, tzinfo=tz)
+    if close_today <= open_today:  # a window across midnight, e.g. 22:00-06:00
+        close_today += timedelta(days=1)
+        if local_now < open_today and local_now < close_today - timedelta(days=1):
+            open_today -= timedelta(days=1)
+            close_today -= timedelta(days=1)
+    if open_today <= local_now < close_today:
+        return WindowState(open=True, until=close_today.astimezone(ZoneInfo("UTC")))
+    next_open = open_today if local_now < open_today else open_today + timedelta(days=1)
+    return WindowState(open=False, until=next_open.astimezone(ZoneInfo("UTC")))

@@ -1,0 +1,270 @@
+"""Campaign lifecycle: create, launch, pause, resume, cancel, trigger, describe.
+
+Used by the API and the admin alike. One-off campaigns are a CampaignWorkflow run (a
+campaign "at" a time sleeps in its run until then); recurring ones are a Temporal
+Schedule whose every firing starts a run.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+from temporalio.client import (
+    Client,
+    Schedule,
+    ScheduleActionExecutionStartWorkflow,
+    ScheduleActionStartWorkflow,
+    ScheduleHandle,
+    ScheduleSpec,
+    ScheduleState,
+    WorkflowExecutionStatus,
+)
+from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.service import RPCError
+
+from core import campaign_store as store
+from core import template_store
+from core.config import Settings
+from core.template_store import TemplateNotFound
+from core.templating import coerce_variables
+from workflows.campaign import CampaignWorkflow, campaign_workflow_id
+from workflows.contracts import CampaignInput
+
+
+class CampaignNotFound(Exception):
+    pass
+
+
+class CampaignStateError(Exception):
+    """The action does not apply in the campaign's current state (HTTP 409)."""
+
+
+class CampaignInvalid(Exception):
+    """Bad input for a campaign, naming the field (HTTP 422)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True)
+class CampaignRequest:
+    name: str
+    category: str
+    template: str
+    template_version: int | None
+    segment_id: int
+    channels: list[str]
+    variables: dict[str, Any]
+    schedule: dict[str, Any]  # validated CampaignSchedule, as JSON, plus "cron" resolved
+    throttle_per_second: int | None
+
+
+def schedule_id_for(campaign_id: uuid.UUID) -> str:
+    return f"campaign-{campaign_id}"
+
+
+async def create(conn: AsyncConnection, request: CampaignRequest, author: str) -> uuid.UUID:
+    """A draft campaign with its template version pinned; every input checked first."""
+    try:
+        record = await template_store.get(conn, request.template, request.template_version)
+    except TemplateNotFound as err:
+        field = "template_version" if request.template_version else "template"
+        raise CampaignInvalid(field, f"no template {err}") from err
+    for index, channel in enumerate(request.channels):
+        if channel not in record.content.channels():
+            raise CampaignInvalid(f"channels.{index}", f"template {request.template!r} has no {channel} part")
+    _, problems = coerce_variables(record.content.variables, request.variables)
+    if problems:
+        raise CampaignInvalid(problems[0].part, problems[0].message)
+    try:
+        await store.load_segment(conn, request.segment_id)
+    except store.SegmentNotFound as err:
+        raise CampaignInvalid("segment_id", f"no segment {request.segment_id}") from err
+    campaign_id = uuid.uuid4()
+    await conn.execute(
+        store.campaigns.insert().values(
+            id=campaign_id,
+            name=request.name,
+            category=request.category,
+            template_key=request.template,
+            template_version=record.version,
+            segment_id=request.segment_id,
+            channels=request.channels,
+            variables=request.variables,
+            schedule=request.schedule,
+            throttle_per_second=request.throttle_per_second,
+            status="draft",
+            created_by=author,
+        )
+    )
+    return campaign_id
+
+
+async def _load(conn: AsyncConnection, campaign_id: uuid.UUID, *, lock: bool = False) -> sa.Row[Any]:
+    query = sa.select(store.campaigns).where(store.campaigns.c.id == campaign_id)
+    row = (await conn.execute(query.with_for_update() if lock else query)).first()
+    if row is None:
+        raise CampaignNotFound(campaign_id)
+    return row
+
+
+def _input(row: sa.Row[Any], settings: Settings, *, recurring: bool) -> CampaignInput:
+    at = row.schedule.get("at") if row.schedule.get("kind") == "at" else None
+    return CampaignInput(
+        campaign_id=row.id,
+        not_before=datetime.fromisoformat(at) if at else None,
+        batch_size=settings.campaign_batch_size,
+        window=settings.campaign_window,
+        recurring=recurring,
+    )
+
+
+def _require(row: sa.Row[Any], action: str, *allowed: str) -> None:
+    if row.status not in allowed:
+        raise CampaignStateError(f"cannot {action} a campaign that is {row.status} (only when {' or '.join(allowed)})")
+
+
+async def launch(conn: AsyncConnection, temporal: Client, settings: Settings, campaign_id: uuid.UUID) -> None:
+    row = await _load(conn, campaign_id, lock=True)
+    _require(row, "launch", "draft")
+    cron = row.schedule.get("cron")
+    try:
+        if cron:
+            await temporal.create_schedule(
+                schedule_id_for(row.id),
+                Schedule(
+                    action=ScheduleActionStartWorkflow(
+                        CampaignWorkflow.run,
+                        _input(row, settings, recurring=True),
+                        id=f"{campaign_workflow_id(row.id)}-run",
+                        task_queue=settings.temporal_task_queue,
+                    ),
+                    spec=ScheduleSpec(cron_expressions=[cron], time_zone_name=row.schedule.get("timezone", "UTC")),
+                    state=ScheduleState(note=f"campaign {row.name}"),
+                ),
+            )
+        else:
+            await temporal.start_workflow(
+                CampaignWorkflow.run,
+                _input(row, settings, recurring=False),
+                id=campaign_workflow_id(row.id),
+                task_queue=settings.temporal_task_queue,
+                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+                id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+            )
+    except RPCError as err:
+        if "cron" in err.message.lower() or "invalid" in err.message.lower():
+            raise CampaignInvalid("schedule.cron", f"Temporal refused the schedule: {err.message}") from err
+        raise
+    status = "running" if row.schedule.get("kind") == "now" else "scheduled"
+    await store.set_campaign_status(conn, row.id, status)
+
+
+async def _running_runs(temporal: Client, row: sa.Row[Any]) -> list[str]:
+    """Workflow ids of this campaign's runs that are open now."""
+    if row.schedule.get("cron"):
+        description = await temporal.get_schedule_handle(schedule_id_for(row.id)).describe()
+        return [
+            action.workflow_id
+            for action in description.info.running_actions
+            if isinstance(action, ScheduleActionExecutionStartWorkflow)
+        ]
+    return [campaign_workflow_id(row.id)]
+
+
+async def pause(conn: AsyncConnection, temporal: Client, campaign_id: uuid.UUID, reason: str | None) -> None:
+    row = await _load(conn, campaign_id, lock=True)
+    _require(row, "pause", "running", "scheduled")
+    if row.schedule.get("cron"):
+        await temporal.get_schedule_handle(schedule_id_for(row.id)).pause(note=reason or "paused")
+    for workflow_id in await _running_runs(temporal, row):
+        await temporal.get_workflow_handle(workflow_id).signal(CampaignWorkflow.pause)
+    await store.set_campaign_status(conn, row.id, "paused", reason)
+
+
+async def resume(conn: AsyncConnection, temporal: Client, campaign_id: uuid.UUID, reason: str | None) -> None:
+    row = await _load(conn, campaign_id, lock=True)
+    _require(row, "resume", "paused")
+    recurring = bool(row.schedule.get("cron"))
+    if recurring:
+        await temporal.get_schedule_handle(schedule_id_for(row.id)).unpause(note=reason or "resumed")
+    for workflow_id in await _running_runs(temporal, row):
+        await temporal.get_workflow_handle(workflow_id).signal(CampaignWorkflow.resume)
+    await store.set_campaign_status(conn, row.id, "scheduled" if recurring else "running", reason)
+
+
+async def cancel(conn: AsyncConnection, temporal: Client, campaign_id: uuid.UUID, reason: str) -> None:
+    """Stop new batches, let in-flight ones record what they sent, keep the counts."""
+    row = await _load(conn, campaign_id, lock=True)
+    _require(row, "cancel", "draft", "scheduled", "running", "paused")
+    if row.status != "draft":
+        runs = await _running_runs(temporal, row)
+        if row.schedule.get("cron"):
+            await temporal.get_schedule_handle(schedule_id_for(row.id)).delete()
+        for workflow_id in runs:
+            handle = temporal.get_workflow_handle(workflow_id)
+            if (await handle.describe()).status == WorkflowExecutionStatus.RUNNING:
+                await handle.cancel()
+    await store.set_campaign_status(conn, row.id, "cancelled", reason)
+
+
+async def trigger(conn: AsyncConnection, temporal: Client, campaign_id: uuid.UUID) -> None:
+    """Run a recurring campaign now, outside its schedule."""
+    row = await _load(conn, campaign_id)
+    if not row.schedule.get("cron"):
+        raise CampaignStateError("only a recurring campaign can be triggered")
+    _require(row, "trigger", "scheduled", "paused")
+    await temporal.get_schedule_handle(schedule_id_for(row.id)).trigger()
+
+
+async def describe(
+    conn: AsyncConnection, temporal: Client, settings: Settings, campaign_id: uuid.UUID
+) -> dict[str, Any]:
+    """The campaign with its runs' counters (exact, from PostgreSQL) and live progress."""
+    row = await _load(conn, campaign_id)
+    runs = (
+        await conn.execute(
+            sa.select(store.campaign_runs)
+            .where(store.campaign_runs.c.campaign_id == campaign_id)
+            .order_by(store.campaign_runs.c.started_at.desc())
+            .limit(20)
+        )
+    ).all()
+    run_views = []
+    for run in runs:
+        view = dict(run._mapping)
+        view["live"] = None
+        if run.status == "running":
+            try:
+                progress = await temporal.get_workflow_handle(run.id).query(CampaignWorkflow.progress)
+                view["live"] = progress.model_dump(mode="json")
+            except RPCError:
+                pass  # the run just ended, or its worker is down: the counters still hold
+        run_views.append(view)
+    next_runs: list[datetime] = []
+    if row.schedule.get("cron") and row.status in ("scheduled", "paused"):
+        next_runs = await next_run_times(temporal.get_schedule_handle(schedule_id_for(row.id)))
+    workflow_id = schedule_id_for(row.id) if row.schedule.get("cron") else campaign_workflow_id(row.id)
+    ui = settings.temporal_ui_url.rstrip("/")
+    kind = "schedules" if row.schedule.get("cron") else "workflows"
+    return {
+        **dict(row._mapping),
+        "template": row.template_key,
+        "runs": run_views,
+        "next_run_times": next_runs,
+        "links": {"temporal_ui": f"{ui}/namespaces/{settings.temporal_namespace}/{kind}/{workflow_id}"},
+    }
+
+
+async def next_run_times(handle: ScheduleHandle) -> list[datetime]:
+    try:
+        return list((await handle.describe()).info.next_action_times)
+    except RPCError:
+        return []

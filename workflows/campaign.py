@@ -1,0 +1,223 @@
+"""CampaignWorkflow: a bulk send to a segment, in keyset batches with a bounded window.
+
+The history holds one activity per batch (hundreds to thousands of recipients), never
+one event per recipient, and the run continues as new well before Temporal's history
+limits, carrying only its cursor. Pause and resume are signals; cancellation (API, admin
+or `temporal workflow cancel`) stops new batches and cancels the ones in flight, which
+record what they sent before they end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timedelta
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.workflow import ActivityCancellationType
+
+with workflow.unsafe.imports_passed_through():
+    from activities.campaigns import CampaignActivities
+    from workflows.contracts import (
+        BatchInput,
+        BatchResult,
+        CampaignInput,
+        CampaignProgress,
+        FinishRunInput,
+        RangeInput,
+        RunPlan,
+        StartRunInput,
+        WindowInput,
+        WindowState,
+    )
+
+BOOKKEEPING = timedelta(seconds=60)
+BATCH_TIMEOUT = timedelta(minutes=30)
+# Batches heartbeat every two seconds while they run, so a dead worker's batch moves to
+# another worker after this long.
+BATCH_HEARTBEAT = timedelta(seconds=20)
+BATCH_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=2),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(minutes=2),
+    non_retryable_error_types=["CampaignNotFound"],
+)
+# Continue as new after this many batches even if the server has not suggested it yet.
+BATCHES_PER_RUN = 500
+
+
+def campaign_workflow_id(campaign_id: object) -> str:
+    return f"campaign-{campaign_id}"
+
+
+@workflow.defn
+class CampaignWorkflow:
+    def __init__(self) -> None:
+        self._state = "waiting"
+        self._paused = False
+        self._cursor = 0
+        self._zone: str | None = None
+        self._in_flight = 0
+        self._batches_done = 0
+        self._totals = BatchResult()
+        self._window: WindowState | None = None
+
+    @workflow.run
+    async def run(self, request: CampaignInput) -> BatchResult:
+        run_id = request.run_id or workflow.info().workflow_id
+        self._paused = request.paused
+        self._cursor = request.cursor
+        if request.not_before is not None and request.not_before > workflow.now():
+            await workflow.sleep(request.not_before - workflow.now())
+        try:
+            plan = await workflow.execute_local_activity_method(
+                CampaignActivities.start_run,
+                StartRunInput(campaign_id=request.campaign_id, run_id=run_id, now=workflow.now()),
+                start_to_close_timeout=BOOKKEEPING,
+            )
+            zones: list[str | None] = [zone.time_zone for zone in plan.zones] or [None]
+            for index in range(request.zone_index, len(zones)):
+                self._zone = zones[index]
+                if plan.zones and not (index == request.zone_index and request.zone_started):
+                    await self._sleep_until(plan.zones[index].fire_at)
+                finished = await self._send_zone(request, plan, run_id)
+                if not finished:  # handed over to a continued run
+                    workflow.continue_as_new(
+                        request.model_copy(
+                            update={
+                                "run_id": run_id,
+                                "zone_index": index,
+                                "zone_started": True,
+                                "cursor": self._cursor,
+                                "paused": self._paused,
+                                "not_before": None,
+                            }
+                        )
+                    )
+                self._cursor = 0
+            self._state = "finishing"
+            await self._finish(request, run_id, "completed")
+        except asyncio.CancelledError:
+            self._state = "finishing"
+            await self._finish(request, run_id, "cancelled")
+            raise
+        return self._totals
+
+    async def _send_zone(self, request: CampaignInput, plan: RunPlan, run_id: str) -> bool:
+        """Send every batch of the current zone; False when it is time to continue as new."""
+        rate = plan.throttle_per_second / request.window if plan.throttle_per_second else None
+        pending: list[asyncio.Task[BatchResult]] = []  # a list: iteration order must be deterministic
+        exhausted = False
+        started_here = 0
+        try:
+            while True:
+                self._state = "paused" if self._paused else "running"
+                while not exhausted and not self._paused and len(pending) < request.window:
+                    if started_here >= BATCHES_PER_RUN or workflow.info().is_continue_as_new_suggested():
+                        break
+                    if plan.has_window and not await self._window_open(request):
+                        break
+                    upto = await workflow.execute_local_activity_method(
+                        CampaignActivities.next_range,
+                        RangeInput(campaign_id=request.campaign_id, after_id=self._cursor, limit=request.batch_size,
+                                   time_zone=self._zone),
+                        start_to_close_timeout=BOOKKEEPING,
+                    )  # fmt: skip
+                    if upto is None:
+                        exhausted = True
+                        break
+                    batch = BatchInput(campaign_id=request.campaign_id, run_id=run_id, after_id=self._cursor,
+                                       upto_id=upto, time_zone=self._zone, rate_per_second=rate)  # fmt: skip
+                    pending.append(asyncio.ensure_future(self._send_batch(batch)))
+                    self._cursor = upto
+                    started_here += 1
+                self._in_flight = len(pending)
+                if not pending:
+                    if exhausted:
+                        return True
+                    if started_here >= BATCHES_PER_RUN or workflow.info().is_continue_as_new_suggested():
+                        return False
+                    # Paused, or outside the send window: wait for a change.
+                    await self._wait_for_work(plan)
+                    continue
+                done, pending = await workflow.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    self._add(task.result())
+        finally:
+            for task in pending:
+                task.cancel()
+            if pending:
+                # Let cancelled batches record what they sent before the run goes on.
+                for result in await asyncio.gather(*pending, return_exceptions=True):
+                    if isinstance(result, BatchResult):
+                        self._add(result)
+            self._in_flight = 0
+
+    async def _send_batch(self, batch: BatchInput) -> BatchResult:
+        return await workflow.execute_activity_method(
+            CampaignActivities.send_batch,
+            batch,
+            start_to_close_timeout=BATCH_TIMEOUT,
+            heartbeat_timeout=BATCH_HEARTBEAT,
+            retry_policy=BATCH_RETRY,
+            # On cancel, wait until the batch has recorded what it sent: counts stay exact.
+            cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+        )
+
+    def _add(self, result: BatchResult) -> None:
+        self._batches_done += 1
+        self._totals = BatchResult(
+            sent=self._totals.sent + result.sent,
+            failed=self._totals.failed + result.failed,
+            suppressed=self._totals.suppressed + result.suppressed,
+            skipped_duplicate=self._totals.skipped_duplicate + result.skipped_duplicate,
+        )
+
+    async def _window_open(self, request: CampaignInput) -> bool:
+        if self._window is None or workflow.now() >= self._window.until:
+            self._window = await workflow.execute_local_activity_method(
+                CampaignActivities.send_window,
+                WindowInput(campaign_id=request.campaign_id, now=workflow.now()),
+                start_to_close_timeout=BOOKKEEPING,
+            )
+        return self._window.open
+
+    async def _wait_for_work(self, plan: RunPlan) -> None:
+        if self._paused:
+            await workflow.wait_condition(lambda: not self._paused)
+        elif plan.has_window and self._window is not None and not self._window.open:
+            self._state = "waiting"
+            await self._sleep_until(self._window.until)
+
+    async def _sleep_until(self, moment: datetime) -> None:
+        delay = moment - workflow.now()
+        if delay > timedelta(0):
+            self._state = "waiting"
+            await workflow.sleep(delay)
+
+    async def _finish(self, request: CampaignInput, run_id: str, status: str) -> None:
+        await workflow.execute_local_activity_method(
+            CampaignActivities.finish_run,
+            FinishRunInput(campaign_id=request.campaign_id, run_id=run_id, status=status, recurring=request.recurring),
+            start_to_close_timeout=BOOKKEEPING,
+        )
+
+    @workflow.signal
+    def pause(self) -> None:
+        self._paused = True
+
+    @workflow.signal
+    def resume(self) -> None:
+        self._paused = False
+
+    @workflow.query
+    def progress(self) -> CampaignProgress:
+        return CampaignProgress(
+            run_id=workflow.info().workflow_id,
+            state=self._state,
+            cursor=self._cursor,
+            zone=self._zone,
+            batches_in_flight=self._in_flight,
+            batches_done=self._batches_done,
+            totals=self._totals,
+        )
