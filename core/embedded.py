@@ -73,12 +73,17 @@ class EmbeddedPostgres:
         self._bin = _embedded_pg_bin()
         self._run_as: str | None = EMBEDDED_PG_USER if os.geteuid() == 0 else None
 
-    def _run(self, tool: str, *args: str, check: bool = True, **kwargs: Any) -> int:
+    def _run(self, tool: str, *args: str, check: bool = True, **kwargs: Any) -> subprocess.CompletedProcess[str]:
         command = [str(self._bin / tool), "-D", str(self.pgdata), *args]
-        result = subprocess.run(command, user=self._run_as, capture_output=True, text=True, **kwargs)
+        if self._run_as is not None:
+            # Switch the group too: a process left in root's group gets the group bits (often ---)
+            # of root's directories, not the o+x that _prepare_for_system_user grants.
+            gid = pwd.getpwnam(self._run_as).pw_gid
+            kwargs.update(user=self._run_as, group=gid, extra_groups=[])
+        result = subprocess.run(command, capture_output=True, text=True, **kwargs)
         if check and result.returncode != 0:
             raise RuntimeError(f"{tool} failed ({result.returncode}): {result.stderr or result.stdout}")
-        return result.returncode
+        return result
 
     def _prepare_for_system_user(self) -> None:
         """PostgreSQL refuses to run as root: run it as a system user that can reach its files."""
@@ -109,9 +114,17 @@ class EmbeddedPostgres:
         return f"postgresql://postgres@127.0.0.1:{self.port}"
 
     def running(self) -> bool:
-        return self._run("pg_ctl", "status", check=False, timeout=10) == 0
+        # pg_ctl status: 0 running, 3 not running. Anything else (4: the data directory is not
+        # accessible) says nothing about the server, so it must not read as "not running".
+        result = self._run("pg_ctl", "status", check=False, timeout=10)
+        if result.returncode not in (0, 3):
+            raise RuntimeError(f"pg_ctl status failed ({result.returncode}): {result.stderr or result.stdout}")
+        return result.returncode == 0
 
     def stop(self) -> None:
+        # The directories above pgdata may have lost the o+x granted at start (pytest, for one,
+        # resets its temp root to 0700): grant it again, or pg_ctl cannot reach the server.
+        self._prepare_for_system_user()
         if self.running():
             self._run("pg_ctl", "-w", "-m", "fast", "stop", timeout=60)
 
