@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
+import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.client import Client
 from temporalio.worker import Worker
@@ -26,6 +29,7 @@ from workflows.campaign import CampaignWorkflow
 from workflows.notification import NotificationWorkflow
 
 WORKFLOWS = [NotificationWorkflow, CampaignWorkflow]
+logger = structlog.get_logger("marquee.worker")
 
 
 def build_providers(settings: Settings, engine: AsyncEngine) -> dict[str, Provider]:
@@ -106,6 +110,7 @@ def create_worker(client: Client, settings: Settings, services: WorkerServices) 
         workflows=WORKFLOWS,
         activities=services.activities(),
         max_concurrent_activities=settings.worker_max_concurrent_activities,
+        graceful_shutdown_timeout=timedelta(seconds=settings.worker_shutdown_seconds),
         # Eager activities would all run on the worker that runs the workflow, leaving the
         # other workers idle during a campaign (measured: docs/benchmarks.md).
         disable_eager_activity_execution=True,
@@ -119,6 +124,19 @@ def _database_url(settings: Settings) -> str:
 
 
 async def run_worker(settings: Settings) -> None:
+    """Run until SIGINT or SIGTERM, then stop polling and let running activities finish
+    (up to the graceful timeout) before closing connections."""
     client = await connect(settings)
     async with worker_services(settings) as services:
-        await create_worker(client, settings, services).run()
+        worker = create_worker(client, settings, services)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        running = asyncio.create_task(worker.run())
+        logger.info("worker started", task_queue=settings.temporal_task_queue)
+        await asyncio.wait([running, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+        if not running.done():
+            logger.info("worker stopping")
+            await worker.shutdown()
+        await running

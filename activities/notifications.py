@@ -189,7 +189,9 @@ class NotificationActivities:
                 deliveries.update()
                 .where(deliveries.c.notification_id == request.notification_id)
                 .where(deliveries.c.channel == request.channel)
-                .where(deliveries.c.status == DeliveryStatus.pending.value)
+                # A send that was already under way when the run was cancelled did go out:
+                # the record says so rather than "cancelled".
+                .where(deliveries.c.status.in_([DeliveryStatus.pending.value, DeliveryStatus.cancelled.value]))
                 .values(
                     status=DeliveryStatus.sent.value,
                     provider=receipt.provider,
@@ -264,6 +266,13 @@ class NotificationActivities:
             )
             channels = [row.channel for row in result]
             await refresh_notification_status(conn, cancel.notification_id)
+            # Cancelled before any channel was planned: nothing to summarise, say cancelled.
+            await conn.execute(
+                notifications.update()
+                .where(notifications.c.id == cancel.notification_id)
+                .where(~sa.exists().where(deliveries.c.notification_id == cancel.notification_id))
+                .values(status=DeliveryStatus.cancelled.value, updated_at=sa.func.now())
+            )
         if channels:
             await self._history.record(
                 [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 import zoneinfo
 from datetime import datetime
@@ -12,6 +13,9 @@ from pydantic import BaseModel, ConfigDict, EmailStr, Field, StringConstraints, 
 from core.models import Channel
 from core.segments import Filter
 from core.templating import TemplateContent
+
+# Extra payloads travel in the workflow's history: keep them far below Temporal's 2 MB limit.
+MAX_PAYLOAD_BYTES = 64 * 1024
 
 UserId = Annotated[str, StringConstraints(min_length=1, max_length=128, strip_whitespace=True)]
 Phone = Annotated[str, StringConstraints(pattern=r"^\+[1-9]\d{6,14}$")]
@@ -100,6 +104,14 @@ class NotificationCreate(BaseModel):
     def _distinct(cls, value: list[Channel]) -> list[Channel]:
         if len(set(value)) != len(value):
             raise ValueError("each channel may appear once")
+        return value
+
+    @field_validator("data", "variables")
+    @classmethod
+    def _small(cls, value: dict[str, Any]) -> dict[str, Any]:
+        size = len(json.dumps(value, default=str).encode())
+        if size > MAX_PAYLOAD_BYTES:
+            raise ValueError(f"is {size:,} bytes as JSON; at most {MAX_PAYLOAD_BYTES:,}")
         return value
 
     @model_validator(mode="after")

@@ -60,7 +60,8 @@ def _cmd_token(settings: Settings, args: argparse.Namespace) -> int:
         secret = settings.resolved_jwt_secret()
     except RuntimeError as err:
         raise SystemExit(f"marquee token create: {err}") from err
-    print(create_token(secret, args.subject or f"cli-{args.role}", Role(args.role), args.ttl, settings.jwt_issuer))
+    ttl = args.ttl or settings.jwt_ttl_seconds
+    print(create_token(secret, args.subject or f"cli-{args.role}", Role(args.role), ttl, settings.jwt_issuer))
     return 0
 
 
@@ -117,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     create_token = token.add_parser("create", help="print a signed JWT")
     create_token.add_argument("--role", required=True, choices=[role.value for role in Role])
     create_token.add_argument("--subject", help="who the token stands for (default: cli-<role>)")
-    create_token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default 3600)")
+    create_token.add_argument("--ttl", type=int, help="lifetime in seconds (default: MARQUEE_JWT_TTL_SECONDS, 3600)")
     create_token.set_defaults(handler=_cmd_token)
 
     user = commands.add_parser("user", help="admin panel users").add_subparsers(dest="action", required=True)

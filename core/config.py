@@ -90,6 +90,8 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
 
     worker_max_concurrent_activities: int = Field(default=200, ge=1)
+    worker_shutdown_seconds: float = 30.0  # running activities get this long to finish on stop
+    embedded_pg_port: int = 5433  # the dev stack's PostgreSQL
 
     def resolved_jwt_secret(self) -> str:
         """The JWT secret: from the environment, else the dev stack's file under data_dir."""

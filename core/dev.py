@@ -8,7 +8,6 @@ can be opened by one process only, which is why API and worker share this one.
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 import signal
 from contextlib import AsyncExitStack
@@ -28,7 +27,6 @@ from core.temporal import connect
 from worker import create_worker, worker_services
 
 DEV_ADMIN_EMAIL = "admin@marquee.localhost"
-EMBEDDED_PG_PORT = int(os.environ.get("MARQUEE_EMBEDDED_PG_PORT", "5433"))
 
 
 async def ensure_dev_admin(settings: Settings, database_url: str) -> str | None:
@@ -63,7 +61,7 @@ async def run_dev(settings: Settings) -> None:
     async with AsyncExitStack() as stack:
         lines: list[tuple[str, str]] = []
         if settings.database_url is None:
-            postgres = EmbeddedPostgres(data_dir / "postgres", EMBEDDED_PG_PORT)
+            postgres = EmbeddedPostgres(data_dir / "postgres", settings.embedded_pg_port)
             server_url = await asyncio.to_thread(postgres.start)
             stack.callback(postgres.stop)
             updates["database_url"] = await ensure_database(server_url, "marquee")
@@ -76,7 +74,7 @@ async def run_dev(settings: Settings) -> None:
             stack.callback(temporal_server.stop)
             lines.append(("Temporal Web UI", f"http://127.0.0.1:{settings.temporal_ui_port}"))
             lines.append(("Temporal frontend", f"127.0.0.1:{settings.temporal_port}"))
-        if "MARQUEE_SMTP_HOST" not in os.environ:
+        if "smtp_host" not in settings.model_fields_set:  # no real SMTP server configured
             capture = start_capture_smtp(data_dir / "mail", settings.capture_smtp_port)
             stack.callback(capture.stop)
             updates.update(smtp_host="127.0.0.1", smtp_port=settings.capture_smtp_port)
@@ -101,7 +99,7 @@ async def run_dev(settings: Settings) -> None:
         lines = [
             ("API", base),
             ("OpenAPI docs", f"{base}/docs"),
-            ("Admin", f"{base}/admin  ({DEV_ADMIN_EMAIL} / {password or 'see .data/admin-password'})"),
+            ("Admin", f"{base}/admin  ({DEV_ADMIN_EMAIL} / {password or 'see ' + str(data_dir / 'admin-password')})"),
             ("Captured mail and sandbox push/SMS", f"{base}/dev"),
             *lines,
         ]

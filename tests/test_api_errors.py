@@ -157,3 +157,11 @@ async def test_not_found_and_bad_cursor(api: httpx.AsyncClient) -> None:
 async def test_health_endpoints(api: httpx.AsyncClient) -> None:
     assert (await api.get("/healthz")).json() == {"status": "ok"}
     assert (await api.get("/readyz")).json() == {"status": "ready"}
+
+
+async def test_oversized_payload_is_refused_before_temporal(api: httpx.AsyncClient, recipient: dict) -> None:
+    body = {"user_id": recipient["user_id"], "type": "promo", "channels": ["sms"], "title": "T", "body": "B",
+            "data": {"blob": "x" * 70_000}}  # fmt: skip
+    problem = _problem(await api.post("/v1/notifications", json=body), 422)
+    assert _fields(problem) == ["data"]
+    assert "at most 65,536" in problem["detail"]

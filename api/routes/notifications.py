@@ -24,6 +24,7 @@ from api.deps import AnyRole, ConnectionDep, Sender, SettingsDep, TemporalDep
 from api.problems import InvalidInput, Problem
 from api.schemas import DeliveryOut, NotificationCreate, NotificationOut, NotificationPage
 from core import template_store
+from core.auth import Principal
 from core.config import Settings
 from core.queries import deliveries, notifications, recipients
 from core.template_store import TemplateNotFound
@@ -80,83 +81,24 @@ async def create_notification(
     scoped_key = f"{principal.subject}:{key}" if key else str(notification_id)
     digest = request_hash(body)
 
-    await _check_recipient(conn, body)
-    template_version = await _pin_template(conn, body)
-    workflow_id = workflow_id_for(notification_id)
-    inserted = await conn.scalar(
-        insert(notifications)
-        .values(
-            id=notification_id,
-            idempotency_key=scoped_key,
-            request_hash=digest,
-            requested_by=principal.subject,
-            user_id=body.user_id,
-            content_id=body.content_id,
-            category=body.type,
-            channels=[channel.value for channel in body.channels],
-            title=body.title,
-            body=body.body,
-            data=body.data,
-            template_key=body.template,
-            template_version=template_version,
-            variables=body.variables if body.template else None,
-            workflow_id=workflow_id,
+    # A replay answers with what the first request made, even if the recipient or the
+    # template changed since: only a new notification is validated.
+    replayed = await _replay(conn, notification_id, digest, key) if key else False
+    if not replayed:
+        await _check_recipient(conn, body)
+        template_version = await _pin_template(conn, body)
+        created = await _create(
+            conn, temporal, settings, principal, body, notification_id, scoped_key, digest, template_version
         )
-        .on_conflict_do_nothing()
-        .returning(notifications.c.id)
-    )
-    if inserted is None:
-        # A request with this key came before (or is in flight and has just committed).
-        await conn.rollback()
-        existing = await conn.scalar(
-            sa.select(notifications.c.request_hash).where(notifications.c.id == notification_id)
-        )
-        if existing != digest:
-            raise Problem(409, "Idempotency key reused", f"key {key!r} was already used with a different request")
+        replayed = not created
+        if replayed:  # a concurrent request with the same key won the insert
+            await conn.rollback()
+            await _replay(conn, notification_id, digest, key)
+    if replayed:
         response.headers["Idempotent-Replayed"] = "true"
-    else:
-        workflow_input = NotificationInput(
-            notification_id=notification_id,
-            idempotency_key=scoped_key,
-            request_hash=digest,
-            requested_by=principal.subject,
-            user_id=body.user_id,
-            content_id=body.content_id,
-            category=body.type,
-            channels=[channel.value for channel in body.channels],
-            title=body.title,
-            body=body.body,
-            data=body.data,
-            template_key=body.template,
-            template_version=template_version,
-            variables=body.variables,
-            retry=_retry_options(settings),
-        )
-        # Start inside the transaction: if the start fails, the row is rolled back and the
-        # caller may retry; if the commit fails after the start, the workflow writes the row.
-        try:
-            handle = await temporal.start_workflow(
-                NotificationWorkflow.run,
-                workflow_input,
-                id=workflow_id,
-                task_queue=settings.temporal_task_queue,
-                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-                id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
-            )
-        except WorkflowAlreadyStartedError as err:
-            # The run exists and is closed but its row was lost (say, a database restore).
-            await conn.rollback()
-            raise Problem(409, "Already processed", f"notification {notification_id} already ran") from err
-        except RPCError as err:
-            await conn.rollback()
-            raise Problem(503, "Temporal unavailable", f"could not start the notification: {err.message}") from err
-        await conn.execute(
-            notifications.update().where(notifications.c.id == notification_id).values(run_id=handle.result_run_id)
-        )
-        await conn.commit()
 
     if wait:
-        await _wait_for_outcome(temporal, workflow_id, settings.wait_timeout_seconds)
+        await _wait_for_outcome(temporal, workflow_id_for(notification_id), settings.wait_timeout_seconds)
         response.status_code = status.HTTP_200_OK
     found = await _load(conn, notification_id, _base_url(request))
     assert found is not None
@@ -218,6 +160,95 @@ async def list_notifications(
     items = [await _load(conn, row.id, base) for row in page]
     next_cursor = _encode_cursor(page[-1].created_at, page[-1].id) if len(rows) > limit else None
     return NotificationPage(items=[item for item in items if item is not None], next_cursor=next_cursor)
+
+
+async def _replay(conn: AsyncConnection, notification_id: uuid.UUID, digest: str, key: str | None) -> bool:
+    """True if this key made a notification already; 409 if it was for another request."""
+    existing = await conn.scalar(sa.select(notifications.c.request_hash).where(notifications.c.id == notification_id))
+    if existing is None:
+        return False
+    if existing != digest:
+        raise Problem(409, "Idempotency key reused", f"key {key!r} was already used with a different request")
+    return True
+
+
+async def _create(
+    conn: AsyncConnection,
+    temporal: Client,
+    settings: Settings,
+    principal: Principal,
+    body: NotificationCreate,
+    notification_id: uuid.UUID,
+    scoped_key: str,
+    digest: str,
+    template_version: int | None,
+) -> bool:
+    """Insert the row and start its workflow in one transaction; False if the key exists."""
+    workflow_id = workflow_id_for(notification_id)
+    inserted = await conn.scalar(
+        insert(notifications)
+        .values(
+            id=notification_id,
+            idempotency_key=scoped_key,
+            request_hash=digest,
+            requested_by=principal.subject,
+            user_id=body.user_id,
+            content_id=body.content_id,
+            category=body.type,
+            channels=[channel.value for channel in body.channels],
+            title=body.title,
+            body=body.body,
+            data=body.data,
+            template_key=body.template,
+            template_version=template_version,
+            variables=body.variables if body.template else None,
+            workflow_id=workflow_id,
+        )
+        .on_conflict_do_nothing()
+        .returning(notifications.c.id)
+    )
+    if inserted is None:
+        return False
+    workflow_input = NotificationInput(
+        notification_id=notification_id,
+        idempotency_key=scoped_key,
+        request_hash=digest,
+        requested_by=principal.subject,
+        user_id=body.user_id,
+        content_id=body.content_id,
+        category=body.type,
+        channels=[channel.value for channel in body.channels],
+        title=body.title,
+        body=body.body,
+        data=body.data,
+        template_key=body.template,
+        template_version=template_version,
+        variables=body.variables,
+        retry=_retry_options(settings),
+    )
+    # Start inside the transaction: if the start fails, the row is rolled back and the
+    # caller may retry; if the commit fails after the start, the workflow writes the row.
+    try:
+        handle = await temporal.start_workflow(
+            NotificationWorkflow.run,
+            workflow_input,
+            id=workflow_id,
+            task_queue=settings.temporal_task_queue,
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+            id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+        )
+    except WorkflowAlreadyStartedError as err:
+        # The run exists and is closed but its row was lost (say, a database restore).
+        await conn.rollback()
+        raise Problem(409, "Already processed", f"notification {notification_id} already ran") from err
+    except RPCError as err:
+        await conn.rollback()
+        raise Problem(503, "Temporal unavailable", f"could not start the notification: {err.message}") from err
+    await conn.execute(
+        notifications.update().where(notifications.c.id == notification_id).values(run_id=handle.result_run_id)
+    )
+    await conn.commit()
+    return True
 
 
 async def _check_recipient(conn: AsyncConnection, body: NotificationCreate) -> None:
