@@ -35,7 +35,7 @@ BOOKKEEPING = timedelta(seconds=60)
 BATCH_TIMEOUT = timedelta(minutes=30)
 # Batches heartbeat every two seconds while they run, so a dead worker's batch moves to
 # another worker after this long.
-BATCH_HEARTBEAT = timedelta(seconds=20)
+BATCH_HEARTBEAT = timedelta(seconds=10)
 BATCH_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=2),
     backoff_coefficient=2.0,
