@@ -11,7 +11,6 @@ in flight when a worker dies, and those carry the same Message-ID.
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass
@@ -46,9 +45,9 @@ from workflows.contracts import (
     ZoneStart,
 )
 
-HEARTBEAT_SECONDS = 2.0  # liveness for Temporal, independent of how fast sends go
-FLUSH_EVERY = 50  # record at most this many sends at once: bounds duplicates after a crash
-FLUSH_SECONDS = 0.25
+HEARTBEAT_SECONDS = 1.0  # liveness for Temporal, independent of how fast sends go
+FLUSH_EVERY = 50  # write a chunk once this many outcomes wait
+MAX_UNRECORDED = 200  # senders wait beyond this: bounds what a crash can leave unrecorded
 
 
 @dataclass(frozen=True)
@@ -67,7 +66,13 @@ class CampaignSpec:
 
 
 class _Recorder:
-    """Buffers send outcomes and writes them in small chunks (with counters and history)."""
+    """Records send outcomes in small chunks without holding the senders up.
+
+    Senders only append; a chunk is written to PostgreSQL (rows and run counters in one
+    transaction) as soon as FLUSH_EVERY outcomes wait, one chunk at a time, and senders
+    pause only if MAX_UNRECORDED outcomes are waiting. ClickHouse history follows each
+    chunk through the group-commit writer; `close()` waits for all of it.
+    """
 
     def __init__(self, engine: AsyncEngine, history: HistoryWriter, spec: CampaignSpec, run_id: str) -> None:
         self._engine = engine
@@ -75,8 +80,9 @@ class _Recorder:
         self._spec = spec
         self._run_id = run_id
         self._rows: list[dict[str, Any]] = []
-        self._last_flush = time.monotonic()
         self._lock = asyncio.Lock()
+        self._flushing: asyncio.Task[None] | None = None
+        self._history_writes: list[asyncio.Task[None]] = []
         self.totals: Counter[str] = Counter()
 
     async def add(self, recipient: sa.Row[Any], channel: str, status: str, *, message_id: str | None = None,
@@ -92,22 +98,27 @@ class _Recorder:
                 "error": error,
             }
         )
-        if len(self._rows) >= FLUSH_EVERY or time.monotonic() - self._last_flush > FLUSH_SECONDS:
+        if len(self._rows) >= FLUSH_EVERY and (self._flushing is None or self._flushing.done()):
+            self._flushing = asyncio.create_task(self._write_chunk())
+        if len(self._rows) >= MAX_UNRECORDED:
             await self.flush()
 
     async def flush(self) -> None:
+        # Shielded: a cancelled sender or activity must not abandon a chunk it took from
+        # the buffer half-written; the write finishes and close() waits for it.
+        await asyncio.shield(self._write_chunk())
+
+    async def _write_chunk(self) -> None:
         async with self._lock:
             rows, self._rows = self._rows, []
-            self._last_flush = time.monotonic()
             if not rows:
                 return
             table = store.campaign_deliveries
             async with self._engine.begin() as conn:
+                # executemany of one cached statement: no per-chunk SQL compilation.
                 inserted = await conn.execute(
-                    insert(table)
-                    .values([{k: v for k, v in row.items() if k != "user_id"} for row in rows])
-                    .on_conflict_do_nothing(constraint="uq_campaign_delivery")
-                    .returning(table.c.status)
+                    insert(table).on_conflict_do_nothing(constraint="uq_campaign_delivery").returning(table.c.status),
+                    [{key: value for key, value in row.items() if key != "user_id"} for row in rows],
                 )
                 counts = Counter(row.status for row in inserted)
                 if counts:
@@ -118,21 +129,28 @@ class _Recorder:
                         .values({name: run.c[name] + counts[name] for name in ("sent", "failed", "suppressed")})
                     )
             self.totals.update(counts)
-            activity.heartbeat(dict(self.totals))
-            await self._history.record(
-                [
-                    HistoryRow(
-                        notification_id=str(uuid.uuid5(self._spec.campaign_id, _delivery_key(row))),
-                        channel=row["channel"],
-                        status=row["status"],
-                        user_id=row["user_id"],
-                        category=self._spec.category,
-                        error=(row["error"] or "")[:1000],
-                        campaign_id=str(self._spec.campaign_id),
-                    )
-                    for row in rows
-                ]
+            self._history_writes.append(asyncio.create_task(self._history.record(self._history_rows(rows))))
+
+    def _history_rows(self, rows: list[dict[str, Any]]) -> list[HistoryRow]:
+        return [
+            HistoryRow(
+                notification_id=str(uuid.uuid5(self._spec.campaign_id, _delivery_key(row))),
+                channel=row["channel"],
+                status=row["status"],
+                user_id=row["user_id"],
+                category=self._spec.category,
+                error=(row["error"] or "")[:1000],
+                campaign_id=str(self._spec.campaign_id),
             )
+            for row in rows
+        ]
+
+    async def close(self) -> None:
+        """Record everything still buffered, and wait until its history is stored too."""
+        if self._flushing is not None:
+            await asyncio.gather(self._flushing, return_exceptions=True)
+        await self.flush()
+        await asyncio.gather(*self._history_writes)
 
 
 class CampaignActivities:
@@ -258,7 +276,7 @@ class CampaignActivities:
             ticker.cancel()
             # Cancelled or not, what was sent is recorded before the activity ends
             # (the cancellation was delivered once; this await runs to completion).
-            await recorder.flush()
+            await recorder.close()
         if skipped:
             async with self._engine.begin() as conn:
                 run = store.campaign_runs
@@ -347,9 +365,11 @@ class CampaignActivities:
 
 
 async def _heartbeat_every(seconds: float, recorder: _Recorder) -> None:
+    """Heartbeat (Temporal's liveness check and a cancellation point) and record stragglers."""
     while True:
         activity.heartbeat(dict(recorder.totals))
         await asyncio.sleep(seconds)
+        await recorder.flush()
 
 
 def _delivery_key(row: dict[str, Any]) -> str:

@@ -498,7 +498,8 @@ def render(
             part = content.part(locale, channel)
             if isinstance(part, EmailPart):
                 html = _render_source(part.html, True, context)
-                text = _render_source(part.text, False, context) if part.text is not None else get_text(html).strip()
+                text_source = part.text if part.text is not None else text_source_from_html(part.html)
+                text = _render_source(text_source, False, context).strip()
                 result.email = RenderedEmail(subject=_render_source(part.subject, False, context).strip(), html=html,
                                              text=text)  # fmt: skip
             elif isinstance(part, PushPart):
@@ -518,6 +519,14 @@ def render(
     except TemplateSyntaxError as err:
         raise RenderError(f"syntax error: {err.message} (line {err.lineno})") from err
     return result
+
+
+@lru_cache(maxsize=1024)
+def text_source_from_html(html_source: str) -> str:
+    """The plain-text alternative, derived once per template version from the HTML *source*
+    (Jinja tags are text to an HTML parser, so they survive) and then rendered like any
+    text part, instead of converting every recipient's rendered HTML."""
+    return str(get_text(html_source))
 
 
 def _render_source(source: str, is_html: bool, context: Mapping[str, Any]) -> str:
