@@ -211,7 +211,13 @@ class CampaignActivities:
                     .values(targeted=counted["matches"])
                 )
             if not spec.schedule.get("cron"):
-                await store.set_campaign_status(conn, request.campaign_id, "running")
+                # Only a scheduled campaign becomes running: one paused while it waited for
+                # its time stays paused (its workflow is paused too) until it is resumed.
+                await conn.execute(
+                    store.campaigns.update()
+                    .where(store.campaigns.c.id == request.campaign_id, store.campaigns.c.status == "scheduled")
+                    .values(status="running", updated_at=sa.func.now())
+                )
             zones: list[ZoneStart] = []
             local_time = spec.schedule.get("local_time")
             if local_time:

@@ -18,6 +18,7 @@ from core.queries import (
     dead_letters,
     deliveries,
     lock_notification,
+    notification_row,
     notifications,
     recipients,
     refresh_notification_status,
@@ -32,6 +33,7 @@ from workflows.contracts import (
     NotificationInput,
     SendInput,
     SendResult,
+    workflow_id_for,
 )
 
 PERMANENT_ERROR = "PermanentSendError"
@@ -64,22 +66,10 @@ class NotificationActivities:
             await conn.execute(
                 insert(notifications)
                 .values(
-                    id=request.notification_id,
-                    idempotency_key=request.idempotency_key,
-                    request_hash=request.request_hash,
-                    requested_by=request.requested_by,
-                    user_id=request.user_id,
-                    content_id=request.content_id,
-                    category=request.category,
-                    channels=request.channels,
-                    title=request.title,
-                    body=request.body,
-                    data=request.data,
-                    template_key=request.template_key,
-                    template_version=request.template_version,
-                    variables=request.variables if request.template_key else None,
-                    workflow_id=info.workflow_id,
-                    run_id=info.workflow_run_id,
+                    {
+                        **notification_row(request, workflow_id_for(request.notification_id)),
+                        "run_id": info.workflow_run_id,
+                    }
                 )
                 .on_conflict_do_update(index_elements=["id"], set_={"run_id": info.workflow_run_id})
             )

@@ -13,6 +13,9 @@ from sqladmin.authorization import Action, AuthorizationBackend
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.requests import Request
 
+from admin.campaign_views import CampaignAdmin, CampaignPages, SegmentAdmin
+from admin.pages import CHANGED_BY_CAMPAIGN_MANAGERS, TEMPLATES_DIR
+from admin.template_views import TemplatePages
 from core.auth import Role, verify_password
 from core.config import Settings
 from core.models import AdminUser, DeadLetter, Delivery, Notification, Recipient
@@ -47,7 +50,8 @@ class PasswordLogin(AuthenticationBackend):
 
 
 class RolePermissions(AuthorizationBackend):
-    """Admin may do everything; campaign managers and analysts read these tables."""
+    """Admin may do everything; campaign managers also change templates and campaigns;
+    campaign managers and analysts read these tables."""
 
     def has_permission(self, request: Request, identity: str, action: str, obj: Any | None = None) -> bool:
         role = request.session.get("role")
@@ -55,6 +59,8 @@ class RolePermissions(AuthorizationBackend):
             return True
         if identity == "admin-user":
             return False
+        if role == Role.campaign_manager.value and identity in CHANGED_BY_CAMPAIGN_MANAGERS:
+            return True
         return role in (Role.campaign_manager.value, Role.analyst.value) and action in READ_ACTIONS
 
 
@@ -126,7 +132,10 @@ def mount_admin(app: FastAPI, engine: AsyncEngine, settings: Settings) -> Admin:
         title="Marquee admin",
         authentication_backend=PasswordLogin(session_secret(settings, app.state.jwt_secret), engine),
         authorization_backend=RolePermissions(),
+        templates_dir=str(TEMPLATES_DIR),
     )
     for view in (NotificationAdmin, DeliveryAdmin, DeadLetterAdmin, RecipientAdmin, AdminUserAdmin):
         admin.add_view(view)
+    for page in (TemplatePages, CampaignAdmin, CampaignPages, SegmentAdmin):
+        admin.add_view(page)
     return admin

@@ -18,17 +18,17 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import asyncpg
 import sqlalchemy as sa
 
+from bench.common import fresh_database
 from core import campaign_control, template_store
 from core.campaign_store import campaign_runs, segments
 from core.config import Settings
 from core.db import create_engine
-from core.embedded import EmbeddedPostgres, TemporalDevServer, free_port, wait_for_port
+from core.embedded import TemporalDevServer, free_port, wait_for_port
 from core.migrate import upgrade_async
 from core.templating import TemplateContent, TemplateLimits
 from core.temporal import connect
@@ -48,20 +48,6 @@ TEMPLATE = TemplateContent.model_validate(
 )
 
 
-async def _database(workdir: Path) -> tuple[str, EmbeddedPostgres | None]:
-    try:
-        conn = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/postgres", timeout=2)
-        server, embedded = "postgresql://postgres@127.0.0.1:5432", None
-    except OSError:
-        embedded = EmbeddedPostgres(workdir / "pg", free_port())
-        server = await asyncio.to_thread(embedded.start)
-        conn = await asyncpg.connect(f"{server}/postgres")
-    name = f"marquee_bench_{uuid.uuid4().hex[:8]}"
-    await conn.execute(f'CREATE DATABASE "{name}"')
-    await conn.close()
-    return f"{server}/{name}", embedded
-
-
 async def _load_recipients(database_url: str, count: int) -> None:
     conn = await asyncpg.connect(database_url)
     rows = [(f"bench-{n}", f"Viewer {n}", f"viewer{n}@example.com", ["bench"], "en", "UTC") for n in range(count)]
@@ -72,7 +58,7 @@ async def _load_recipients(database_url: str, count: int) -> None:
 
 async def run(recipients: int, workers: int, batch_size: int, window: int, concurrency: int) -> dict[str, float]:
     workdir = Path(tempfile.mkdtemp(prefix="marquee-bench-"))
-    database_url, embedded = await _database(workdir)
+    database_url, embedded = await fresh_database(workdir)
     await upgrade_async(database_url)
     await _load_recipients(database_url, recipients)
     temporal_port = free_port()

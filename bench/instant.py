@@ -17,40 +17,25 @@ import secrets
 import statistics
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
-import asyncpg
 import httpx
 import uvicorn
 
 from api.app import create_app
+from bench.common import fresh_database
 from core.auth import Role, create_token
 from core.config import Settings
 from core.db import create_engine
-from core.embedded import EmbeddedPostgres, MailCapture, TemporalDevServer, free_port, start_capture_smtp
+from core.embedded import MailCapture, TemporalDevServer, free_port, start_capture_smtp
 from core.migrate import upgrade_async
 from core.temporal import connect
 from worker import create_worker, worker_services
 
 
-async def _database(workdir: Path) -> tuple[str, EmbeddedPostgres | None]:
-    try:
-        conn = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/postgres", timeout=2)
-        server, embedded = "postgresql://postgres@127.0.0.1:5432", None
-    except OSError:
-        embedded = EmbeddedPostgres(workdir / "pg", free_port())
-        server = await asyncio.to_thread(embedded.start)
-        conn = await asyncpg.connect(f"{server}/postgres")
-    name = f"marquee_bench_{uuid.uuid4().hex[:8]}"
-    await conn.execute(f'CREATE DATABASE "{name}"')
-    await conn.close()
-    return f"{server}/{name}", embedded
-
-
 async def run(count: int, concurrency: int) -> dict[str, float]:
     workdir = Path(tempfile.mkdtemp(prefix="marquee-bench-"))
-    database_url, embedded = await _database(workdir)
+    database_url, embedded = await fresh_database(workdir)
     await upgrade_async(database_url)
     capture = MailCapture(None)
     smtp = start_capture_smtp(None, free_port(), capture)

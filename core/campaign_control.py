@@ -197,7 +197,9 @@ async def resume(conn: AsyncConnection, temporal: Client, campaign_id: uuid.UUID
         await temporal.get_schedule_handle(schedule_id_for(row.id)).unpause(note=reason or "resumed")
     for workflow_id in await _running_runs(temporal, row):
         await temporal.get_workflow_handle(workflow_id).signal(CampaignWorkflow.resume)
-    await store.set_campaign_status(conn, row.id, "scheduled" if recurring else "running", reason)
+    started = await conn.scalar(sa.select(sa.func.count()).where(store.campaign_runs.c.campaign_id == row.id))
+    # A one-off campaign resumed before its time is still waiting for it.
+    await store.set_campaign_status(conn, row.id, "running" if started and not recurring else "scheduled", reason)
 
 
 async def cancel(conn: AsyncConnection, temporal: Client, campaign_id: uuid.UUID, reason: str) -> None:

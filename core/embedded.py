@@ -15,8 +15,6 @@ import subprocess
 import sys
 import time
 import uuid
-from email import message_from_bytes
-from email.policy import default as default_policy
 from pathlib import Path
 from typing import Any
 
@@ -204,9 +202,6 @@ class MailCapture:
             name = f"{time.time_ns()}-{uuid.uuid4().hex[:8]}.eml"
             (self.directory / name).write_bytes(content)
         return "250 Message accepted for delivery"
-
-    def parsed(self) -> list[Any]:
-        return [message_from_bytes(content, policy=default_policy) for _, content in self.messages]
 
 
 def start_capture_smtp(directory: Path | None, port: int, handler: Any = None) -> Controller:

@@ -3,16 +3,41 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.models import DeadLetter, Delivery, Notification, Recipient
+from workflows.contracts import NotificationInput
 
 notifications = Notification.__table__  # type: ignore[attr-defined]
 deliveries = Delivery.__table__  # type: ignore[attr-defined]
 dead_letters = DeadLetter.__table__  # type: ignore[attr-defined]
 recipients = Recipient.__table__  # type: ignore[attr-defined]
+
+
+def notification_row(request: NotificationInput, workflow_id: str) -> dict[str, Any]:
+    """The notifications row for a request (written by the API, and again by the workflow
+    should the API's transaction have been lost after the start)."""
+    return {
+        "id": request.notification_id,
+        "idempotency_key": request.idempotency_key,
+        "request_hash": request.request_hash,
+        "requested_by": request.requested_by,
+        "user_id": request.user_id,
+        "content_id": request.content_id,
+        "category": request.category,
+        "channels": request.channels,
+        "title": request.title,
+        "body": request.body,
+        "data": request.data,
+        "template_key": request.template_key,
+        "template_version": request.template_version,
+        "variables": request.variables if request.template_key else None,
+        "workflow_id": workflow_id,
+    }
+
 
 # A notification's status summarises its channels: still pending while any channel is;
 # otherwise the furthest any channel got; failed only when no channel got through.

@@ -13,7 +13,19 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.models import Template, TemplateVersion
-from core.templating import Problem, TemplateContent, TemplateInvalid, TemplateLimits, validate
+from core.queries import recipients
+from core.templating import (
+    Problem,
+    Rendered,
+    RenderError,
+    TemplateContent,
+    TemplateInvalid,
+    TemplateLimits,
+    coerce_variables,
+    recipient_context,
+    render,
+    validate,
+)
 
 templates = Template.__table__  # type: ignore[attr-defined]
 versions = TemplateVersion.__table__  # type: ignore[attr-defined]
@@ -240,6 +252,43 @@ def diff(old: VersionRecord, new: VersionRecord) -> dict[str, str]:
         )
         result[name] = "".join(line if line.endswith("\n") else line + "\n" for line in lines)
     return result
+
+
+PREVIEW_RECIPIENT: dict[str, Any] = {"user_id": "preview", "name": "Alex Example", "timezone": "UTC", "attributes": {}}
+
+
+class PreviewFailed(Exception):
+    """The preview could not be rendered; each problem names its field (user_id,
+    variables.<name>, render)."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        super().__init__("; ".join(f"{p.part}: {p.message}" for p in problems))
+        self.problems = problems
+
+
+async def preview(
+    conn: AsyncConnection,
+    content: TemplateContent,
+    *,
+    variables: dict[str, Any],
+    user_id: str | None,
+    locale: str | None,
+) -> Rendered:
+    """Render every part with the given variables (examples fill the rest), for a real
+    recipient's data or an example recipient. Used by the API and the admin."""
+    recipient: dict[str, Any] = {**PREVIEW_RECIPIENT, "locale": locale or "en"}
+    if user_id:
+        row = (await conn.execute(sa.select(recipients).where(recipients.c.user_id == user_id))).first()
+        if row is None:
+            raise PreviewFailed([Problem("user_id", f"no recipient with user_id {user_id!r}")])
+        recipient = recipient_context(dict(row._mapping))
+    values, problems = coerce_variables(content.variables, variables, use_examples=True)
+    if problems:
+        raise PreviewFailed(problems)
+    try:
+        return render(content, locale_wanted=locale or recipient.get("locale"), variables=values, recipient=recipient)
+    except RenderError as err:
+        raise PreviewFailed([Problem("render", f"rendering failed: {err}")]) from err
 
 
 def problems_as_errors(problems: list[Problem]) -> list[dict[str, Any]]:

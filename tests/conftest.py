@@ -10,6 +10,8 @@ import os
 import secrets
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from email import message_from_bytes
+from email.policy import default as default_policy
 from pathlib import Path
 
 import asyncpg
@@ -49,7 +51,8 @@ class ScriptedSmtp(MailCapture):
         return "250 OK"
 
     def to(self, address: str) -> list:
-        return [message for message in self.parsed() if message["To"] == address]
+        """Parsed messages whose envelope went to `address` (only those are parsed)."""
+        return [message_from_bytes(raw, policy=default_policy) for _, raw in self.delivered_to({address})]
 
     def delivered_to(self, addresses: set[str]) -> list[tuple[str, bytes]]:
         """(recipient, raw message) for every message to one of `addresses`, unparsed (fast)."""

@@ -214,3 +214,27 @@ async def test_campaign_history_replays(
     replayer = Replayer(workflows=WORKFLOWS, data_converter=pydantic_data_converter)
     assert (await replayer.replay_workflow(history)).replay_failure is None
     assert isinstance(history, WorkflowHistory)
+
+
+async def test_paused_before_its_time_a_campaign_waits_until_resumed(
+    api: httpx.AsyncClient,
+    manager: httpx.AsyncClient,  # noqa: F811
+    template_key: str,  # noqa: F811
+    smtp_server: SmtpServer,
+) -> None:
+    tag, emails = await make_audience(api, 8)
+    at = (datetime.now(UTC) + timedelta(seconds=2)).isoformat()
+    campaign = await create_campaign(
+        manager, template_key, await tag_segment(manager, tag), schedule={"kind": "at", "at": at}
+    )
+    await manager.post(f"/v1/campaigns/{campaign['id']}/launch")
+    paused = await manager.post(f"/v1/campaigns/{campaign['id']}/pause", json={"reason": "hold"})
+    assert paused.json()["status"] == "paused"
+    await asyncio.sleep(3.5)  # its time passes while paused
+    body = (await manager.get(f"/v1/campaigns/{campaign['id']}")).json()
+    assert body["status"] == "paused"
+    assert smtp_server.handler.delivered_to(set(emails)) == []
+    resumed = await manager.post(f"/v1/campaigns/{campaign['id']}/resume")
+    assert resumed.json()["status"] == "running"
+    done = await wait_campaign(manager, campaign["id"], "completed")
+    assert done["runs"][0]["sent"] == 8

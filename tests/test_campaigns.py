@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import email
+import subprocess
 import uuid
 from collections import Counter
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 
 from core.auth import Role
 from core.config import Settings
+from core.embedded import venv_binary
 from tests.conftest import SmtpServer, token_for
 
 TEMPLATE = {
@@ -232,3 +234,43 @@ async def test_invalid_campaigns_are_refused(
         assert field in [error["field"] for error in response.json()["errors"]], response.json()
     analyst = {"Authorization": f"Bearer {token_for(settings, Role.analyst)}"}
     assert (await manager.post("/v1/campaigns", json=base, headers=analyst)).status_code == 403
+
+
+async def test_a_campaign_keeps_its_template_version_when_the_template_changes(
+    api: httpx.AsyncClient, manager: httpx.AsyncClient, template_key: str, smtp_server: SmtpServer
+) -> None:
+    tag, emails = await make_audience(api, 20)
+    campaign = await create_campaign(manager, template_key, await tag_segment(manager, tag))
+    edited = {
+        "variables": [{"name": "film", "example": "Dune"}],
+        "locales": {"en": {"email": {"subject": "EDITED {{ film }}", "html": "<p>edited</p>"}}},
+    }
+    assert (await manager.put(f"/v1/templates/{template_key}", json={"content": edited, "change_note": "v2"})).json()[
+        "version"
+    ] == 2
+    await manager.post(f"/v1/campaigns/{campaign['id']}/launch")
+    done = await wait_campaign(manager, campaign["id"], "completed")
+    assert done["template_version"] == 1
+    subjects = {
+        str(email.message_from_bytes(raw)["Subject"]) for _, raw in smtp_server.handler.delivered_to(set(emails))
+    }
+    assert all(subject.startswith("Arrival for Viewer") for subject in subjects)
+    assert len(subjects) == 20
+
+
+async def test_temporal_cli_cancel_stops_a_campaign(
+    api: httpx.AsyncClient, manager: httpx.AsyncClient, template_key: str, temporal_client: Any
+) -> None:
+    tag, _ = await make_audience(api, 800)
+    campaign = await create_campaign(manager, template_key, await tag_segment(manager, tag), throttle_per_second=200)
+    await manager.post(f"/v1/campaigns/{campaign['id']}/launch")
+    await _wait_sent(manager, campaign["id"], 1)
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [str(venv_binary("temporal")), "workflow", "cancel", "--workflow-id", f"campaign-{campaign['id']}",
+         "--address", temporal_client.service_client.config.target_host],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    done = await wait_campaign(manager, campaign["id"], "cancelled")
+    assert 0 < done["runs"][0]["sent"] < 800

@@ -13,6 +13,11 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 
+def workflow_id_for(notification_id: object) -> str:
+    """The NotificationWorkflow id: the notification id, itself derived from the key."""
+    return f"notification-{notification_id}"
+
+
 class RetryOptions(BaseModel):
     initial_seconds: float = 1.0
     max_seconds: float = 60.0

@@ -24,10 +24,6 @@ with workflow.unsafe.imports_passed_through():
 BOOKKEEPING_TIMEOUT = timedelta(seconds=30)
 
 
-def workflow_id_for(notification_id: object) -> str:
-    return f"notification-{notification_id}"
-
-
 @workflow.defn
 class NotificationWorkflow:
     def __init__(self) -> None:

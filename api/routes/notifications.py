@@ -26,11 +26,11 @@ from api.schemas import DeliveryOut, NotificationCreate, NotificationOut, Notifi
 from core import template_store
 from core.auth import Principal
 from core.config import Settings
-from core.queries import deliveries, notifications, recipients
+from core.queries import deliveries, notification_row, notifications, recipients
 from core.template_store import TemplateNotFound
 from core.templating import coerce_variables
-from workflows.contracts import NotificationInput, RetryOptions
-from workflows.notification import NotificationWorkflow, workflow_id_for
+from workflows.contracts import NotificationInput, RetryOptions, workflow_id_for
+from workflows.notification import NotificationWorkflow
 
 router = APIRouter(prefix="/v1/notifications", tags=["notifications"])
 
@@ -185,30 +185,6 @@ async def _create(
 ) -> bool:
     """Insert the row and start its workflow in one transaction; False if the key exists."""
     workflow_id = workflow_id_for(notification_id)
-    inserted = await conn.scalar(
-        insert(notifications)
-        .values(
-            id=notification_id,
-            idempotency_key=scoped_key,
-            request_hash=digest,
-            requested_by=principal.subject,
-            user_id=body.user_id,
-            content_id=body.content_id,
-            category=body.type,
-            channels=[channel.value for channel in body.channels],
-            title=body.title,
-            body=body.body,
-            data=body.data,
-            template_key=body.template,
-            template_version=template_version,
-            variables=body.variables if body.template else None,
-            workflow_id=workflow_id,
-        )
-        .on_conflict_do_nothing()
-        .returning(notifications.c.id)
-    )
-    if inserted is None:
-        return False
     workflow_input = NotificationInput(
         notification_id=notification_id,
         idempotency_key=scoped_key,
@@ -226,6 +202,14 @@ async def _create(
         variables=body.variables,
         retry=_retry_options(settings),
     )
+    inserted = await conn.scalar(
+        insert(notifications)
+        .values(notification_row(workflow_input, workflow_id))
+        .on_conflict_do_nothing()
+        .returning(notifications.c.id)
+    )
+    if inserted is None:
+        return False
     # Start inside the transaction: if the start fails, the row is rolled back and the
     # caller may retry; if the commit fails after the start, the workflow writes the row.
     try:

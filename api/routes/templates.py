@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-import sqlalchemy as sa
 from fastapi import APIRouter, Query, Response, status
 
 from api.deps import AnyRole, ConnectionDep, SettingsDep, TemplateEditor
-from api.problems import InvalidInput, Problem
+from api.problems import Problem
 from api.schemas import (
     PreviewEmail,
     PreviewOut,
@@ -24,9 +23,7 @@ from api.schemas import (
     VersionSummary,
 )
 from core import template_store
-from core.queries import recipients
 from core.template_store import VersionRecord
-from core.templating import RenderError, coerce_variables, recipient_context, render
 
 router = APIRouter(prefix="/v1/templates", tags=["templates"])
 
@@ -155,22 +152,13 @@ async def preview_template(key: str, body: PreviewRequest, conn: ConnectionDep, 
     """Render every channel part, with the given variables (examples fill the rest) and
     either a real recipient's data or an example recipient."""
     record = await template_store.get(conn, key, body.version)
-    recipient: dict[str, Any] = {"user_id": "preview", "name": "Alex Example", "locale": body.locale or "en",
-                                 "timezone": "UTC", "attributes": {}}  # fmt: skip
-    if body.user_id is not None:
-        row = (await conn.execute(sa.select(recipients).where(recipients.c.user_id == body.user_id))).first()
-        if row is None:
-            raise InvalidInput(["user_id"], f"no recipient with user_id {body.user_id!r}")
-        recipient = recipient_context(dict(row._mapping))
-    variables, problems = coerce_variables(record.content.variables, body.variables, use_examples=True)
-    if problems:
-        raise Problem(422, "Invalid variables", problems[0].message,
-                      errors=[{"field": p.part, "message": p.message} for p in problems])  # fmt: skip
     try:
-        rendered = render(record.content, locale_wanted=body.locale or recipient.get("locale"), variables=variables,
-                          recipient=recipient)  # fmt: skip
-    except RenderError as err:
-        raise Problem(422, "Rendering failed", str(err)) from err
+        rendered = await template_store.preview(
+            conn, record.content, variables=body.variables, user_id=body.user_id, locale=body.locale
+        )
+    except template_store.PreviewFailed as err:
+        errors = [{"field": problem.part, "message": problem.message} for problem in err.problems]
+        raise Problem(422, "Preview failed", str(err), errors=errors) from err
     return PreviewOut(
         key=key,
         version=record.version,
