@@ -223,7 +223,7 @@ async def recipient(api: httpx.AsyncClient, user_id: str) -> dict:
         json={
             "user_id": user_id,
             "email": f"{user_id}@example.com",
-            "phone": "+15551234567",
+            "phone": f"+1555{int(uuid.uuid4()) % 10**7:07d}",  # unique: tests find their own SMS by it
             "push_tokens": [f"token-{user_id}"],
             "locale": "en",
             "timezone": "Europe/Moscow",
