@@ -16,6 +16,8 @@ install: $(VENV)/.installed
 # The venv is rebuilt from the hash-pinned lock whenever the lock or the project changes.
 $(VENV)/.installed: requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
+	@# Python 3.11's bundled pip (23.x) mishandles extras (coverage[toml]) in hash-checking mode.
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check pip==26.3
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --require-hashes -r requirements.lock
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $@
