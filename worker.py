@@ -61,7 +61,7 @@ class WorkerServices:
     history: HistoryWriter
     providers: dict[str, Provider]
 
-    send_concurrency: int = 20
+    send_concurrency: int = 10
     templates: PinnedVersions = field(default_factory=PinnedVersions)
 
     def activities(self) -> list[Callable[..., Any]]:

@@ -113,23 +113,34 @@ class _Recorder:
             rows, self._rows = self._rows, []
             if not rows:
                 return
-            table = store.campaign_deliveries
-            async with self._engine.begin() as conn:
-                # executemany of one cached statement: no per-chunk SQL compilation.
-                inserted = await conn.execute(
-                    insert(table).on_conflict_do_nothing(constraint="uq_campaign_delivery").returning(table.c.status),
-                    [{key: value for key, value in row.items() if key != "user_id"} for row in rows],
-                )
-                counts = Counter(row.status for row in inserted)
-                if counts:
-                    run = store.campaign_runs
-                    await conn.execute(
-                        run.update()
-                        .where(run.c.id == self._run_id)
-                        .values({name: run.c[name] + counts[name] for name in ("sent", "failed", "suppressed")})
-                    )
+            try:
+                counts = await self._insert(rows)
+            except BaseException:
+                # Not recorded: back to the buffer, so the next write (or close()) retries them
+                # and a failure that persists fails the batch instead of losing its records.
+                self._rows[:0] = rows
+                raise
             self.totals.update(counts)
             self._history_writes.append(asyncio.create_task(self._history.record(self._history_rows(rows))))
+
+    async def _insert(self, rows: list[dict[str, Any]]) -> Counter[str]:
+        """Delivery rows and the run's counters, in one transaction."""
+        table = store.campaign_deliveries
+        async with self._engine.begin() as conn:
+            # executemany of one cached statement: no per-chunk SQL compilation.
+            inserted = await conn.execute(
+                insert(table).on_conflict_do_nothing(constraint="uq_campaign_delivery").returning(table.c.status),
+                [{key: value for key, value in row.items() if key != "user_id"} for row in rows],
+            )
+            counts = Counter(row.status for row in inserted)
+            if counts:
+                run = store.campaign_runs
+                await conn.execute(
+                    run.update()
+                    .where(run.c.id == self._run_id)
+                    .values({name: run.c[name] + counts[name] for name in ("sent", "failed", "suppressed")})
+                )
+        return counts
 
     def _history_rows(self, rows: list[dict[str, Any]]) -> list[HistoryRow]:
         return [
@@ -335,7 +346,8 @@ class CampaignActivities:
         self, jobs: list[tuple[sa.Row[Any], str, OutboundMessage]], recorder: _Recorder, rate: float | None
     ) -> TransientSendError | None:
         """Send with bounded concurrency (and rate); stop taking new jobs on a transient error."""
-        limiter = AsyncLimiter(max(rate, 1e-3), 1) if rate else None
+        # One message per 1/rate seconds also covers rates below one a second.
+        limiter = AsyncLimiter(1, 1 / rate) if rate else None
         queue = list(reversed(jobs))
         interrupted: list[TransientSendError] = []
 

@@ -64,3 +64,5 @@ AnyRole = Annotated[Principal, Depends(require(Role.service, Role.campaign_manag
 Sender = Annotated[Principal, Depends(require(Role.service))]
 RecipientWriter = Annotated[Principal, Depends(require(Role.service))]
 TemplateEditor = Annotated[Principal, Depends(require(Role.campaign_manager))]
+# Scheduled sends sit under /v1/notifications: services may book them as well as managers.
+ScheduledSender = Annotated[Principal, Depends(require(Role.service, Role.campaign_manager))]

@@ -344,7 +344,7 @@ class CampaignSchedule(BaseModel):
     time: Clock | None = Field(default=None, description="daily/weekly/monthly: the time of day")
     weekday: int | None = Field(default=None, ge=0, le=6, description="weekly: 0 = Sunday")
     day: int | None = Field(default=None, ge=1, le=28, description="monthly: day of the month")
-    timezone: str = Field(default="UTC", description="The time zone of cron, time and window")
+    timezone: str = Field(default="UTC", description="The time zone of cron and time (the window has its own)")
     local_time: Clock | None = Field(default=None, description="Deliver at this time in each recipient's own time zone")
     window: SendWindow | None = Field(default=None, description="Send only inside this daily window")
 
@@ -391,6 +391,13 @@ class CampaignCreate(BaseModel):
     variables: dict[str, Any] = Field(default_factory=dict)
     schedule: CampaignSchedule = Field(default_factory=CampaignSchedule)
     throttle_per_second: int | None = Field(default=None, ge=1, le=100_000, description="Messages per second")
+
+    @field_validator("channels")
+    @classmethod
+    def _distinct(cls, value: list[Channel]) -> list[Channel]:
+        if len(set(value)) != len(value):
+            raise ValueError("each channel may appear once")
+        return value
 
 
 class CampaignAction(BaseModel):

@@ -254,7 +254,7 @@ async def describe(
     if row.schedule.get("cron") and row.status in ("scheduled", "paused"):
         next_runs = await next_run_times(temporal.get_schedule_handle(schedule_id_for(row.id)))
     workflow_id = schedule_id_for(row.id) if row.schedule.get("cron") else campaign_workflow_id(row.id)
-    ui = settings.temporal_ui_url.rstrip("/")
+    ui = settings.temporal_ui_base()
     kind = "schedules" if row.schedule.get("cron") else "workflows"
     return {
         **dict(row._mapping),

@@ -30,7 +30,7 @@ class Settings(BaseSettings):
     temporal_task_queue: str = "marquee"
     temporal_port: int = 7233
     temporal_ui_port: int = 8233
-    temporal_ui_url: str = "http://127.0.0.1:8233"  # for links to runs from the API and admin
+    temporal_ui_url: str | None = None  # links to runs from the API and admin; default: the dev UI port
 
     # ClickHouse. Unset: chDB (in-process ClickHouse) under data_dir/chdb.
     clickhouse_url: str | None = None
@@ -112,6 +112,9 @@ class Settings(BaseSettings):
             path.write_text(secrets.token_urlsafe(48))
             path.chmod(0o600)
         return path.read_text().strip()
+
+    def temporal_ui_base(self) -> str:
+        return (self.temporal_ui_url or f"http://127.0.0.1:{self.temporal_ui_port}").rstrip("/")
 
     def template_limits(self) -> TemplateLimits:
         return TemplateLimits(

@@ -32,7 +32,7 @@ LocaleCode = Annotated[str, StringConstraints(pattern=r"^[a-z]{2,3}(-[A-Z]{2})?$
 
 # Always available to every template, whatever it declares.
 RECIPIENT_VARIABLE = "recipient"
-RECIPIENT_FIELDS = ("user_id", "name", "email", "phone", "locale", "timezone", "country", "attributes")
+RECIPIENT_FIELDS = ("user_id", "name", "email", "phone", "locale", "timezone", "country", "tags", "attributes")
 
 
 def recipient_context(recipient: Mapping[str, Any]) -> dict[str, Any]:
@@ -255,7 +255,14 @@ class _Environments:
 
     @staticmethod
     def _make(autoescape: bool) -> SandboxedEnvironment:
-        env = SandboxedEnvironment(undefined=StrictUndefined, autoescape=autoescape, keep_trailing_newline=False)
+        env = SandboxedEnvironment(
+            undefined=StrictUndefined,
+            autoescape=autoescape,
+            keep_trailing_newline=False,
+            # An optional variable left empty (or a recipient without a name) prints nothing,
+            # not "None".
+            finalize=lambda value: "" if value is None else value,
+        )
         env.filters["datetime"] = _filter_datetime
         env.filters["date"] = _filter_date
         env.filters["number"] = _filter_number
@@ -267,13 +274,19 @@ def _recipient_context(ctx: Any) -> tuple[str, str | None]:
     return str(recipient.get("locale") or "en"), recipient.get("timezone")
 
 
+def _plain_spaces(text: str) -> str:
+    # CLDR puts narrow no-break spaces in times ("10:00\u202fPM"); one such character forces
+    # a whole SMS from GSM-7 (160 a segment) to UCS-2 (70).
+    return text.replace("\u202f", " ").replace("\xa0", " ")
+
+
 @pass_context
 def _filter_datetime(ctx: Any, value: Any, format: str = "medium") -> str:
     locale, zone = _recipient_context(ctx)
     moment = _as_datetime(value)
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=ZoneInfo("UTC"))
-    return format_datetime(moment, format=format, tzinfo=_zone(zone), locale=_babel_locale(locale))
+    return _plain_spaces(format_datetime(moment, format=format, tzinfo=_zone(zone), locale=_babel_locale(locale)))
 
 
 @pass_context
@@ -282,7 +295,7 @@ def _filter_date(ctx: Any, value: Any, format: str = "medium") -> str:
     moment = _as_datetime(value)
     if moment.tzinfo is not None:
         moment = moment.astimezone(_zone(zone))
-    return format_date(moment.date(), format=format, locale=_babel_locale(locale))
+    return _plain_spaces(format_date(moment.date(), format=format, locale=_babel_locale(locale)))
 
 
 @pass_context

@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.client import Client
 
-from activities.campaigns import FLUSH_EVERY
+from activities.campaigns import MAX_UNRECORDED
 from core import campaign_control
 from core.campaign_store import campaign_runs
 from core.config import Settings
@@ -106,7 +106,8 @@ async def test_killed_worker_is_replaced_and_every_recipient_is_served(
     ids = Counter(str(email.message_from_bytes(raw)["Message-ID"]) for _, raw in delivered)
     assert len(ids) == audience  # one Message-ID per recipient: a resend carries the same one
     duplicates = len(delivered) - audience
-    # Only what was sent but not yet recorded when the worker died can go out twice: at most
-    # a recording chunk plus the sends in flight, per batch in flight.
-    assert duplicates <= settings.campaign_window * (FLUSH_EVERY + settings.campaign_send_concurrency)
+    # Only what was sent but not yet recorded when the worker died can go out twice: per batch
+    # in flight, the buffer (at most MAX_UNRECORDED), a chunk being written, and the sends
+    # under way.
+    assert duplicates <= settings.campaign_window * (2 * MAX_UNRECORDED + settings.campaign_send_concurrency)
     print(f"\nkill -9 after {at_kill} messages: {duplicates} duplicate deliveries, all with the same Message-ID")

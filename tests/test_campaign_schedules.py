@@ -147,6 +147,19 @@ async def test_spec_endpoints_bulk_and_scheduled(
               "user_ids": [f"{tag}-0", f"{tag}-1", "nobody"], "schedule": {"kind": "at", "at": at}},
     )  # fmt: skip
     assert scheduled.status_code == 202, scheduled.text
+    # A service may book one too, and the same name may be used again.
+    again = await api.post(
+        "/v1/notifications/scheduled",
+        json={"template": template_key, "channels": ["email"], "variables": {"film": "Ran"}, "name": "reminder",
+              "user_ids": [f"{tag}-2"], "schedule": {"kind": "at", "at": at}},
+    )  # fmt: skip
+    assert again.status_code == 202, again.text
+    twice = await api.post(
+        "/v1/notifications/scheduled",
+        json={"template": template_key, "channels": ["email"], "variables": {"film": "Ran"}, "name": "reminder",
+              "user_ids": [f"{tag}-3"], "schedule": {"kind": "at", "at": at}},
+    )  # fmt: skip
+    assert twice.status_code == 202, twice.text
     done = await wait_campaign(manager, scheduled.json()["id"], "completed", seconds=60)
     assert done["runs"][0]["sent"] == 2
     subjects = [email_subject(raw) for rcpt, raw in smtp_server.handler.delivered_to({f"{tag}-0@example.com"})]

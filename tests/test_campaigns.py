@@ -274,3 +274,14 @@ async def test_temporal_cli_cancel_stops_a_campaign(
     assert result.returncode == 0, result.stderr
     done = await wait_campaign(manager, campaign["id"], "cancelled")
     assert 0 < done["runs"][0]["sent"] < 800
+
+
+async def test_a_throttle_below_the_window_still_sends(
+    api: httpx.AsyncClient, manager: httpx.AsyncClient, template_key: str, smtp_server: SmtpServer
+) -> None:
+    tag, emails = await make_audience(api, 4)
+    campaign = await create_campaign(manager, template_key, await tag_segment(manager, tag), throttle_per_second=2)
+    await manager.post(f"/v1/campaigns/{campaign['id']}/launch")
+    done = await wait_campaign(manager, campaign["id"], "completed", seconds=60)
+    assert done["runs"][0]["sent"] == 4
+    assert len(smtp_server.handler.delivered_to(set(emails))) == 4

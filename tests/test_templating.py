@@ -83,7 +83,7 @@ def test_english_recipient_gets_english_formats() -> None:
     recipient = {**RECIPIENT, "locale": "en", "timezone": "America/New_York"}
     rendered = render(template, locale_wanted="en", variables=variables, recipient=recipient, channels=["sms"])
     assert rendered.sms is not None
-    assert rendered.sms.text == "Up at 12/1/26, 12:00\u202fPM"
+    assert rendered.sms.text == "Up at 12/1/26, 12:00 PM"
     assert rendered.email is None
 
 
@@ -205,3 +205,22 @@ def test_variables_are_checked_against_their_types() -> None:
     values, problems = coerce_variables(template.variables, {"n": 3, "link": "https://cinema.example/f/1"})
     assert problems == []
     assert values == {"n": 3, "link": "https://cinema.example/f/1", "items": None}
+
+
+def test_empty_optional_values_print_nothing_and_times_keep_sms_in_gsm7() -> None:
+    template = content(
+        variables=[
+            {"name": "film", "example": "Dune"},
+            {"name": "starts_at", "type": "datetime", "example": "2026-12-01T17:00:00+00:00"},
+            {"name": "note", "required": False},
+        ]
+    )
+    locales = template.model_dump()["locales"]
+    locales["en"]["sms"]["text"] = "{{ film }}{{ note }} at {{ starts_at|datetime('short') }} for {{ recipient.name }}"
+    template = content(variables=template.model_dump()["variables"], locales=locales)
+    variables, _ = coerce_variables(template.variables, {"film": "Up", "starts_at": "2026-12-01T17:00:00Z"})
+    recipient = {**RECIPIENT, "name": None, "locale": "en", "timezone": "UTC"}
+    rendered = render(template, locale_wanted="en", variables=variables, recipient=recipient, channels=["sms"])
+    assert rendered.sms is not None
+    assert rendered.sms.text == "Up at 12/1/26, 5:00 PM for "
+    assert rendered.sms.encoding == "GSM-7"

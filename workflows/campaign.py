@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError, ApplicationError
 from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
@@ -33,8 +34,8 @@ with workflow.unsafe.imports_passed_through():
 
 BOOKKEEPING = timedelta(seconds=60)
 BATCH_TIMEOUT = timedelta(minutes=30)
-# Batches heartbeat every two seconds while they run, so a dead worker's batch moves to
-# another worker after this long.
+# Batches heartbeat every second while they run (the SDK forwards them to the server at
+# most every 0.8 x this timeout), so a dead worker's batch moves to another worker after this long.
 BATCH_HEARTBEAT = timedelta(seconds=10)
 BATCH_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=2),
@@ -67,9 +68,9 @@ class CampaignWorkflow:
         run_id = request.run_id or workflow.info().workflow_id
         self._paused = request.paused
         self._cursor = request.cursor
-        if request.not_before is not None and request.not_before > workflow.now():
-            await workflow.sleep(request.not_before - workflow.now())
         try:
+            if request.not_before is not None and request.not_before > workflow.now():
+                await workflow.sleep(request.not_before - workflow.now())
             plan = await workflow.execute_local_activity_method(
                 CampaignActivities.start_run,
                 StartRunInput(campaign_id=request.campaign_id, run_id=run_id, now=workflow.now()),
@@ -98,21 +99,30 @@ class CampaignWorkflow:
             self._state = "finishing"
             await self._finish(request, run_id, "completed")
         except asyncio.CancelledError:
+            # Cancelled from the API, the admin or `temporal workflow cancel`.
             self._state = "finishing"
             await self._finish(request, run_id, "cancelled")
+            raise
+        except (ActivityError, ApplicationError):
+            # A batch failed for good (or the campaign vanished): say so, then fail the run.
+            self._state = "finishing"
+            await self._finish(request, run_id, "failed")
             raise
         return self._totals
 
     async def _send_zone(self, request: CampaignInput, plan: RunPlan, run_id: str) -> bool:
         """Send every batch of the current zone; False when it is time to continue as new."""
-        rate = plan.throttle_per_second / request.window if plan.throttle_per_second else None
+        # The throttle is shared by the batches in flight; never fewer than one message a
+        # second each, so a throttle below the window means fewer batches at once.
+        window = min(request.window, plan.throttle_per_second) if plan.throttle_per_second else request.window
+        rate = plan.throttle_per_second / window if plan.throttle_per_second else None
         pending: list[asyncio.Task[BatchResult]] = []  # a list: iteration order must be deterministic
         exhausted = False
         started_here = 0
         try:
             while True:
                 self._state = "paused" if self._paused else "running"
-                while not exhausted and not self._paused and len(pending) < request.window:
+                while not exhausted and not self._paused and len(pending) < window:
                     if started_here >= BATCHES_PER_RUN or workflow.info().is_continue_as_new_suggested():
                         break
                     if plan.has_window and not await self._window_open(request):

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import sqlalchemy as sa
 from fastapi import APIRouter, Query, status
 
-from api.deps import AnyRole, ConnectionDep, SettingsDep, TemplateEditor, TemporalDep
+from api.deps import AnyRole, ConnectionDep, ScheduledSender, SettingsDep, TemplateEditor, TemporalDep
 from api.schemas import CampaignAction, CampaignCancel, CampaignCreate, CampaignOut, ScheduledSend
 from core import campaign_control as control
 from core import campaign_store as store
@@ -147,7 +147,7 @@ async def bulk_send(
 
 @aliases.post("/v1/notifications/scheduled", status_code=status.HTTP_202_ACCEPTED, response_model=CampaignOut)
 async def scheduled_send(
-    body: ScheduledSend, conn: ConnectionDep, temporal: TemporalDep, settings: SettingsDep, editor: TemplateEditor
+    body: ScheduledSend, conn: ConnectionDep, temporal: TemporalDep, settings: SettingsDep, editor: ScheduledSender
 ) -> Any:
     """A one-off ("at") or recurring send of a template to user_ids or a segment."""
     name = body.name or f"scheduled {body.template} {uuid.uuid4().hex[:8]}"
@@ -164,7 +164,7 @@ async def scheduled_send(
 async def _static_segment(conn: Any, name: str, user_ids: list[str], editor: Principal) -> int:
     segment_id: int = await conn.scalar(
         store.segments.insert()
-        .values(name=f"{name} (recipients)", kind="static", created_by=editor.subject)
+        .values(name=f"{name} (recipients {uuid.uuid4().hex[:8]})", kind="static", created_by=editor.subject)
         .returning(store.segments.c.id)
     )
     found = (await conn.scalars(sa.select(recipients.c.id).where(recipients.c.user_id.in_(user_ids)))).all()

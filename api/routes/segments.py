@@ -25,7 +25,8 @@ MAX_MEMBERS_PER_UPLOAD = 100_000
 
 
 def _summary(counted: dict[str, Any]) -> str:
-    parts = [f"matches {counted['matches']:,} recipients"]
+    noun = "recipient" if counted["matches"] == 1 else "recipients"
+    parts = [f"matches {counted['matches']:,} {noun}"]
     parts += [f"{count:,} opted out of {channel}" for channel, count in counted["opted_out"].items()]
     return ", ".join(parts)
 
