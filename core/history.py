@@ -135,7 +135,11 @@ class ClickHouseServerStore:
             self._client.command(statement)
 
     def insert(self, rows: list[HistoryRow]) -> None:
-        data = [[getattr(row, column) or _default(column) for column in HISTORY_COLUMNS] for row in rows]
+        now = datetime.now(UTC)
+        data = [
+            [(row.event_time or now) if column == "event_time" else getattr(row, column) for column in HISTORY_COLUMNS]
+            for row in rows
+        ]
         self._client.insert("notification_history", data, column_names=list(HISTORY_COLUMNS))
 
     def query(self, sql: str) -> list[dict[str, Any]]:
@@ -143,10 +147,6 @@ class ClickHouseServerStore:
 
     def close(self) -> None:
         self._client.close()
-
-
-def _default(column: str) -> Any:
-    return datetime.now(UTC) if column == "event_time" else ""
 
 
 def open_store(clickhouse_url: str | None, chdb_path: Path) -> HistoryStore:

@@ -165,3 +165,9 @@ async def test_oversized_payload_is_refused_before_temporal(api: httpx.AsyncClie
     problem = _problem(await api.post("/v1/notifications", json=body), 422)
     assert _fields(problem) == ["data"]
     assert "at most 65,536" in problem["detail"]
+
+
+async def test_unknown_status_filter_is_refused(api: httpx.AsyncClient) -> None:
+    problem = _problem(await api.get("/v1/notifications", params={"status": "delivred"}), 422)
+    assert _fields(problem) == ["status"]
+    assert "'pending'" in problem["detail"]

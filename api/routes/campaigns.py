@@ -13,6 +13,7 @@ from api.schemas import CampaignAction, CampaignCancel, CampaignCreate, Campaign
 from core import campaign_control as control
 from core import campaign_store as store
 from core.auth import Principal
+from core.models import CampaignStatus
 from core.queries import recipients
 
 router = APIRouter(prefix="/v1/campaigns", tags=["campaigns"])
@@ -55,12 +56,12 @@ async def list_campaigns(
     temporal: TemporalDep,
     settings: SettingsDep,
     _: AnyRole,
-    status_: Annotated[str | None, Query(alias="status")] = None,
+    status_: Annotated[CampaignStatus | None, Query(alias="status")] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> Any:
     query = sa.select(store.campaigns.c.id).order_by(store.campaigns.c.created_at.desc()).limit(limit)
     if status_:
-        query = query.where(store.campaigns.c.status == status_)
+        query = query.where(store.campaigns.c.status == status_.value)
     ids = (await conn.scalars(query)).all()
     return [await _describe(conn, temporal, settings, campaign_id) for campaign_id in ids]
 

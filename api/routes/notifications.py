@@ -7,6 +7,7 @@ import base64
 import hashlib
 import json
 import uuid
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -26,6 +27,7 @@ from api.schemas import DeliveryOut, NotificationCreate, NotificationOut, Notifi
 from core import template_store
 from core.auth import Principal
 from core.config import Settings
+from core.models import DeliveryStatus
 from core.queries import deliveries, notification_row, notifications, recipients
 from core.template_store import TemplateNotFound
 from core.templating import coerce_variables
@@ -136,18 +138,16 @@ async def list_notifications(
     conn: ConnectionDep,
     _: AnyRole,
     user_id: str | None = None,
-    status_: Annotated[str | None, Query(alias="status")] = None,
+    status_: Annotated[DeliveryStatus | None, Query(alias="status")] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: str | None = None,
 ) -> Any:
     """Newest first, in keyset pages: pass next_cursor back as ?cursor=."""
-    query = sa.select(notifications.c.id, notifications.c.created_at).order_by(
-        notifications.c.created_at.desc(), notifications.c.id.desc()
-    )
+    query = sa.select(notifications).order_by(notifications.c.created_at.desc(), notifications.c.id.desc())
     if user_id is not None:
         query = query.where(notifications.c.user_id == user_id)
     if status_ is not None:
-        query = query.where(notifications.c.status == status_)
+        query = query.where(notifications.c.status == status_.value)
     if cursor is not None:
         created_at, last_id = _decode_cursor(cursor)
         query = query.where(
@@ -156,10 +156,8 @@ async def list_notifications(
         )
     rows = (await conn.execute(query.limit(limit + 1))).all()
     page = rows[:limit]
-    base = _base_url(request)
-    items = [await _load(conn, row.id, base) for row in page]
     next_cursor = _encode_cursor(page[-1].created_at, page[-1].id) if len(rows) > limit else None
-    return NotificationPage(items=[item for item in items if item is not None], next_cursor=next_cursor)
+    return NotificationPage(items=await _present(conn, page, _base_url(request)), next_cursor=next_cursor)
 
 
 async def _replay(conn: AsyncConnection, notification_id: uuid.UUID, digest: str, key: str | None) -> bool:
@@ -284,27 +282,42 @@ async def _load(conn: AsyncConnection, notification_id: uuid.UUID, base_url: str
     row = (await conn.execute(sa.select(notifications).where(notifications.c.id == notification_id))).first()
     if row is None:
         return None
-    channel_rows = (
-        await conn.execute(
-            sa.select(deliveries).where(deliveries.c.notification_id == notification_id).order_by(deliveries.c.channel)
+    [found] = await _present(conn, [row], base_url)
+    return found
+
+
+async def _present(conn: AsyncConnection, rows: Sequence[sa.Row[Any]], base_url: str) -> list[NotificationOut]:
+    """Notification rows with their channels: one query for all the rows' deliveries."""
+    by_notification: dict[uuid.UUID, list[DeliveryOut]] = {row.id: [] for row in rows}
+    if rows:
+        channel_rows = await conn.execute(
+            sa.select(deliveries)
+            .where(deliveries.c.notification_id.in_(list(by_notification)))
+            .order_by(deliveries.c.notification_id, deliveries.c.channel)
         )
-    ).all()
-    return NotificationOut(
-        id=row.id,
-        status=row.status,
-        user_id=row.user_id,
-        content_id=row.content_id,
-        type=row.category,
-        title=row.title,
-        template=row.template_key,
-        template_version=row.template_version,
-        channels=[DeliveryOut.model_validate(channel._mapping, from_attributes=False) for channel in channel_rows],
-        workflow_id=row.workflow_id,
-        run_id=row.run_id,
-        created_at=row.created_at,
-        updated_at=row.updated_at,
-        links={"self": f"{base_url}/v1/notifications/{row.id}"},
-    )
+        for channel in channel_rows:
+            by_notification[channel.notification_id].append(
+                DeliveryOut.model_validate(channel._mapping, from_attributes=False)
+            )
+    return [
+        NotificationOut(
+            id=row.id,
+            status=row.status,
+            user_id=row.user_id,
+            content_id=row.content_id,
+            type=row.category,
+            title=row.title,
+            template=row.template_key,
+            template_version=row.template_version,
+            channels=by_notification[row.id],
+            workflow_id=row.workflow_id,
+            run_id=row.run_id,
+            created_at=row.created_at,
+            updated_at=row.updated_at,
+            links={"self": f"{base_url}/v1/notifications/{row.id}"},
+        )
+        for row in rows
+    ]
 
 
 def _base_url(request: Request) -> str:
