@@ -11,7 +11,19 @@ from temporalio.client import Client
 
 from admin import mount_admin
 from api import problems
-from api.routes import campaigns, dev, health, notifications, recipients, segments, templates
+from api.routes import (
+    campaigns,
+    dead_letters,
+    dev,
+    health,
+    notifications,
+    providers,
+    recipients,
+    segments,
+    templates,
+    tracking,
+    webhooks,
+)
 from core.config import Settings
 from core.db import create_engine
 from core.temporal import connect
@@ -54,6 +66,10 @@ def create_app(settings: Settings, *, engine: AsyncEngine | None = None, tempora
     app.include_router(templates.router)
     app.include_router(segments.router)
     app.include_router(campaigns.router)
+    app.include_router(providers.router)
+    app.include_router(dead_letters.router)
+    app.include_router(webhooks.router)
+    app.include_router(tracking.router)
     if settings.dev_tools:
         app.include_router(dev.router)
     mount_admin(app, engine, settings)

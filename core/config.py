@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import secrets
 from functools import lru_cache
 from pathlib import Path
@@ -58,9 +61,31 @@ class Settings(BaseSettings):
     mail_from: str = "Marquee <no-reply@marquee.localhost>"
     message_id_domain: str = "marquee.localhost"
 
-    # Push and SMS: "sandbox" records what would be sent (real providers come later).
+    # Push and SMS when no provider is configured in the admin for the channel:
+    # "sandbox" records what would be sent (shown at /dev/outbox).
     push_provider: str = "sandbox"
     sms_provider: str = "sandbox"
+
+    # Providers stored in PostgreSQL (edited in the admin). Their secrets are encrypted
+    # with this Fernet key (`marquee secrets-key` prints a new one); unset, a key derived
+    # from the JWT secret is used, so rotating that secret needs the providers re-saved.
+    secrets_key: SecretStr | None = None
+    provider_refresh_seconds: float = Field(default=5.0, gt=0)  # how soon workers see provider edits
+    # A provider's circuit opens after this many failures in a row and lets a probe
+    # through after the cool-down; shared by every worker through PostgreSQL.
+    breaker_failure_threshold: int = Field(default=5, ge=1)
+    breaker_cooldown_seconds: float = Field(default=30.0, gt=0)
+    throttle_default_retry_seconds: float = 5.0  # a 429 or SMTP 421 without Retry-After
+
+    # Tracking and preferences. Click tracking redirects only to these hosts (and to the
+    # public URL's own); opt-outs of all categories do not stop transactional ones.
+    open_tracking: bool = True
+    click_tracking: bool = True
+    tracking_allowed_hosts: list[str] = Field(default_factory=list)
+    transactional_categories: list[str] = Field(
+        default_factory=lambda: ["transactional", "security", "password_reset", "account"]
+    )
+    webhook_tolerance_seconds: int = 300  # signed webhook timestamps older than this are refused
 
     # Template validation limits (checked with each template's example values before save).
     sms_max_segments: int = 3
@@ -112,6 +137,16 @@ class Settings(BaseSettings):
             path.write_text(secrets.token_urlsafe(48))
             path.chmod(0o600)
         return path.read_text().strip()
+
+    def signing_key(self, purpose: str) -> bytes:
+        """A key for one purpose (tracking links, unsubscribe links), derived from the JWT
+        secret so that a leaked tracking key cannot mint API tokens."""
+        return hmac.new(self.resolved_jwt_secret().encode(), f"marquee:{purpose}".encode(), hashlib.sha256).digest()
+
+    def fernet_key(self) -> bytes:
+        if self.secrets_key is not None:
+            return self.secrets_key.get_secret_value().encode()
+        return base64.urlsafe_b64encode(self.signing_key("provider-secrets"))
 
     def temporal_ui_base(self) -> str:
         return (self.temporal_ui_url or f"http://127.0.0.1:{self.temporal_ui_port}").rstrip("/")

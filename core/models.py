@@ -25,8 +25,10 @@ class DeliveryStatus(enum.StrEnum):
     sent = "sent"
     delivered = "delivered"
     opened = "opened"
+    clicked = "clicked"
     failed = "failed"
-    suppressed = "suppressed"  # the recipient opted out of this channel
+    bounced = "bounced"  # the provider took it, then reported it undeliverable
+    suppressed = "suppressed"  # the recipient opted out, or the address is suppressed
     cancelled = "cancelled"
 
 
@@ -62,10 +64,50 @@ class Recipient(SQLModel, table=True):
         sa_column=sa.Column(pg.ARRAY(sa.Text), nullable=False, server_default="{}"),
     )
     last_active_at: datetime | None = Field(default=None, sa_column=sa.Column(_tz()))
+    # Push tokens the provider reported unregistered: never used again.
+    dead_push_tokens: list[str] = Field(
+        default_factory=list,
+        sa_column=sa.Column(pg.ARRAY(sa.Text), nullable=False, server_default="{}"),
+    )
+    # Non-urgent sends wait while the recipient's local clock is in [start, end), "HH:MM".
+    quiet_hours_start: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    quiet_hours_end: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
     created_at: datetime | None = Field(
         default=None, sa_column=sa.Column(_tz(), nullable=False, server_default=sa.func.now())
     )
     updated_at: datetime | None = Field(
+        default=None, sa_column=sa.Column(_tz(), nullable=False, server_default=sa.func.now())
+    )
+
+
+class RecipientPreference(SQLModel, table=True):
+    """An opt-in or opt-out of one category ("*" = all) on one channel ("*" = all).
+    The most specific row wins; transactional categories ignore the "*" category rows."""
+
+    __tablename__ = "recipient_preferences"
+
+    recipient_id: int = Field(
+        sa_column=sa.Column(sa.BigInteger, sa.ForeignKey("recipients.id", ondelete="CASCADE"), primary_key=True)
+    )
+    category: str = Field(sa_column=sa.Column(sa.Text, primary_key=True))
+    channel: str = Field(sa_column=sa.Column(sa.Text, primary_key=True))
+    enabled: bool = Field(sa_column=sa.Column(sa.Boolean, nullable=False))
+    source: str = Field(default="api", sa_column=sa.Column(sa.Text, nullable=False, server_default="api"))
+    updated_at: datetime | None = Field(
+        default=None, sa_column=sa.Column(_tz(), nullable=False, server_default=sa.func.now())
+    )
+
+
+class Suppression(SQLModel, table=True):
+    """An address nothing is sent to any more: a hard bounce, a complaint, a dead number."""
+
+    __tablename__ = "suppressions"
+
+    channel: str = Field(sa_column=sa.Column(sa.Text, primary_key=True))
+    address: str = Field(sa_column=sa.Column(sa.Text, primary_key=True))
+    reason: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    source: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    created_at: datetime | None = Field(
         default=None, sa_column=sa.Column(_tz(), nullable=False, server_default=sa.func.now())
     )
 
@@ -129,6 +171,8 @@ class Delivery(SQLModel, table=True):
     provider: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
     provider_message_id: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
     attempts: int = Field(default=0, sa_column=sa.Column(sa.Integer, nullable=False, server_default="0"))
+    # Failures on the current provider (throttling is not one): the failover budget.
+    failures: int = Field(default=0, sa_column=sa.Column(sa.Integer, nullable=False, server_default="0"))
     error: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
     queued_at: datetime | None = Field(
         default=None, sa_column=sa.Column(_tz(), nullable=False, server_default=sa.func.now())
@@ -136,12 +180,17 @@ class Delivery(SQLModel, table=True):
     sent_at: datetime | None = Field(default=None, sa_column=sa.Column(_tz()))
     delivered_at: datetime | None = Field(default=None, sa_column=sa.Column(_tz()))
     opened_at: datetime | None = Field(default=None, sa_column=sa.Column(_tz()))
+    clicked_at: datetime | None = Field(default=None, sa_column=sa.Column(_tz()))
     failed_at: datetime | None = Field(default=None, sa_column=sa.Column(_tz()))
+    bounced_at: datetime | None = Field(default=None, sa_column=sa.Column(_tz()))
     updated_at: datetime | None = Field(
         default=None, sa_column=sa.Column(_tz(), nullable=False, server_default=sa.func.now())
     )
 
-    __table_args__ = (sa.UniqueConstraint("notification_id", "channel", name="uq_delivery_channel"),)
+    __table_args__ = (
+        sa.UniqueConstraint("notification_id", "channel", name="uq_delivery_channel"),
+        sa.Index("ix_deliveries_provider_message", "provider_message_id"),
+    )
 
 
 class DeadLetter(SQLModel, table=True):
@@ -160,11 +209,106 @@ class DeadLetter(SQLModel, table=True):
     last_error: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
     attempts: int = Field(sa_column=sa.Column(sa.Integer, nullable=False))
     request: dict[str, Any] = Field(sa_column=sa.Column(pg.JSONB, nullable=False))
+    # open -> replayed | discarded; a replayed delivery that fails again reopens it.
+    status: str = Field(default="open", sa_column=sa.Column(sa.Text, nullable=False, server_default="open"))
+    replays: int = Field(default=0, sa_column=sa.Column(sa.Integer, nullable=False, server_default="0"))
+    resolved_by: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    resolved_at: datetime | None = Field(default=None, sa_column=sa.Column(_tz()))
     created_at: datetime | None = Field(
         default=None, sa_column=sa.Column(_tz(), nullable=False, server_default=sa.func.now())
     )
+    updated_at: datetime | None = Field(
+        default=None, sa_column=sa.Column(_tz(), nullable=False, server_default=sa.func.now())
+    )
 
-    __table_args__ = (sa.UniqueConstraint("notification_id", "channel", name="uq_dead_letter_channel"),)
+    __table_args__ = (
+        sa.UniqueConstraint("notification_id", "channel", name="uq_dead_letter_channel"),
+        sa.Index("ix_dead_letters_status_created", "status", "created_at"),
+    )
+
+
+class ProviderConfig(SQLModel, table=True):
+    """A channel provider, edited in the admin. Secrets are Fernet-encrypted at rest."""
+
+    __tablename__ = "providers"
+
+    id: int | None = Field(default=None, sa_column=sa.Column(sa.BigInteger, primary_key=True, autoincrement=True))
+    # Also the provider's task queue suffix and its webhook path: /v1/webhooks/{name}.
+    name: str = Field(sa_column=sa.Column(sa.Text, nullable=False, unique=True))
+    channel: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    kind: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    priority: int = Field(default=100, sa_column=sa.Column(sa.Integer, nullable=False, server_default="100"))
+    settings: dict[str, Any] = Field(
+        default_factory=dict, sa_column=sa.Column(pg.JSONB, nullable=False, server_default="{}")
+    )
+    secrets: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    rate_limit_per_second: float | None = Field(default=None, sa_column=sa.Column(sa.Float))
+    max_concurrency: int = Field(default=10, sa_column=sa.Column(sa.Integer, nullable=False, server_default="10"))
+    cost_per_message: float = Field(default=0.0, sa_column=sa.Column(sa.Float, nullable=False, server_default="0"))
+    enabled: bool = Field(default=True, sa_column=sa.Column(sa.Boolean, nullable=False, server_default="true"))
+    created_at: datetime | None = Field(
+        default=None, sa_column=sa.Column(_tz(), nullable=False, server_default=sa.func.now())
+    )
+    updated_at: datetime | None = Field(
+        default=None, sa_column=sa.Column(_tz(), nullable=False, server_default=sa.func.now())
+    )
+
+    __table_args__ = (sa.Index("ix_providers_channel_priority", "channel", "priority"),)
+
+
+class ProviderBreaker(SQLModel, table=True):
+    """A provider's circuit breaker, shared by every worker through PostgreSQL."""
+
+    __tablename__ = "provider_breakers"
+
+    provider: str = Field(sa_column=sa.Column(sa.Text, primary_key=True))
+    state: str = Field(default="closed", sa_column=sa.Column(sa.Text, nullable=False, server_default="closed"))
+    consecutive_failures: int = Field(default=0, sa_column=sa.Column(sa.Integer, nullable=False, server_default="0"))
+    opened_at: datetime | None = Field(default=None, sa_column=sa.Column(_tz()))
+    last_error: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    last_failure_at: datetime | None = Field(default=None, sa_column=sa.Column(_tz()))
+    last_success_at: datetime | None = Field(default=None, sa_column=sa.Column(_tz()))
+    updated_at: datetime | None = Field(
+        default=None, sa_column=sa.Column(_tz(), nullable=False, server_default=sa.func.now())
+    )
+
+
+class WebhookEvent(SQLModel, table=True):
+    """A provider's delivery event, stored once per (provider, event id)."""
+
+    __tablename__ = "webhook_events"
+
+    id: int | None = Field(default=None, sa_column=sa.Column(sa.BigInteger, primary_key=True, autoincrement=True))
+    provider: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    event_id: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    type: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    provider_message_id: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    payload: dict[str, Any] = Field(sa_column=sa.Column(pg.JSONB, nullable=False))
+    outcome: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    received_at: datetime | None = Field(
+        default=None, sa_column=sa.Column(_tz(), nullable=False, server_default=sa.func.now())
+    )
+
+    __table_args__ = (sa.UniqueConstraint("provider", "event_id", name="uq_webhook_event"),)
+
+
+class AuditEntry(SQLModel, table=True):
+    """Who did what to which object, from the API or the admin."""
+
+    __tablename__ = "audit_log"
+
+    id: int | None = Field(default=None, sa_column=sa.Column(sa.BigInteger, primary_key=True, autoincrement=True))
+    actor: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    role: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    action: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    entity: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    entity_id: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    details: dict[str, Any] = Field(
+        default_factory=dict, sa_column=sa.Column(pg.JSONB, nullable=False, server_default="{}")
+    )
+    at: datetime | None = Field(default=None, sa_column=sa.Column(_tz(), nullable=False, server_default=sa.func.now()))
+
+    __table_args__ = (sa.Index("ix_audit_log_entity", "entity", "entity_id", "at"),)
 
 
 class Template(SQLModel, table=True):
@@ -345,5 +489,13 @@ class CampaignDelivery(SQLModel, table=True):
     created_at: datetime | None = Field(
         default=None, sa_column=sa.Column(_tz(), nullable=False, server_default=sa.func.now())
     )
+    # Set by delivery webhooks and tracking after the send.
+    delivered_at: datetime | None = Field(default=None, sa_column=sa.Column(_tz()))
+    opened_at: datetime | None = Field(default=None, sa_column=sa.Column(_tz()))
+    clicked_at: datetime | None = Field(default=None, sa_column=sa.Column(_tz()))
+    bounced_at: datetime | None = Field(default=None, sa_column=sa.Column(_tz()))
 
-    __table_args__ = (sa.UniqueConstraint("run_id", "recipient_id", "channel", name="uq_campaign_delivery"),)
+    __table_args__ = (
+        sa.UniqueConstraint("run_id", "recipient_id", "channel", name="uq_campaign_delivery"),
+        sa.Index("ix_campaign_deliveries_provider_message", "provider_message_id"),
+    )

@@ -46,9 +46,11 @@ REFRESH_NOTIFICATION_STATUS = sa.text(
     UPDATE notifications SET updated_at = now(), status = (
         SELECT CASE
             WHEN bool_or(d.status = 'pending') THEN 'pending'
+            WHEN bool_or(d.status = 'clicked') THEN 'clicked'
             WHEN bool_or(d.status = 'opened') THEN 'opened'
             WHEN bool_or(d.status = 'delivered') THEN 'delivered'
             WHEN bool_or(d.status = 'sent') THEN 'sent'
+            WHEN bool_or(d.status = 'bounced') THEN 'bounced'
             WHEN bool_or(d.status = 'failed') THEN 'failed'
             WHEN bool_or(d.status = 'cancelled') THEN 'cancelled'
             ELSE 'suppressed'

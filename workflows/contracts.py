@@ -42,6 +42,17 @@ class NotificationInput(BaseModel):
     template_version: int | None = None
     variables: dict[str, Any] = Field(default_factory=dict)
     retry: RetryOptions = Field(default_factory=RetryOptions)
+    # Urgent sends (and transactional categories) are not held back by quiet hours.
+    priority: str = "normal"
+    # Set when an operator replays a dead letter: the run resends only its channel.
+    replay_of: int | None = None
+
+
+class ProviderRoute(BaseModel):
+    """One provider a channel may go through, and the task queue its sends run on."""
+
+    provider: str
+    task_queue: str
 
 
 class ChannelPlan(BaseModel):
@@ -52,11 +63,15 @@ class ChannelPlan(BaseModel):
     title: str | None = None
     body: str | None = None
     data: dict[str, Any] | None = None
+    # Providers in priority order; an empty list means the worker's default for the channel.
+    routes: list[ProviderRoute] = Field(default_factory=list)
 
 
 class DeliveryPlan(BaseModel):
     locale: str
     channels: list[ChannelPlan]
+    # Quiet hours: sends wait until then (in UTC); None sends now.
+    defer_until: datetime | None = None
 
 
 class SendInput(BaseModel):
@@ -69,6 +84,11 @@ class SendInput(BaseModel):
     title: str
     body: str
     data: dict[str, Any] = Field(default_factory=dict)
+    provider: str | None = None  # the route's provider; None: the channel's default provider
+    # Failures (not throttles) this route may have before the workflow moves on.
+    max_failures: int = 8
+    # True when a later route exists: an open circuit then skips this provider.
+    may_skip: bool = False
 
 
 class SendResult(BaseModel):

@@ -1,0 +1,158 @@
+"""Channel providers stored in PostgreSQL: reading, validating and writing their rows.
+
+Settings are plain JSON; secrets are one Fernet-sealed JSON object, decrypted only when a
+worker builds the provider (or a webhook checks a signature). A channel with no enabled
+row falls back to the provider configured by environment (MARQUEE_SMTP_*, sandbox).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from core.models import ProviderBreaker, ProviderConfig
+from core.secretbox import seal, unseal
+
+providers = ProviderConfig.__table__  # type: ignore[attr-defined]
+breakers = ProviderBreaker.__table__  # type: ignore[attr-defined]
+
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+
+@dataclass(frozen=True)
+class ProviderRecord:
+    id: int
+    name: str
+    channel: str
+    kind: str
+    priority: int
+    settings: dict[str, Any]
+    secrets: dict[str, Any] = field(repr=False)
+    rate_limit_per_second: float | None
+    max_concurrency: int
+    cost_per_message: float
+    enabled: bool
+    updated_at: datetime
+
+    @property
+    def version(self) -> tuple[Any, ...]:
+        """What a worker compares to know it must rebuild this provider's worker."""
+        return (self.updated_at, self.enabled)
+
+
+class ProviderInvalid(Exception):
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+def task_queue_for(base_queue: str, provider_name: str) -> str:
+    """Each stored provider's sends run on a task queue of their own, so its rate limit
+    (`max_task_queue_activities_per_second`) holds across all workers."""
+    return f"{base_queue}.provider.{provider_name}"
+
+
+def _record(row: sa.Row[Any], key: bytes) -> ProviderRecord:
+    return ProviderRecord(
+        id=row.id,
+        name=row.name,
+        channel=row.channel,
+        kind=row.kind,
+        priority=row.priority,
+        settings=dict(row.settings),
+        secrets=unseal(key, row.secrets),
+        rate_limit_per_second=row.rate_limit_per_second,
+        max_concurrency=row.max_concurrency,
+        cost_per_message=row.cost_per_message,
+        enabled=row.enabled,
+        updated_at=row.updated_at,
+    )
+
+
+async def list_providers(
+    conn: AsyncConnection, key: bytes, *, channel: str | None = None, enabled_only: bool = False
+) -> list[ProviderRecord]:
+    """Providers by channel and priority (lower first), then name."""
+    query = sa.select(providers).order_by(providers.c.channel, providers.c.priority, providers.c.name)
+    if channel is not None:
+        query = query.where(providers.c.channel == channel)
+    if enabled_only:
+        query = query.where(providers.c.enabled)
+    return [_record(row, key) for row in await conn.execute(query)]
+
+
+async def get_provider(conn: AsyncConnection, key: bytes, name: str) -> ProviderRecord | None:
+    row = (await conn.execute(sa.select(providers).where(providers.c.name == name))).first()
+    return _record(row, key) if row is not None else None
+
+
+def validate(values: dict[str, Any]) -> list[str]:
+    """Every problem of a provider definition, each naming its field."""
+    from channels.registry import validate_config  # channels import core; keep the edge one-way at import
+
+    problems: list[str] = []
+    name = values.get("name", "")
+    if not NAME_PATTERN.match(str(name)):
+        problems.append("name: use 1-63 lowercase letters, digits and dashes, starting with a letter or digit")
+    if values.get("channel") not in ("email", "push", "sms"):
+        problems.append("channel: must be one of email, push, sms")
+    rate = values.get("rate_limit_per_second")
+    if rate is not None and rate <= 0:
+        problems.append("rate_limit_per_second: must be greater than 0 (or empty for no limit)")
+    if values.get("max_concurrency", 10) < 1:
+        problems.append("max_concurrency: must be at least 1")
+    if values.get("cost_per_message", 0) < 0:
+        problems.append("cost_per_message: must not be negative")
+    if not problems:
+        problems += validate_config(
+            str(values["kind"]), str(values["channel"]), values.get("settings") or {}, values.get("secrets") or {}
+        )
+    return problems
+
+
+async def save_provider(conn: AsyncConnection, key: bytes, values: dict[str, Any]) -> ProviderRecord:
+    """Create or replace a provider by name. `secrets` given as None keeps the stored ones;
+    a secret field given as "" removes it. Raises ProviderInvalid listing every problem."""
+    existing = await get_provider(conn, key, str(values.get("name", "")))
+    secrets = values.get("secrets")
+    if secrets is None:
+        secrets = existing.secrets if existing else {}
+    elif existing is not None:
+        secrets = {**existing.secrets, **secrets}
+    secrets = {name: value for name, value in secrets.items() if value not in ("", None)}
+    merged = {"max_concurrency": 10, "cost_per_message": 0.0, "priority": 100, "enabled": True, **values}
+    merged["secrets"] = secrets
+    problems = validate(merged)
+    if problems:
+        raise ProviderInvalid(problems)
+    row = {
+        "name": merged["name"],
+        "channel": merged["channel"],
+        "kind": merged["kind"],
+        "priority": merged["priority"],
+        "settings": merged.get("settings") or {},
+        "secrets": seal(key, secrets),
+        "rate_limit_per_second": merged.get("rate_limit_per_second"),
+        "max_concurrency": merged["max_concurrency"],
+        "cost_per_message": merged["cost_per_message"],
+        "enabled": merged["enabled"],
+        "updated_at": sa.func.clock_timestamp(),
+    }
+    if existing is None:
+        await conn.execute(sa.insert(providers).values(row))
+    else:
+        await conn.execute(providers.update().where(providers.c.id == existing.id).values(row))
+    saved = await get_provider(conn, key, merged["name"])
+    assert saved is not None
+    return saved
+
+
+async def delete_provider(conn: AsyncConnection, name: str) -> bool:
+    deleted = await conn.scalar(sa.delete(providers).where(providers.c.name == name).returning(providers.c.id))
+    await conn.execute(sa.delete(breakers).where(breakers.c.provider == name))
+    return deleted is not None
