@@ -17,12 +17,15 @@ from temporalio.worker import Worker
 
 from activities.campaigns import CampaignActivities
 from activities.notifications import NotificationActivities
+from activities.routing import ProviderDirectory
 from channels.base import Provider
+from channels.registry import build_provider
 from channels.sandbox import SandboxProvider
 from channels.smtp import SmtpProvider
 from core.config import Settings
 from core.db import create_engine
 from core.history import HistoryWriter, open_store
+from core.providers import task_queue_for
 from core.template_store import PinnedVersions
 from core.temporal import connect
 from workflows.campaign import CampaignWorkflow
@@ -32,8 +35,8 @@ WORKFLOWS = [NotificationWorkflow, CampaignWorkflow]
 logger = structlog.get_logger("marquee.worker")
 
 
-def build_providers(settings: Settings, engine: AsyncEngine) -> dict[str, Provider]:
-    """One provider per channel from settings (provider records in the admin come later)."""
+def build_default_providers(settings: Settings, engine: AsyncEngine) -> dict[str, Provider]:
+    """Each channel's provider when the admin has none stored for it: from environment."""
     providers: dict[str, Provider] = {
         "email": SmtpProvider(
             host=settings.smtp_host,
@@ -46,11 +49,15 @@ def build_providers(settings: Settings, engine: AsyncEngine) -> dict[str, Provid
             pool_size=settings.smtp_pool_size,
             sender=settings.mail_from,
             message_id_domain=settings.message_id_domain,
+            throttle_seconds=settings.throttle_default_retry_seconds,
         )
     }
     for channel, kind in (("push", settings.push_provider), ("sms", settings.sms_provider)):
         if kind != "sandbox":
-            raise ValueError(f"MARQUEE_{channel.upper()}_PROVIDER={kind!r}: only 'sandbox' is available yet")
+            raise ValueError(
+                f"MARQUEE_{channel.upper()}_PROVIDER={kind!r}: only 'sandbox' can be set by environment; "
+                "add real providers in the admin or with PUT /v1/providers/{name}"
+            )
         providers[channel] = SandboxProvider(engine, channel)
     return providers
 
@@ -59,16 +66,25 @@ def build_providers(settings: Settings, engine: AsyncEngine) -> dict[str, Provid
 class WorkerServices:
     engine: AsyncEngine
     history: HistoryWriter
-    providers: dict[str, Provider]
-
-    send_concurrency: int = 10
+    directory: ProviderDirectory
+    settings: Settings
     templates: PinnedVersions = field(default_factory=PinnedVersions)
 
-    def activities(self) -> list[Callable[..., Any]]:
-        notifications = NotificationActivities(self.engine, self.providers, self.history, self.templates)
-        campaigns = CampaignActivities(
-            self.engine, self.providers, self.history, self.send_concurrency, templates=self.templates
+    def __post_init__(self) -> None:
+        self.notifications = NotificationActivities(
+            self.engine, self.directory, self.history, self.settings, self.templates
         )
+        self.campaigns = CampaignActivities(
+            self.engine,
+            self.directory,
+            self.history,
+            self.settings,
+            self.settings.campaign_send_concurrency,
+            templates=self.templates,
+        )
+
+    def activities(self) -> list[Callable[..., Any]]:
+        notifications, campaigns = self.notifications, self.campaigns
         return [
             notifications.prepare,
             notifications.send,
@@ -90,31 +106,123 @@ async def worker_services(settings: Settings, engine: AsyncEngine | None = None)
     store = open_store(settings.clickhouse_url, settings.chdb_path)
     await asyncio.to_thread(store.ensure_schema)
     history = HistoryWriter(store, settings.history_flush_seconds, settings.history_flush_rows)
-    providers = build_providers(settings, engine)
+    directory = ProviderDirectory(
+        engine,
+        build_default_providers(settings, engine),
+        fernet_key=settings.fernet_key(),
+        base_queue=settings.temporal_task_queue,
+        build=lambda record: build_provider(
+            name=record.name,
+            channel=record.channel,
+            kind=record.kind,
+            settings=record.settings,
+            secrets=record.secrets,
+            engine=engine,
+        ),
+        breaker_threshold=settings.breaker_failure_threshold,
+        breaker_cooldown=settings.breaker_cooldown_seconds,
+    )
     try:
-        yield WorkerServices(
-            engine=engine, history=history, providers=providers, send_concurrency=settings.campaign_send_concurrency
-        )
+        yield WorkerServices(engine=engine, history=history, directory=directory, settings=settings)
     finally:
-        for provider in providers.values():
-            await provider.close()
+        await directory.close()
         await history.close()
         if own_engine:
             await engine.dispose()
 
 
-def create_worker(client: Client, settings: Settings, services: WorkerServices) -> Worker:
-    return Worker(
-        client,
-        task_queue=settings.temporal_task_queue,
-        workflows=WORKFLOWS,
-        activities=services.activities(),
-        max_concurrent_activities=settings.worker_max_concurrent_activities,
-        graceful_shutdown_timeout=timedelta(seconds=settings.worker_shutdown_seconds),
-        # Eager activities would all run on the worker that runs the workflow, leaving the
-        # other workers idle during a campaign (measured: docs/benchmarks.md).
-        disable_eager_activity_execution=True,
-    )
+class MarqueeWorker:
+    """The worker of the main task queue, plus one worker per stored provider on that
+    provider's task queue, with the provider's rate limit (enforced by the Temporal server
+    across every worker) and concurrency. Provider edits are picked up every
+    `provider_refresh_seconds`: changed providers get a new worker, removed ones lose theirs."""
+
+    def __init__(self, client: Client, settings: Settings, services: WorkerServices) -> None:
+        self._client = client
+        self._settings = settings
+        self._services = services
+        self._main = Worker(
+            client,
+            task_queue=settings.temporal_task_queue,
+            workflows=WORKFLOWS,
+            activities=services.activities(),
+            max_concurrent_activities=settings.worker_max_concurrent_activities,
+            graceful_shutdown_timeout=timedelta(seconds=settings.worker_shutdown_seconds),
+            # Eager activities would all run on the worker that runs the workflow, leaving the
+            # other workers idle during a campaign (measured: docs/benchmarks.md).
+            disable_eager_activity_execution=True,
+        )
+        self._providers: dict[str, tuple[Worker, asyncio.Task[None]]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def is_running(self) -> bool:
+        return self._main.is_running
+
+    async def refresh_providers(self) -> None:
+        started, retired = await self._services.directory.refresh()
+        for loaded in retired:
+            await self._stop_provider(loaded.record.name)
+            await loaded.provider.close()
+        for loaded in started:
+            record = loaded.record
+            worker = Worker(
+                self._client,
+                task_queue=task_queue_for(self._settings.temporal_task_queue, record.name),
+                activities=[self._services.notifications.send],
+                max_concurrent_activities=record.max_concurrency,
+                max_task_queue_activities_per_second=record.rate_limit_per_second,
+                graceful_shutdown_timeout=timedelta(seconds=self._settings.worker_shutdown_seconds),
+            )
+            self._providers[record.name] = (worker, asyncio.create_task(worker.run(), name=f"provider-{record.name}"))
+            logger.info("provider worker started", provider=record.name, rate=record.rate_limit_per_second)
+
+    async def _stop_provider(self, name: str) -> None:
+        found = self._providers.pop(name, None)
+        if found is not None:
+            worker, task = found
+            await worker.shutdown()
+            await asyncio.gather(task, return_exceptions=True)
+            logger.info("provider worker stopped", provider=name)
+
+    async def _keep_providers_fresh(self) -> None:
+        while True:
+            await asyncio.sleep(self._settings.provider_refresh_seconds)
+            try:
+                await self.refresh_providers()
+            except Exception:  # a database hiccup must not stop the worker; try again next round
+                logger.exception("refreshing providers failed")
+
+    async def run(self) -> None:
+        await self.refresh_providers()
+        refresher = asyncio.create_task(self._keep_providers_fresh(), name="provider-refresh")
+        try:
+            await self._main.run()
+        finally:
+            refresher.cancel()
+            for name in list(self._providers):
+                await self._stop_provider(name)
+
+    async def shutdown(self) -> None:
+        if self._main.is_running:
+            await self._main.shutdown()
+
+    async def __aenter__(self) -> MarqueeWorker:
+        self._task = asyncio.create_task(self.run(), name="marquee-worker")
+        while not self._main.is_running and not self._task.done():  # noqa: ASYNC110 - the SDK offers a flag only
+            await asyncio.sleep(0.01)
+        if self._task.done():
+            await self._task  # raises what stopped it
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.shutdown()
+        if self._task is not None:
+            await self._task
+
+
+def create_worker(client: Client, settings: Settings, services: WorkerServices) -> MarqueeWorker:
+    return MarqueeWorker(client, settings, services)
 
 
 def _database_url(settings: Settings) -> str:

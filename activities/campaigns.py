@@ -14,10 +14,8 @@ import asyncio
 import uuid
 from collections import Counter
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from datetime import time as clock
+from datetime import timedelta
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
 from aiolimiter import AsyncLimiter
@@ -27,8 +25,12 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.notifications import TRANSIENT_ERROR, contact_for
-from channels.base import OutboundMessage, PermanentSendError, Provider, TransientSendError
+from activities.routing import ChannelRouter, ProviderDirectory
+from channels.base import OutboundMessage, PermanentSendError, TransientSendError
 from core import campaign_store as store
+from core import preferences as prefs
+from core.clock import next_local_time, window_state
+from core.config import Settings
 from core.history import HistoryRow, HistoryWriter
 from core.queries import recipients
 from core.template_store import PinnedVersions
@@ -48,6 +50,15 @@ from workflows.contracts import (
 HEARTBEAT_SECONDS = 1.0  # liveness for Temporal, independent of how fast sends go
 FLUSH_EVERY = 50  # write a chunk once this many outcomes wait
 MAX_UNRECORDED = 200  # senders wait beyond this: bounds what a crash can leave unrecorded
+
+
+@dataclass(frozen=True)
+class _Choices:
+    """A batch's recipients' preferences and suppressed addresses, loaded in two queries."""
+
+    preferences: dict[int, list[prefs.Preference]]
+    suppressed: dict[tuple[str, str], str]
+    transactional: bool
 
 
 @dataclass(frozen=True)
@@ -168,13 +179,15 @@ class CampaignActivities:
     def __init__(
         self,
         engine: AsyncEngine,
-        providers: dict[str, Provider],
+        directory: ProviderDirectory,
         history: HistoryWriter,
+        settings: Settings,
         send_concurrency: int = 20,
         templates: PinnedVersions | None = None,
     ) -> None:
         self._engine = engine
-        self._providers = providers
+        self._router = ChannelRouter(directory)
+        self._settings = settings
         self._history = history
         self._send_concurrency = send_concurrency
         self._templates = templates or PinnedVersions()
@@ -274,6 +287,17 @@ class CampaignActivities:
                     )
                 )
             }
+            wanted = await prefs.load(conn, [person.id for person in audience])
+            blocked = await prefs.suppressed(
+                conn,
+                [
+                    (channel, address)
+                    for person in audience
+                    for channel in spec.channels
+                    if (address := contact_for(channel, person.email, person.phone, person.push_tokens))
+                ],
+            )
+        choices = _Choices(wanted, blocked, spec.category in self._settings.transactional_categories)
         recorder = _Recorder(self._engine, self._history, spec, batch.run_id)
         variables, _ = coerce_variables(spec.content.variables, spec.variables)
         jobs: list[tuple[sa.Row[Any], str, OutboundMessage]] = []
@@ -285,7 +309,7 @@ class CampaignActivities:
                     if (person.id, channel) in done:
                         skipped += 1
                         continue
-                    job = await self._prepare(spec, batch.run_id, person, channel, variables, recorder)
+                    job = await self._prepare(spec, batch.run_id, person, channel, variables, recorder, choices)
                     if job is not None:
                         jobs.append((person, channel, job))
             transient = await self._send_all(jobs, recorder, batch.rate_per_second)
@@ -319,13 +343,26 @@ class CampaignActivities:
         channel: str,
         variables: dict[str, Any],
         recorder: _Recorder,
+        choices: _Choices,
     ) -> OutboundMessage | None:
-        if channel in person.opted_out_channels:
+        wants = prefs.wants(
+            choices.preferences.get(person.id, []),
+            category=spec.category,
+            channel=channel,
+            transactional=choices.transactional,
+            opted_out_channels=person.opted_out_channels,
+        )
+        if not wants:
             await recorder.add(person, channel, "suppressed", error="opted out")
             return None
         address = contact_for(channel, person.email, person.phone, person.push_tokens)
         if address is None:
             await recorder.add(person, channel, "suppressed", error=f"no {channel} contact")
+            return None
+        if (channel, address) in choices.suppressed:
+            await recorder.add(
+                person, channel, "suppressed", error=f"address suppressed: {choices.suppressed[channel, address]}"
+            )
             return None
         try:
             rendered = render(spec.content, locale_wanted=person.locale, variables=variables,
@@ -357,7 +394,7 @@ class CampaignActivities:
                 if limiter is not None:
                     await limiter.acquire()
                 try:
-                    receipt = await self._providers[channel].send(message)
+                    receipt = await self._router.send(message)
                 except PermanentSendError as err:
                     await recorder.add(person, channel, "failed", error=str(err))
                     continue
@@ -396,39 +433,3 @@ def _delivery_key(row: dict[str, Any]) -> str:
 
 def _delay(error: TransientSendError) -> timedelta | None:
     return timedelta(seconds=error.retry_after) if error.retry_after else None
-
-
-def _parse_clock(value: str) -> clock:
-    hours, minutes = value.split(":")
-    return clock(int(hours), int(minutes))
-
-
-def next_local_time(now: datetime, zone: str, local_time: str) -> datetime:
-    """The next instant (at or after `now`) when it is `local_time` in `zone`, DST-correct."""
-    tz = ZoneInfo(zone)
-    wanted = _parse_clock(local_time)
-    local_now = now.astimezone(tz)
-    candidate = datetime.combine(local_now.date(), wanted, tzinfo=tz)
-    if candidate < local_now:
-        candidate = datetime.combine(local_now.date() + timedelta(days=1), wanted, tzinfo=tz)
-    # A wall time skipped by a DST jump resolves forward; round-trip through UTC to normalise.
-    return candidate.astimezone(ZoneInfo("UTC"))
-
-
-def window_state(now: datetime, start: str, end: str, zone: str) -> WindowState:
-    """Whether `now` is inside the daily [start, end) window in `zone`, and until when."""
-    tz = ZoneInfo(zone)
-    local_now = now.astimezone(tz)
-    opens, closes = _parse_clock(start), _parse_clock(end)
-    today = local_now.date()
-    open_today = datetime.combine(today, opens, tzinfo=tz)
-    close_today = datetime.combine(today, closes, tzinfo=tz)
-    if close_today <= open_today:  # a window across midnight, e.g. 22:00-06:00
-        close_today += timedelta(days=1)
-        if local_now < open_today and local_now < close_today - timedelta(days=1):
-            open_today -= timedelta(days=1)
-            close_today -= timedelta(days=1)
-    if open_today <= local_now < close_today:
-        return WindowState(open=True, until=close_today.astimezone(ZoneInfo("UTC")))
-    next_open = open_today if local_now < open_today else open_today + timedelta(days=1)
-    return WindowState(open=False, until=next_open.astimezone(ZoneInfo("UTC")))

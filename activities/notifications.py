@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -11,7 +11,18 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from channels.base import OutboundMessage, PermanentSendError, Provider, TransientSendError
+from activities.routing import ProviderDirectory
+from channels.base import (
+    InvalidAddressError,
+    OutboundMessage,
+    PermanentSendError,
+    ProviderUnavailableError,
+    ThrottledError,
+    TransientSendError,
+)
+from core import breaker
+from core import preferences as prefs
+from core.config import Settings
 from core.history import HistoryRow, HistoryWriter
 from core.models import DeliveryStatus
 from core.queries import (
@@ -38,7 +49,18 @@ from workflows.contracts import (
 
 PERMANENT_ERROR = "PermanentSendError"
 TRANSIENT_ERROR = "TransientSendError"
-SENT_OR_LATER = (DeliveryStatus.sent.value, DeliveryStatus.delivered.value, DeliveryStatus.opened.value)
+THROTTLED = "Throttled"
+# The workflow moves on to the channel's next provider on these.
+CIRCUIT_OPEN = "CircuitOpen"
+PROVIDER_UNAVAILABLE = "ProviderUnavailable"
+FAILURES_EXHAUSTED = "FailuresExhausted"
+SENT_OR_LATER = (
+    DeliveryStatus.sent.value,
+    DeliveryStatus.delivered.value,
+    DeliveryStatus.opened.value,
+    DeliveryStatus.clicked.value,
+    DeliveryStatus.bounced.value,
+)
 
 
 class NotificationActivities:
@@ -47,13 +69,15 @@ class NotificationActivities:
     def __init__(
         self,
         engine: AsyncEngine,
-        providers: dict[str, Provider],
+        directory: ProviderDirectory,
         history: HistoryWriter,
+        settings: Settings,
         templates: PinnedVersions | None = None,
     ) -> None:
         self._engine = engine
-        self._providers = providers
+        self._directory = directory
         self._history = history
+        self._settings = settings
         self._templates = templates or PinnedVersions()
 
     @activity.defn(name="prepare_notification")
@@ -73,14 +97,30 @@ class NotificationActivities:
                 )
                 .on_conflict_do_update(index_elements=["id"], set_={"run_id": info.workflow_run_id})
             )
+            if request.replay_of is not None:
+                # An operator replays a dead letter: the failed channel starts over.
+                await conn.execute(
+                    deliveries.update()
+                    .where(deliveries.c.notification_id == request.notification_id)
+                    .where(deliveries.c.channel.in_(request.channels))
+                    .where(deliveries.c.status == DeliveryStatus.failed.value)
+                    .values(
+                        status=DeliveryStatus.pending.value,
+                        failures=0,
+                        error=None,
+                        failed_at=None,
+                        updated_at=sa.func.now(),
+                    )
+                )
             recipient = (
                 await conn.execute(sa.select(recipients).where(recipients.c.user_id == request.user_id))
             ).first()
-            plans = [_plan_channel(channel, recipient) for channel in request.channels]
+            transactional = request.category in self._settings.transactional_categories
+            plans = await self._plan_channels(conn, request, recipient, transactional)
             if request.template_key is not None and recipient is not None:
                 plans = await self._render(conn, request, recipient, plans)
             for plan in plans:
-                status = DeliveryStatus.suppressed if plan.skip_reason == "opted_out" else DeliveryStatus.pending
+                status = DeliveryStatus.suppressed if plan.suppress else DeliveryStatus.pending
                 await conn.execute(
                     insert(deliveries)
                     .values(
@@ -98,14 +138,52 @@ class NotificationActivities:
                 HistoryRow(
                     notification_id=str(request.notification_id),
                     channel=plan.channel,
-                    status="suppressed" if plan.skip_reason == "opted_out" else "pending",
+                    status="suppressed" if plan.suppress else "pending",
                     user_id=request.user_id,
                     category=request.category,
                 )
                 for plan in plans
             ]
         )
-        return DeliveryPlan(locale=recipient.locale if recipient else "en", channels=plans)
+        defer_until = None
+        if recipient is not None and request.priority != "urgent" and not transactional:
+            defer_until = prefs.quiet_until(
+                datetime.now(UTC), recipient.timezone, recipient.quiet_hours_start, recipient.quiet_hours_end
+            )
+        return DeliveryPlan(locale=recipient.locale if recipient else "en", channels=plans, defer_until=defer_until)
+
+    async def _plan_channels(
+        self, conn: AsyncConnection, request: NotificationInput, recipient: sa.Row[Any] | None, transactional: bool
+    ) -> list[ChannelPlan]:
+        if recipient is None:
+            return [ChannelPlan(channel=ch, address=None, skip_reason="recipient not found") for ch in request.channels]
+        wanted = (await prefs.load(conn, [recipient.id])).get(recipient.id, [])
+        plans = []
+        for channel in request.channels:
+            address = contact_for(channel, recipient.email, recipient.phone, recipient.push_tokens)
+            if not prefs.wants(
+                wanted,
+                category=request.category,
+                channel=channel,
+                transactional=transactional,
+                opted_out_channels=recipient.opted_out_channels,
+            ):
+                plans.append(ChannelPlan(channel=channel, address=address, skip_reason="opted_out", suppress=True))
+            elif address is None:
+                plans.append(
+                    ChannelPlan(channel=channel, address=None, skip_reason=f"recipient has no {channel} contact")
+                )
+            else:
+                plans.append(ChannelPlan(channel=channel, address=address, routes=self._directory.routes(channel)))
+        sendable = [(plan.channel, plan.address) for plan in plans if plan.address and not plan.skip_reason]
+        blocked = await prefs.suppressed(conn, sendable)
+        for index, plan in enumerate(plans):
+            reason = blocked.get((plan.channel, plan.address or ""))
+            if reason is not None and not plan.skip_reason:
+                plans[index] = plan.model_copy(
+                    update={"skip_reason": f"address suppressed: {reason}", "suppress": True}
+                )
+        return plans
 
     async def _render(
         self, conn: AsyncConnection, request: NotificationInput, recipient: sa.Row[Any], plans: list[ChannelPlan]
@@ -133,18 +211,40 @@ class NotificationActivities:
 
     @activity.defn(name="send_notification")
     async def send(self, request: SendInput) -> SendResult:
-        """Send one channel through its provider and record it right after acceptance."""
-        attempt = activity.info().attempt
+        """Send one channel through one provider and record it right after acceptance.
+
+        Runs on the provider's own task queue (its rate limit) or, for the channel's
+        default provider, on the main one. Failures count against `max_failures` on this
+        provider; throttling only delays; an open circuit or an unavailable provider makes
+        the workflow move to the next provider."""
+        default = self._directory.defaults.get(request.channel)
+        name = request.provider or (default.name if default else request.channel)
         async with self._engine.begin() as conn:
             row = (
                 await conn.execute(
                     deliveries.update()
                     .where(deliveries.c.notification_id == request.notification_id)
                     .where(deliveries.c.channel == request.channel)
-                    .values(attempts=attempt, updated_at=sa.func.now())
-                    .returning(deliveries.c.status, deliveries.c.provider, deliveries.c.provider_message_id)
+                    .values(
+                        attempts=deliveries.c.attempts + 1,
+                        # The failure budget is per provider: a new provider starts afresh.
+                        failures=sa.case(
+                            (deliveries.c.provider.is_distinct_from(name), 0), else_=deliveries.c.failures
+                        ),
+                        provider=sa.case(
+                            (deliveries.c.status.in_(SENT_OR_LATER), deliveries.c.provider), else_=sa.literal(name)
+                        ),
+                        updated_at=sa.func.now(),
+                    )
+                    .returning(
+                        deliveries.c.status,
+                        deliveries.c.provider,
+                        deliveries.c.provider_message_id,
+                        deliveries.c.attempts,
+                    )
                 )
             ).first()
+        attempt = row.attempts if row is not None else activity.info().attempt
         if row is not None and row.status in SENT_OR_LATER:
             # A retry after the provider took it but before the activity completed.
             await self._record_history(request, "sent", row.provider or "", attempt)
@@ -152,11 +252,16 @@ class NotificationActivities:
                 provider=row.provider or "", provider_message_id=row.provider_message_id or "", already_sent=True
             )
 
-        provider = self._providers.get(request.channel)
+        provider = self._directory.provider(request.channel, request.provider)
         if provider is None:
-            raise ApplicationError(
-                f"no provider configured for channel {request.channel!r}", type=PERMANENT_ERROR, non_retryable=True
-            )
+            if request.provider is None:
+                raise ApplicationError(
+                    f"no provider configured for channel {request.channel!r}", type=PERMANENT_ERROR, non_retryable=True
+                )
+            # Removed or disabled since the plan was made, or not loaded here yet.
+            raise ApplicationError(f"provider {name!r} is not available", type=PROVIDER_UNAVAILABLE, non_retryable=True)
+        if request.may_skip and not await breaker.allow(self._engine, name, self._directory.breaker_cooldown):
+            raise ApplicationError(f"circuit of provider {name!r} is open", type=CIRCUIT_OPEN, non_retryable=True)
         message = OutboundMessage(
             channel=request.channel,
             address=request.address,
@@ -167,11 +272,28 @@ class NotificationActivities:
         )
         try:
             receipt = await provider.send(message)
+        except InvalidAddressError as err:
+            await self._retire_address(request, err.address or request.address, str(err))
+            raise ApplicationError(str(err), type=PERMANENT_ERROR, non_retryable=True) from err
         except PermanentSendError as err:
             raise ApplicationError(str(err), type=PERMANENT_ERROR, non_retryable=True) from err
-        except TransientSendError as err:
-            await self._note_error(request, str(err))
+        except ThrottledError as err:
+            # The provider is fine but busy: wait as asked, without spending the budget.
+            await self._note_error(request, str(err), failed=False)
+            raise ApplicationError(str(err), type=THROTTLED, next_retry_delay=_delay(err.retry_after)) from err
+        except (TransientSendError, ProviderUnavailableError) as err:
+            await self._directory.failed(name, err)
+            failures = await self._note_error(request, str(err), failed=True)
+            if isinstance(err, ProviderUnavailableError):
+                raise ApplicationError(str(err), type=PROVIDER_UNAVAILABLE, non_retryable=True) from err
+            if failures >= request.max_failures:
+                raise ApplicationError(
+                    f"{failures} failures on provider {name!r}, the last: {err}",
+                    type=FAILURES_EXHAUSTED,
+                    non_retryable=True,
+                ) from err
             raise ApplicationError(str(err), type=TRANSIENT_ERROR, next_retry_delay=_delay(err.retry_after)) from err
+        await self._directory.succeeded(name, was_open=True)
 
         async with self._engine.begin() as conn:
             await lock_notification(conn, request.notification_id)
@@ -225,7 +347,17 @@ class NotificationActivities:
                     attempts=attempts,
                     request=failure.request.model_dump(mode="json"),
                 )
-                .on_conflict_do_nothing(constraint="uq_dead_letter_channel")
+                # A replay that failed again reopens its dead letter.
+                .on_conflict_do_update(
+                    constraint="uq_dead_letter_channel",
+                    set_={
+                        "status": "open",
+                        "reason": failure.reason,
+                        "last_error": failure.error,
+                        "attempts": attempts,
+                        "updated_at": sa.func.now(),
+                    },
+                )
             )
             await refresh_notification_status(conn, failure.notification_id)
         await self._history.record(
@@ -277,14 +409,44 @@ class NotificationActivities:
                 ]
             )
 
-    async def _note_error(self, request: SendInput, error: str) -> None:
+    async def _note_error(self, request: SendInput, error: str, *, failed: bool) -> int:
+        """Keep the last error on the delivery; count it when it is the provider's failure."""
         async with self._engine.begin() as conn:
-            await conn.execute(
+            failures = await conn.scalar(
                 deliveries.update()
                 .where(deliveries.c.notification_id == request.notification_id)
                 .where(deliveries.c.channel == request.channel)
-                .values(error=error, updated_at=sa.func.now())
+                .values(
+                    error=error,
+                    failures=deliveries.c.failures + (1 if failed else 0),
+                    updated_at=sa.func.now(),
+                )
+                .returning(deliveries.c.failures)
             )
+        return int(failures or 0)
+
+    async def _retire_address(self, request: SendInput, address: str, reason: str) -> None:
+        """A dead push token leaves the recipient's tokens; a dead email or number is
+        suppressed, so no later notification or campaign tries it again."""
+        async with self._engine.begin() as conn:
+            if request.channel == "push":
+                await conn.execute(
+                    recipients.update()
+                    .where(recipients.c.user_id == request.user_id)
+                    .values(
+                        push_tokens=sa.func.array_remove(recipients.c.push_tokens, address),
+                        dead_push_tokens=sa.func.array_append(
+                            sa.func.array_remove(recipients.c.dead_push_tokens, address), address
+                        ),
+                        updated_at=sa.func.now(),
+                    )
+                )
+            else:
+                await conn.execute(
+                    insert(prefs.suppressions)
+                    .values(channel=request.channel, address=address, reason=reason[:500], source="provider")
+                    .on_conflict_do_nothing()
+                )
 
     async def _record_history(self, request: SendInput, status: str, provider: str, attempt: int) -> None:
         await self._history.record(
@@ -300,17 +462,6 @@ class NotificationActivities:
                 )
             ]
         )
-
-
-def _plan_channel(channel: str, recipient: sa.Row[Any] | None) -> ChannelPlan:
-    if recipient is None:
-        return ChannelPlan(channel=channel, address=None, skip_reason="recipient not found")
-    if channel in recipient.opted_out_channels:
-        return ChannelPlan(channel=channel, address=None, skip_reason="opted_out")
-    address = contact_for(channel, recipient.email, recipient.phone, recipient.push_tokens)
-    if address is None:
-        return ChannelPlan(channel=channel, address=None, skip_reason=f"recipient has no {channel} contact")
-    return ChannelPlan(channel=channel, address=address)
 
 
 def _with_content(plan: ChannelPlan, rendered: Rendered) -> ChannelPlan:

@@ -23,6 +23,7 @@ Locale = Annotated[str, StringConstraints(pattern=r"^[a-z]{2,3}(-[A-Z]{2})?$")]
 Country = Annotated[str, StringConstraints(pattern=r"^[A-Z]{2}$")]
 PushToken = Annotated[str, StringConstraints(min_length=1, max_length=4096)]
 Tag_ = Annotated[str, StringConstraints(min_length=1, max_length=64, strip_whitespace=True)]
+Clock = Annotated[str, StringConstraints(pattern=r"^([01]\d|2[0-3]):[0-5]\d$")]
 
 
 def known_timezone(value: str) -> str:
@@ -43,7 +44,11 @@ class RecipientFields(BaseModel):
     locale: Locale = "en"
     timezone: str = Field(default="UTC", description="IANA time zone, e.g. Europe/Moscow")
     country: Country | None = Field(default=None, description="ISO 3166-1 alpha-2")
-    opted_out_channels: list[Channel] = Field(default_factory=list)
+    opted_out_channels: list[Channel] = Field(
+        default_factory=list, description="Channels the recipient wants nothing on, but transactional types"
+    )
+    quiet_hours_start: Clock | None = Field(default=None, description="HH:MM local time; non-urgent sends wait")
+    quiet_hours_end: Clock | None = Field(default=None, description="HH:MM local time when quiet hours end")
     tags: list[Tag_] = Field(default_factory=list, max_length=100, description="e.g. subscription plan, interests")
     last_active_at: datetime | None = None
     attributes: dict[str, Any] = Field(default_factory=dict, description="Custom fields segments can filter on")
@@ -98,6 +103,9 @@ class NotificationCreate(BaseModel):
     idempotency_key: Annotated[str, StringConstraints(min_length=1, max_length=255)] | None = Field(
         default=None, description="Same as the Idempotency-Key header; one of the two is enough"
     )
+    priority: Literal["normal", "urgent"] = Field(
+        default="normal", description="urgent ignores the recipient's quiet hours (as transactional types do)"
+    )
 
     @field_validator("channels")
     @classmethod
@@ -138,7 +146,9 @@ class DeliveryOut(BaseModel):
     sent_at: datetime | None
     delivered_at: datetime | None
     opened_at: datetime | None
+    clicked_at: datetime | None = None
     failed_at: datetime | None
+    bounced_at: datetime | None = None
     updated_at: datetime
 
 
@@ -269,7 +279,6 @@ class PreviewOut(BaseModel):
 
 # --- Segments and campaigns ----------------------------------------------------------------
 
-Clock = Annotated[str, StringConstraints(pattern=r"^([01]\d|2[0-3]):[0-5]\d$")]
 CronExpression = Annotated[str, StringConstraints(pattern=r"^\S+(\s+\S+){4}$")]
 
 
@@ -468,3 +477,36 @@ class ScheduledSend(BaseModel):
         if self.schedule.kind == "now":
             raise ValueError("a scheduled send needs a schedule kind other than 'now'")
         return self
+
+
+PreferenceCategory = Annotated[str, StringConstraints(pattern=r"^(\*|[a-z0-9][a-z0-9_.-]{0,63})$")]
+
+
+class PreferenceIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    category: PreferenceCategory = Field(description='A notification type, or "*" for all of them')
+    channel: Literal["email", "push", "sms", "*"] = Field(description='A channel, or "*" for all of them')
+    enabled: bool
+
+
+class PreferencesPut(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    preferences: list[PreferenceIn] = Field(max_length=200)
+
+    @field_validator("preferences")
+    @classmethod
+    def _distinct(cls, value: list[PreferenceIn]) -> list[PreferenceIn]:
+        keys = [(item.category, item.channel) for item in value]
+        if len(set(keys)) != len(keys):
+            raise ValueError("each (category, channel) may appear once")
+        return value
+
+
+class PreferenceOut(BaseModel):
+    category: str
+    channel: str
+    enabled: bool
+    source: str
+    updated_at: datetime

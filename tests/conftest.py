@@ -24,7 +24,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
-from temporalio.worker import Worker
 
 from api.app import create_app
 from core.auth import Role, create_token
@@ -32,7 +31,7 @@ from core.config import Settings
 from core.db import create_engine
 from core.embedded import EmbeddedPostgres, MailCapture, free_port, venv_binary
 from core.migrate import upgrade_async
-from worker import WorkerServices, create_worker, worker_services
+from worker import MarqueeWorker, WorkerServices, create_worker, worker_services
 
 
 class ScriptedSmtp(MailCapture):
@@ -138,6 +137,11 @@ def settings(tmp_path_factory: pytest.TempPathFactory, database_url: str, smtp_s
         campaign_send_concurrency=10,
         dev_tools=True,
         wait_timeout_seconds=20.0,
+        # Provider edits reach the worker fast, and circuits open and recover within a test.
+        provider_refresh_seconds=0.3,
+        breaker_failure_threshold=3,
+        breaker_cooldown_seconds=2.0,
+        throttle_default_retry_seconds=0.3,
     )
 
 
@@ -170,7 +174,9 @@ async def services(settings: Settings, engine: AsyncEngine) -> AsyncIterator[Wor
 
 
 @pytest.fixture(scope="session")
-async def worker(temporal_client: Client, settings: Settings, services: WorkerServices) -> AsyncIterator[Worker]:
+async def worker(
+    temporal_client: Client, settings: Settings, services: WorkerServices
+) -> AsyncIterator[MarqueeWorker]:
     worker = create_worker(temporal_client, settings, services)
     async with worker:
         yield worker
@@ -178,7 +184,7 @@ async def worker(temporal_client: Client, settings: Settings, services: WorkerSe
 
 @pytest.fixture(scope="session")
 async def api_url(
-    settings: Settings, engine: AsyncEngine, temporal_client: Client, worker: Worker
+    settings: Settings, engine: AsyncEngine, temporal_client: Client, worker: MarqueeWorker
 ) -> AsyncIterator[str]:
     """The API served by uvicorn on a real port, as clients reach it."""
     port = free_port()

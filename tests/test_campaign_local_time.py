@@ -16,8 +16,8 @@ from temporalio.client import WorkflowExecutionStatus
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
-from activities.campaigns import next_local_time
 from core import campaign_control
+from core.clock import next_local_time
 from core.config import Settings
 from core.embedded import venv_binary
 from tests.conftest import SmtpServer

@@ -16,7 +16,7 @@ from temporalio.client import Client, WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
-from activities.campaigns import next_local_time, window_state
+from core.clock import next_local_time, window_state
 from tests.conftest import SmtpServer
 from tests.test_campaigns import (  # noqa: F401
     create_campaign,

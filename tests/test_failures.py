@@ -71,13 +71,13 @@ async def test_permanent_rejection_fails_at_once_with_a_dead_letter(
 async def test_transient_errors_until_attempts_run_out_end_failed(
     api: httpx.AsyncClient, api_url: str, recipient: dict, smtp_server: SmtpServer, engine: AsyncEngine
 ) -> None:
-    smtp_server.handler.refuse[recipient["email"]] = "451 4.3.0 Try again later"
+    smtp_server.handler.refuse[recipient["email"]] = "450 4.2.1 Mailbox busy"
     response = await api.post("/v1/notifications?wait=true", json=_email(recipient["user_id"]))
     body = response.json()
     assert body["status"] == "failed"
     [channel] = body["channels"]
     assert channel["attempts"] == 6  # settings.send_retry_max_attempts in conftest
-    assert "451" in channel["error"]
+    assert "450" in channel["error"]
     [letter] = await _dead_letters(engine, body["id"])
     assert letter.reason == "retries exhausted"
 

@@ -14,10 +14,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.client import Client, WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
+from core.preferences import suppressions
 from tests.conftest import SmtpServer, wait_for_status
 from worker import WORKFLOWS
 
@@ -43,7 +46,7 @@ async def _history(client: Client, workflow_id: str, name: str) -> WorkflowHisto
 
 
 async def test_fresh_histories_replay(
-    api: httpx.AsyncClient, recipient: dict, smtp_server: SmtpServer, temporal_client: Client
+    api: httpx.AsyncClient, recipient: dict, smtp_server: SmtpServer, temporal_client: Client, engine: AsyncEngine
 ) -> None:
     user = recipient["user_id"]
     sent = await api.post(
@@ -58,6 +61,8 @@ async def test_fresh_histories_replay(
         json={"user_id": user, "type": "account", "channels": ["email"], "title": "T", "body": "B"},
     )
     assert rejected.json()["status"] == "failed"
+    async with engine.begin() as conn:  # the 550 suppressed the address; this run needs it
+        await conn.execute(sa.delete(suppressions).where(suppressions.c.address == recipient["email"]))
 
     smtp_server.handler.refuse[recipient["email"]] = "421 4.3.2 Busy"
     pending = await api.post(

@@ -23,6 +23,8 @@ class RetryOptions(BaseModel):
     max_seconds: float = 60.0
     max_attempts: int = 8
     timeout_seconds: float = 30.0
+    # Failures on a provider before the channel moves to the next one (when there is one).
+    failover_after: int = 3
 
 
 class NotificationInput(BaseModel):
@@ -59,6 +61,7 @@ class ChannelPlan(BaseModel):
     channel: str
     address: str | None
     skip_reason: str | None = None  # set when the channel is not sent (opt-out, no contact, render error)
+    suppress: bool = False  # skipped by the recipient's choice or a suppressed address, not a failure
     # The rendered content when the notification uses a template.
     title: str | None = None
     body: str | None = None

@@ -10,7 +10,13 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
 
 with workflow.unsafe.imports_passed_through():
-    from activities.notifications import PERMANENT_ERROR, NotificationActivities
+    from activities.notifications import (
+        CIRCUIT_OPEN,
+        FAILURES_EXHAUSTED,
+        PERMANENT_ERROR,
+        PROVIDER_UNAVAILABLE,
+        NotificationActivities,
+    )
     from workflows.contracts import (
         CancelInput,
         ChannelOutcome,
@@ -18,10 +24,15 @@ with workflow.unsafe.imports_passed_through():
         FailureInput,
         NotificationInput,
         NotificationOutcome,
+        ProviderRoute,
         SendInput,
+        SendResult,
     )
 
 BOOKKEEPING_TIMEOUT = timedelta(seconds=30)
+# Throttled attempts (429, SMTP 421) do not spend the failure budget; this bounds them.
+THROTTLED_ATTEMPTS = 50
+NOT_RETRIED = [PERMANENT_ERROR, CIRCUIT_OPEN, PROVIDER_UNAVAILABLE, FAILURES_EXHAUSTED]
 
 
 @workflow.defn
@@ -37,6 +48,9 @@ class NotificationWorkflow:
             )
             for channel in plan.channels:
                 self._outcomes[channel.channel] = ChannelOutcome(channel=channel.channel, status="pending")
+            if plan.defer_until is not None and plan.defer_until > workflow.now():
+                # The recipient's quiet hours: a durable timer, so a restart changes nothing.
+                await workflow.sleep(plan.defer_until - workflow.now())
             await asyncio.gather(*(self._deliver(request, channel) for channel in plan.channels))
         except asyncio.CancelledError:
             # Cancelled from the API or `temporal workflow cancel`: record it, then stay cancelled.
@@ -55,47 +69,68 @@ class NotificationWorkflow:
         return list(self._outcomes.values())
 
     async def _deliver(self, request: NotificationInput, plan: ChannelPlan) -> None:
-        if plan.skip_reason == "opted_out":
+        if plan.suppress or plan.skip_reason == "opted_out":
             self._outcomes[plan.channel] = ChannelOutcome(channel=plan.channel, status="suppressed")
             return
         if plan.skip_reason is not None or plan.address is None:
             await self._fail(request, plan.channel, plan.skip_reason or "no address", "undeliverable")
             return
-        retry = request.retry
-        try:
-            result = await workflow.execute_activity_method(
-                NotificationActivities.send,
-                SendInput(
-                    notification_id=request.notification_id,
-                    idempotency_key=request.idempotency_key,
-                    channel=plan.channel,
-                    address=plan.address,
-                    user_id=request.user_id,
-                    category=request.category,
-                    title=plan.title if plan.title is not None else request.title or "",
-                    body=plan.body if plan.body is not None else request.body or "",
-                    data=plan.data if plan.data is not None else request.data,
-                ),
-                start_to_close_timeout=timedelta(seconds=retry.timeout_seconds),
-                retry_policy=RetryPolicy(
-                    initial_interval=timedelta(seconds=retry.initial_seconds),
-                    backoff_coefficient=2.0,
-                    maximum_interval=timedelta(seconds=retry.max_seconds),
-                    maximum_attempts=retry.max_attempts,
-                    non_retryable_error_types=[PERMANENT_ERROR],
-                ),
+        # Providers in priority order; with none stored, the worker's default for the channel.
+        routes: list[ProviderRoute | None] = [*plan.routes] or [None]
+        for index, route in enumerate(routes):
+            last = index == len(routes) - 1
+            try:
+                result = await self._send(request, plan, route, last)
+            except ActivityError as err:
+                if is_cancelled_exception(err):
+                    raise asyncio.CancelledError from err  # the run was cancelled, not the channel
+                cause = err.cause
+                kind = cause.type if isinstance(cause, ApplicationError) else None
+                if kind == PERMANENT_ERROR:
+                    await self._fail(request, plan.channel, _message(err), "rejected by provider")
+                    return
+                if last:
+                    reason = "provider unavailable" if kind == PROVIDER_UNAVAILABLE else "retries exhausted"
+                    await self._fail(request, plan.channel, _message(err), reason)
+                    return
+                continue  # provider trouble: fail over to the next one
+            self._outcomes[plan.channel] = ChannelOutcome(
+                channel=plan.channel, status="sent", provider_message_id=result.provider_message_id
             )
-        except ActivityError as err:
-            if is_cancelled_exception(err):
-                raise asyncio.CancelledError from err  # the run was cancelled, not the channel
-            cause = err.cause
-            message = str(cause.message if isinstance(cause, ApplicationError) else cause or err)
-            permanent = isinstance(cause, ApplicationError) and cause.type == PERMANENT_ERROR
-            reason = "rejected by provider" if permanent else "retries exhausted"
-            await self._fail(request, plan.channel, message, reason)
             return
-        self._outcomes[plan.channel] = ChannelOutcome(
-            channel=plan.channel, status="sent", provider_message_id=result.provider_message_id
+
+    async def _send(
+        self, request: NotificationInput, plan: ChannelPlan, route: ProviderRoute | None, last: bool
+    ) -> SendResult:
+        retry = request.retry
+        assert plan.address is not None
+        return await workflow.execute_activity_method(
+            NotificationActivities.send,
+            SendInput(
+                notification_id=request.notification_id,
+                idempotency_key=request.idempotency_key,
+                channel=plan.channel,
+                address=plan.address,
+                user_id=request.user_id,
+                category=request.category,
+                title=plan.title if plan.title is not None else request.title or "",
+                body=plan.body if plan.body is not None else request.body or "",
+                data=plan.data if plan.data is not None else request.data,
+                provider=route.provider if route else None,
+                max_failures=retry.max_attempts if last else retry.failover_after,
+                may_skip=not last,
+            ),
+            task_queue=route.task_queue if route else None,
+            start_to_close_timeout=timedelta(seconds=retry.timeout_seconds),
+            retry_policy=RetryPolicy(
+                initial_interval=timedelta(seconds=retry.initial_seconds),
+                backoff_coefficient=2.0,
+                maximum_interval=timedelta(seconds=retry.max_seconds),
+                # The activity counts real failures itself (against max_failures); this
+                # also bounds throttled attempts and timeouts.
+                maximum_attempts=retry.max_attempts + THROTTLED_ATTEMPTS,
+                non_retryable_error_types=NOT_RETRIED,
+            ),
         )
 
     async def _fail(self, request: NotificationInput, channel: str, error: str, reason: str) -> None:
@@ -111,3 +146,8 @@ class NotificationWorkflow:
             start_to_close_timeout=BOOKKEEPING_TIMEOUT,
         )
         self._outcomes[channel] = ChannelOutcome(channel=channel, status="failed", error=error)
+
+
+def _message(err: ActivityError) -> str:
+    cause = err.cause
+    return str(cause.message if isinstance(cause, ApplicationError) else cause or err)

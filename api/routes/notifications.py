@@ -199,6 +199,7 @@ async def _create(
         template_version=template_version,
         variables=body.variables,
         retry=_retry_options(settings),
+        priority=body.priority,
     )
     inserted = await conn.scalar(
         insert(notifications)

@@ -7,10 +7,21 @@ from typing import Any
 import sqlalchemy as sa
 from fastapi import APIRouter, Response, status
 from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from api.deps import AnyRole, ConnectionDep, RecipientWriter
 from api.problems import InvalidInput, Problem
-from api.schemas import BatchResult, RecipientBatch, RecipientFields, RecipientOut, RecipientUpsert, UserId
+from api.schemas import (
+    BatchResult,
+    PreferenceOut,
+    PreferencesPut,
+    RecipientBatch,
+    RecipientFields,
+    RecipientOut,
+    RecipientUpsert,
+    UserId,
+)
+from core.preferences import preferences
 from core.queries import recipients
 
 router = APIRouter(prefix="/v1/recipients", tags=["recipients"])
@@ -24,6 +35,8 @@ _UPDATABLE = (
     "timezone",
     "country",
     "opted_out_channels",
+    "quiet_hours_start",
+    "quiet_hours_end",
     "attributes",
 )
 
@@ -76,6 +89,61 @@ async def get_recipient(user_id: str, conn: ConnectionDep, _: AnyRole) -> Any:
     if row is None:
         raise Problem(404, "Not found", f"no recipient with user_id {user_id!r}")
     return row._mapping
+
+
+@router.get("/{user_id}/preferences", response_model=list[PreferenceOut])
+async def get_preferences(user_id: str, conn: ConnectionDep, _: AnyRole) -> Any:
+    """The recipient's opt-ins and opt-outs by category and channel ("*" = all)."""
+    recipient_id = await _recipient_id(conn, user_id)
+    rows = await conn.execute(
+        sa.select(preferences)
+        .where(preferences.c.recipient_id == recipient_id)
+        .order_by(preferences.c.category, preferences.c.channel)
+    )
+    return [row._mapping for row in rows]
+
+
+@router.put("/{user_id}/preferences", response_model=list[PreferenceOut])
+async def put_preferences(user_id: str, body: PreferencesPut, conn: ConnectionDep, _: RecipientWriter) -> Any:
+    """Set preferences (others stay as they are). The most specific one wins when sending."""
+    recipient_id = await _recipient_id(conn, user_id)
+    if body.preferences:
+        statement = insert(preferences).values(
+            [{"recipient_id": recipient_id, "source": "api", **item.model_dump()} for item in body.preferences]
+        )
+        await conn.execute(
+            statement.on_conflict_do_update(
+                index_elements=["recipient_id", "category", "channel"],
+                set_={"enabled": statement.excluded.enabled, "source": "api", "updated_at": sa.func.now()},
+            )
+        )
+    await conn.commit()
+    return await get_preferences(user_id, conn, _)
+
+
+@router.delete("/{user_id}/preferences/{category}/{channel}", status_code=status.HTTP_204_NO_CONTENT)
+async def delete_preference(
+    user_id: str, category: str, channel: str, conn: ConnectionDep, _: RecipientWriter
+) -> Response:
+    recipient_id = await _recipient_id(conn, user_id)
+    result = await conn.execute(
+        sa.delete(preferences).where(
+            preferences.c.recipient_id == recipient_id,
+            preferences.c.category == category,
+            preferences.c.channel == channel,
+        )
+    )
+    await conn.commit()
+    if result.rowcount == 0:
+        raise Problem(404, "Not found", f"no preference for category {category!r} on channel {channel!r}")
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+async def _recipient_id(conn: AsyncConnection, user_id: str) -> int:
+    found = await conn.scalar(sa.select(recipients.c.id).where(recipients.c.user_id == user_id))
+    if found is None:
+        raise Problem(404, "Not found", f"no recipient with user_id {user_id!r}")
+    return int(found)
 
 
 @router.delete("/{user_id}", status_code=status.HTTP_204_NO_CONTENT)

@@ -1,0 +1,182 @@
+"""Which providers a channel goes through, as this worker knows them.
+
+`ProviderDirectory` holds the providers built from the `providers` table (refreshed every
+few seconds) and the environment-configured default per channel. Instant sends are routed
+by the workflow (one activity per provider task queue); campaign batches send through
+`ChannelRouter`, which fails over in priority order inside the batch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+from aiolimiter import AsyncLimiter
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from channels.base import (
+    OutboundMessage,
+    Provider,
+    ProviderReceipt,
+    ProviderUnavailableError,
+    TransientSendError,
+    trips_breaker,
+)
+from core import breaker
+from core.providers import ProviderRecord, list_providers, task_queue_for
+from workflows.contracts import ProviderRoute
+
+logger = structlog.get_logger("marquee.providers")
+
+BuildProvider = Callable[[ProviderRecord], Provider]
+BREAKER_CACHE_SECONDS = 1.0
+
+
+@dataclass
+class LoadedProvider:
+    record: ProviderRecord
+    provider: Provider
+    # Campaign batches pace themselves with this, per worker process; instant sends are
+    # paced by the Temporal server through the provider's task queue.
+    limiter: AsyncLimiter | None
+
+
+class ProviderDirectory:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        defaults: dict[str, Provider],
+        *,
+        fernet_key: bytes,
+        base_queue: str,
+        build: BuildProvider,
+        breaker_threshold: int = 5,
+        breaker_cooldown: float = 30.0,
+    ) -> None:
+        self.engine = engine
+        self.defaults = defaults
+        self.base_queue = base_queue
+        self.breaker_threshold = breaker_threshold
+        self.breaker_cooldown = breaker_cooldown
+        self._key = fernet_key
+        self._build = build
+        self._loaded: dict[str, LoadedProvider] = {}
+        self._open: set[str] = set()  # providers whose circuit was not closed at the last look
+        self._breakers_read = 0.0
+
+    @property
+    def loaded(self) -> dict[str, LoadedProvider]:
+        return self._loaded
+
+    async def refresh(self) -> tuple[list[LoadedProvider], list[LoadedProvider]]:
+        """Load enabled providers; rebuild the changed ones. Returns (started, retired)."""
+        async with self.engine.connect() as conn:
+            records = {record.name: record for record in await list_providers(conn, self._key, enabled_only=True)}
+        started: list[LoadedProvider] = []
+        retired: list[LoadedProvider] = []
+        for name, current in list(self._loaded.items()):
+            fresh = records.get(name)
+            if fresh is None or fresh.version != current.record.version:
+                retired.append(self._loaded.pop(name))
+        for name, record in records.items():
+            if name in self._loaded:
+                continue
+            try:
+                provider = self._build(record)
+            except Exception as err:  # a bad row must not stop the others (it was validated on save)
+                logger.error("provider could not be built", provider=name, error=str(err))
+                continue
+            rate = record.rate_limit_per_second
+            loaded = LoadedProvider(record, provider, AsyncLimiter(1, 1 / rate) if rate else None)
+            self._loaded[name] = loaded
+            started.append(loaded)
+        return started, retired
+
+    def routes(self, channel: str) -> list[ProviderRoute]:
+        """The channel's stored providers in priority order; empty: the default provider."""
+        chain = sorted(
+            (loaded.record for loaded in self._loaded.values() if loaded.record.channel == channel),
+            key=lambda record: (record.priority, record.name),
+        )
+        return [ProviderRoute(provider=r.name, task_queue=task_queue_for(self.base_queue, r.name)) for r in chain]
+
+    def provider(self, channel: str, name: str | None) -> Provider | None:
+        """A stored provider by name, or the channel's default (name None or its own)."""
+        if name is not None and name in self._loaded:
+            return self._loaded[name].provider
+        default = self.defaults.get(channel)
+        if default is not None and name in (None, default.name):
+            return default
+        return None
+
+    async def is_open(self, name: str) -> bool:
+        """Circuit state as of at most a second ago (campaign batches ask per message)."""
+        if time.monotonic() - self._breakers_read > BREAKER_CACHE_SECONDS:
+            async with self.engine.connect() as conn:
+                found = await breaker.states(conn)
+            self._open = {name for name, state in found.items() if state.state != breaker.BreakerState.closed}
+            self._breakers_read = time.monotonic()
+        return name in self._open
+
+    async def failed(self, name: str, error: BaseException) -> None:
+        if trips_breaker(error):
+            state = await breaker.record_failure(self.engine, name, str(error), self.breaker_threshold)
+            if state != breaker.BreakerState.closed:
+                self._open.add(name)
+
+    async def succeeded(self, name: str, was_open: bool) -> None:
+        if was_open:
+            await breaker.record_success(self.engine, name)
+            self._open.discard(name)
+
+    async def close(self) -> None:
+        for loaded in self._loaded.values():
+            await loaded.provider.close()
+        self._loaded.clear()
+        for provider in self.defaults.values():
+            await provider.close()
+
+
+class ChannelRouter:
+    """Campaign sends: the channel's providers in priority order, skipping open circuits
+    while another provider remains, failing over on provider trouble (not on a refused
+    address, and not on throttling, which interrupts the batch to be retried later)."""
+
+    def __init__(self, directory: ProviderDirectory) -> None:
+        self._directory = directory
+
+    async def send(self, message: OutboundMessage) -> ProviderReceipt:
+        directory = self._directory
+        chain = [(route.provider, directory.provider(message.channel, route.provider))
+                 for route in directory.routes(message.channel)]  # fmt: skip
+        if not chain:
+            default = directory.defaults.get(message.channel)
+            if default is None:
+                raise ProviderUnavailableError(f"no provider configured for channel {message.channel!r}")
+            chain = [(default.name, default)]
+        last_error: BaseException | None = None
+        for index, (name, provider) in enumerate(chain):
+            if provider is None:
+                continue
+            was_open = await directory.is_open(name)
+            skippable = index < len(chain) - 1
+            if was_open and skippable and not await breaker.allow(directory.engine, name, directory.breaker_cooldown):
+                continue
+            loaded = directory.loaded.get(name)
+            if loaded is not None and loaded.limiter is not None:
+                await loaded.limiter.acquire()
+            try:
+                receipt = await provider.send(message)
+            except (TransientSendError, ProviderUnavailableError) as err:
+                await directory.failed(name, err)
+                if not trips_breaker(err):
+                    raise  # throttled: slow down, do not move traffic
+                last_error = err
+                continue
+            await directory.succeeded(name, was_open)
+            return receipt
+        if isinstance(last_error, TransientSendError):
+            raise last_error
+        raise TransientSendError(f"every {message.channel} provider failed: {last_error}")

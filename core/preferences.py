@@ -1,0 +1,83 @@
+"""Whether a recipient wants a category on a channel, and when quiet hours end.
+
+Preferences are rows (category or "*", channel or "*", enabled). The most specific row
+wins: (category, channel) over (category, *) over (*, channel) over (*, *); no row means
+yes. A recipient's `opted_out_channels` count as (*, channel, no). Transactional
+categories (password resets, security) ignore the "*" rows, the marketing-wide opt-outs,
+but still honour an opt-out of that very category.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass
+from datetime import datetime
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from core.clock import window_state
+from core.models import RecipientPreference, Suppression
+
+ALL = "*"
+preferences = RecipientPreference.__table__  # type: ignore[attr-defined]
+suppressions = Suppression.__table__  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class Preference:
+    category: str
+    channel: str
+    enabled: bool
+
+
+def wants(
+    rows: Iterable[Preference],
+    *,
+    category: str,
+    channel: str,
+    transactional: bool,
+    opted_out_channels: Collection[str] = (),
+) -> bool:
+    candidates = [*rows, *(Preference(ALL, ch, False) for ch in opted_out_channels)]
+    best: tuple[int, bool] | None = None
+    for row in candidates:
+        if row.category not in (category, ALL) or row.channel not in (channel, ALL):
+            continue
+        if transactional and row.category == ALL:
+            continue
+        rank = (2 if row.category != ALL else 0) + (1 if row.channel != ALL else 0)
+        if best is None or rank > best[0]:
+            best = (rank, row.enabled)
+    return True if best is None else best[1]
+
+
+async def load(conn: AsyncConnection, recipient_ids: Collection[int]) -> dict[int, list[Preference]]:
+    """Every preference row of these recipients, in one query."""
+    found: dict[int, list[Preference]] = defaultdict(list)
+    if recipient_ids:
+        rows = await conn.execute(sa.select(preferences).where(preferences.c.recipient_id.in_(list(recipient_ids))))
+        for row in rows:
+            found[row.recipient_id].append(Preference(row.category, row.channel, row.enabled))
+    return found
+
+
+async def suppressed(conn: AsyncConnection, pairs: Collection[tuple[str, str]]) -> dict[tuple[str, str], str]:
+    """(channel, address) -> reason, for the pairs that are suppressed."""
+    if not pairs:
+        return {}
+    rows = await conn.execute(
+        sa.select(suppressions.c.channel, suppressions.c.address, suppressions.c.reason).where(
+            sa.tuple_(suppressions.c.channel, suppressions.c.address).in_(list(pairs))
+        )
+    )
+    return {(row.channel, row.address): row.reason for row in rows}
+
+
+def quiet_until(now: datetime, zone: str, start: str | None, end: str | None) -> datetime | None:
+    """The end of the recipient's quiet hours if `now` falls inside them, else None."""
+    if not start or not end or start == end:
+        return None
+    state = window_state(now, start, end, zone)
+    return state.until if state.open else None

@@ -1,0 +1,318 @@
+"""Providers stored in PostgreSQL carry real sends: failover in priority order, circuit
+breakers shared through PostgreSQL, throttling that slows down instead of failing,
+per-provider rate limits held by the Temporal server, dead tokens and suppressions,
+preferences and quiet hours. The gateways are the test's own HTTP servers."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+from temporalio.client import Client
+
+from core import breaker
+from core.config import Settings
+from core.preferences import suppressions
+from core.providers import delete_provider, providers, save_provider
+from core.queries import deliveries, recipients
+from tests.conftest import SmtpServer, wait_for_status
+from tests.gateways import Gateway
+from worker import MarqueeWorker, WorkerServices, create_worker
+
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+@pytest.fixture
+def gateways() -> Iterator[Callable[[], Gateway]]:
+    started: list[Gateway] = []
+
+    def make() -> Gateway:
+        gateway = Gateway().start()
+        started.append(gateway)
+        return gateway
+
+    yield make
+    for gateway in started:
+        gateway.stop()
+
+
+@pytest.fixture
+async def stored(
+    engine: AsyncEngine, settings: Settings, worker: MarqueeWorker
+) -> AsyncIterator[Callable[..., Any]]:
+    """Store providers for one test; the worker sees them at once, and they are gone after."""
+    names: list[str] = []
+
+    async def store(**values: Any) -> None:
+        async with engine.begin() as conn:
+            await save_provider(conn, settings.fernet_key(), values)
+        names.append(values["name"])
+        await worker.refresh_providers()
+
+    yield store
+    async with engine.begin() as conn:
+        for name in names:
+            await delete_provider(conn, name)
+    await worker.refresh_providers()
+
+
+def _sms_provider(name: str, gateway: Gateway, priority: int, **extra: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "channel": "sms",
+        "kind": "sms-json",
+        "priority": priority,
+        "settings": {"base_url": gateway.url, "sender": "Marquee", "timeout": 2},
+        "secrets": {"api_key": gateway.sms_api_key},
+        **extra,
+    }
+
+
+def _sms(user: str, **extra: Any) -> dict[str, Any]:
+    return {"user_id": user, "type": "premiere", "channels": ["sms"], "title": "T", "body": "Dune at 20:00", **extra}
+
+
+async def _delivery(engine: AsyncEngine, notification_id: str) -> sa.Row[Any]:
+    async with engine.connect() as conn:
+        return (
+            await conn.execute(sa.select(deliveries).where(deliveries.c.notification_id == uuid.UUID(notification_id)))
+        ).one()
+
+
+async def test_failover_opens_the_circuit_and_a_probe_closes_it(
+    api: httpx.AsyncClient, recipient: dict, engine: AsyncEngine, stored: Any, gateways: Any, settings: Settings
+) -> None:
+    primary, backup = gateways(), gateways()
+    name_a, name_b = f"sms-a-{uuid.uuid4().hex[:6]}", f"sms-b-{uuid.uuid4().hex[:6]}"
+    await stored(**_sms_provider(name_a, primary, 10))
+    await stored(**_sms_provider(name_b, backup, 20))
+    primary.fail_always(503)
+
+    # First send: the primary fails `failover_after` times, then the backup takes it.
+    first = (await api.post("/v1/notifications?wait=true", json=_sms(recipient["user_id"]))).json()
+    assert first["status"] == "sent", first
+    assert first["channels"][0]["provider"] == name_b
+    assert len(primary.requests_to("sms")) == 3  # RetryOptions.failover_after
+    assert [m["to"] for m in backup.sms_messages] == [recipient["phone"]]
+    async with engine.connect() as conn:
+        state = (await breaker.states(conn))[name_a]
+    assert state.state == breaker.BreakerState.open  # threshold 3 in the test settings
+    assert "503" in (state.last_error or "")
+
+    # While open, the primary is skipped without a request.
+    second = (await api.post("/v1/notifications?wait=true", json=_sms(recipient["user_id"]))).json()
+    assert second["channels"][0]["provider"] == name_b
+    assert len(primary.requests_to("sms")) == 3
+
+    # It recovers; after the cool-down one send probes it and closes the circuit.
+    primary.recover()
+    await asyncio.sleep(settings.breaker_cooldown_seconds + 0.2)
+    third = (await api.post("/v1/notifications?wait=true", json=_sms(recipient["user_id"]))).json()
+    assert third["channels"][0]["provider"] == name_a
+    async with engine.connect() as conn:
+        assert (await breaker.states(conn))[name_a].state == breaker.BreakerState.closed
+    assert len(backup.sms_messages) == 2
+
+
+async def test_retry_after_is_honoured_without_spending_the_failure_budget(
+    api: httpx.AsyncClient, recipient: dict, engine: AsyncEngine, stored: Any, gateways: Any
+) -> None:
+    gateway = gateways()
+    name = f"sms-{uuid.uuid4().hex[:6]}"
+    await stored(**_sms_provider(name, gateway, 10))
+    # More throttles than the failure budget (6 in the test settings): none of them fails it.
+    gateway.fail_next(429, retry_after=0.3, times=7)
+    gateway.fail_next(429, retry_after=2)
+
+    body = (await api.post("/v1/notifications?wait=true", json=_sms(recipient["user_id"]))).json()
+    assert body["status"] == "sent", body
+    row = await _delivery(engine, body["id"])
+    assert (row.attempts, row.failures) == (9, 0)
+    calls = gateway.requests_to("sms")
+    assert [call.status for call in calls] == [429] * 8 + [202]
+    assert calls[-1].at - calls[-2].at >= 2.0  # waited as long as the provider asked
+    async with engine.connect() as conn:
+        assert name not in await breaker.states(conn)  # throttling is not a failure
+
+
+async def test_rate_limit_holds_across_two_workers(
+    api: httpx.AsyncClient,
+    recipient: dict,
+    stored: Any,
+    gateways: Any,
+    services: WorkerServices,
+    settings: Settings,
+    temporal_client: Client,
+) -> None:
+    """Two worker processes' worth of pollers on the provider's queue: the server's
+    per-queue limit holds for both together."""
+    from activities.routing import ProviderDirectory
+
+    second_directory = ProviderDirectory(
+        services.engine,
+        services.directory.defaults,
+        fernet_key=settings.fernet_key(),
+        base_queue=settings.temporal_task_queue,
+        build=services.directory._build,
+    )
+    # A client of its own, as another process would have (one client may not run two
+    # workers on the same task queue).
+    other_client = await Client.connect(
+        temporal_client.service_client.config.target_host,
+        namespace=temporal_client.namespace,
+        data_converter=temporal_client.data_converter,
+    )
+    second = create_worker(
+        other_client, settings, WorkerServices(services.engine, services.history, second_directory, settings)
+    )
+    gateway = gateways()
+    name = f"sms-slow-{uuid.uuid4().hex[:6]}"
+    await stored(**_sms_provider(name, gateway, 10, rate_limit_per_second=2.0))
+    async with second:
+        await second.refresh_providers()
+        sends = [
+            api.post("/v1/notifications?wait=true", json=_sms(recipient["user_id"], idempotency_key=f"rate-{n}-{name}"))
+            for n in range(8)
+        ]
+        results = [response.json() for response in await asyncio.gather(*sends)]
+    assert {body["status"] for body in results} == {"sent"}
+    times = sorted(call.at for call in gateway.requests_to("sms"))
+    assert len(times) == 8
+    # 8 sends at 2 a second: the last can start no sooner than about 3 s after the first.
+    assert times[-1] - times[0] >= 2.5
+
+
+async def test_an_unregistered_push_token_is_retired(
+    api: httpx.AsyncClient, recipient: dict, engine: AsyncEngine, stored: Any, gateways: Any
+) -> None:
+    gateway = gateways()
+    name = f"fcm-{uuid.uuid4().hex[:6]}"
+    await stored(name=name, channel="push", kind="fcm", priority=10,
+                 settings={"project_id": gateway.fcm_project, "base_url": gateway.url, "timeout": 2},
+                 secrets={"service_account": gateway.service_account()})  # fmt: skip
+    [token] = recipient["push_tokens"]
+    gateway.mark_unregistered(token)
+    push = {"user_id": recipient["user_id"], "type": "premiere", "channels": ["push"], "title": "T", "body": "B"}
+
+    body = (await api.post("/v1/notifications?wait=true", json=push)).json()
+    assert body["status"] == "failed"
+    assert "UNREGISTERED" in body["channels"][0]["error"]
+    async with engine.connect() as conn:
+        row = (await conn.execute(sa.select(recipients).where(recipients.c.user_id == recipient["user_id"]))).one()
+    assert (row.push_tokens, row.dead_push_tokens) == ([], [token])
+
+    again = await api.post("/v1/notifications?wait=true", json=push)
+    assert again.status_code == 422  # refused up front: no live token left
+    assert "no push_tokens" in again.json()["detail"]
+    assert len(gateway.requests_to("fcm")) == 1  # the dead token was not tried again
+
+
+async def test_a_refused_address_is_suppressed_for_later_sends(
+    api: httpx.AsyncClient, recipient: dict, smtp_server: SmtpServer, engine: AsyncEngine
+) -> None:
+    smtp_server.handler.refuse[recipient["email"]] = "550 5.1.1 No such user"
+    email = {"user_id": recipient["user_id"], "type": "premiere", "channels": ["email"], "title": "T", "body": "B"}
+    assert (await api.post("/v1/notifications?wait=true", json=email)).json()["status"] == "failed"
+    async with engine.connect() as conn:
+        reason = await conn.scalar(sa.select(suppressions.c.reason).where(suppressions.c.address == recipient["email"]))
+    assert reason is not None and "550" in reason
+
+    del smtp_server.handler.refuse[recipient["email"]]
+    later = (await api.post("/v1/notifications?wait=true", json=email)).json()
+    assert later["channels"][0]["status"] == "suppressed"
+    assert "suppressed" in later["channels"][0]["error"]
+    assert smtp_server.handler.to(recipient["email"]) == []
+
+
+async def test_preferences_by_category_and_channel(
+    api: httpx.AsyncClient, recipient: dict, smtp_server: SmtpServer
+) -> None:
+    user = recipient["user_id"]
+    put = await api.put(
+        f"/v1/recipients/{user}/preferences",
+        json={"preferences": [
+            {"category": "*", "channel": "email", "enabled": False},  # no marketing email at all...
+            {"category": "new_episode", "channel": "*", "enabled": True},  # ...but new episodes, yes
+            {"category": "password_reset", "channel": "sms", "enabled": False},
+        ]},
+    )  # fmt: skip
+    assert put.status_code == 200, put.text
+    assert len(put.json()) == 3
+
+    def send(kind: str) -> dict[str, Any]:
+        return {"user_id": user, "type": kind, "channels": ["email", "sms"], "title": "T", "body": kind}
+
+    async def statuses(kind: str) -> dict[str, str]:
+        body = (await api.post("/v1/notifications?wait=true", json=send(kind))).json()
+        return {channel["channel"]: channel["status"] for channel in body["channels"]}
+
+    assert await statuses("promo") == {"email": "suppressed", "sms": "sent"}
+    assert await statuses("new_episode") == {"email": "sent", "sms": "sent"}
+    # Transactional: marketing-wide opt-outs do not apply, its own opt-out does.
+    assert await statuses("password_reset") == {"email": "sent", "sms": "suppressed"}
+    subjects = [message["Subject"] for message in smtp_server.handler.to(recipient["email"])]
+    assert sorted(subjects) == ["T", "T"]
+
+    bad = await api.put(f"/v1/recipients/{user}/preferences",
+                        json={"preferences": [{"category": "Promo!", "channel": "fax", "enabled": False}]})  # fmt: skip
+    assert bad.status_code == 422
+    fields = {error["field"] for error in bad.json()["errors"]}
+    assert {"preferences.0.category", "preferences.0.channel"} <= fields
+    gone = await api.delete(f"/v1/recipients/{user}/preferences/password_reset/sms")
+    assert gone.status_code == 204
+    assert len((await api.get(f"/v1/recipients/{user}/preferences")).json()) == 2
+
+
+async def test_quiet_hours_hold_normal_sends_not_urgent_ones(
+    api: httpx.AsyncClient, recipient: dict, temporal_client: Client
+) -> None:
+    user = recipient["user_id"]
+    now = datetime.now(UTC)
+    quiet = {"quiet_hours_start": (now - timedelta(hours=1)).strftime("%H:%M"),
+             "quiet_hours_end": (now + timedelta(hours=2)).strftime("%H:%M"), "timezone": "UTC"}  # fmt: skip
+    update = {k: v for k, v in recipient.items() if k not in ("user_id", "created_at", "updated_at")}
+    assert (await api.put(f"/v1/recipients/{user}", json={**update, **quiet})).status_code == 200
+
+    held = (await api.post("/v1/notifications", json=_sms(user))).json()
+    urgent = (await api.post("/v1/notifications?wait=true", json=_sms(user, priority="urgent"))).json()
+    assert urgent["status"] == "sent"
+    reset = (await api.post("/v1/notifications?wait=true", json={**_sms(user), "type": "password_reset"})).json()
+    assert reset["status"] == "sent"
+
+    # The normal one waits on a durable timer until the quiet hours end.
+    handle = temporal_client.get_workflow_handle(held["workflow_id"])
+    for _ in range(100):
+        timers = [e for e in (await handle.fetch_history()).events if e.HasField("timer_started_event_attributes")]
+        if timers:
+            break
+        await asyncio.sleep(0.1)
+    [timer] = timers
+    wait = timer.timer_started_event_attributes.start_to_fire_timeout.ToTimedelta()
+    assert timedelta(hours=1, minutes=58) < wait <= timedelta(hours=2)
+    assert (await api.get(f"/v1/notifications/{held['id']}")).json()["status"] == "pending"
+    await handle.cancel()
+    await wait_for_status(api, held["id"], "cancelled")
+
+
+async def test_provider_rows_are_validated_and_secrets_sealed(engine: AsyncEngine, settings: Settings) -> None:
+    from core.providers import ProviderInvalid
+
+    async with engine.begin() as conn:
+        with pytest.raises(ProviderInvalid) as problem:
+            await save_provider(conn, settings.fernet_key(), {"name": "Bad Name", "channel": "fax", "kind": "smtp"})
+    assert any(p.startswith("name:") for p in problem.value.problems)
+    assert any(p.startswith("channel:") for p in problem.value.problems)
+
+    name = f"sms-sealed-{uuid.uuid4().hex[:6]}"
+    async with engine.begin() as conn:
+        await save_provider(conn, settings.fernet_key(), _sms_provider(name, Gateway(), 10) | {"enabled": False})
+        stored_secret = await conn.scalar(sa.select(providers.c.secrets).where(providers.c.name == name))
+        await delete_provider(conn, name)
+    assert stored_secret and "sms-" not in stored_secret  # the API key is not in the row in clear
