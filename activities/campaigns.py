@@ -25,6 +25,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.notifications import TRANSIENT_ERROR, contact_for
+from activities.outbound import finish_email
 from activities.routing import ChannelRouter, ProviderDirectory
 from channels.base import OutboundMessage, PermanentSendError, TransientSendError
 from core import campaign_store as store
@@ -35,6 +36,7 @@ from core.history import HistoryRow, HistoryWriter
 from core.queries import recipients
 from core.template_store import PinnedVersions
 from core.templating import RenderError, TemplateContent, coerce_variables, recipient_context, render
+from core.tracking import CampaignSend
 from workflows.contracts import (
     BatchInput,
     BatchResult,
@@ -372,8 +374,16 @@ class CampaignActivities:
             return None
         key = f"campaign:{run_id}:{person.id}:{channel}"
         if channel == "email" and rendered.email:
-            email = rendered.email
-            return OutboundMessage(channel, address, email.subject, email.text, key, {"html": email.html})
+            email = finish_email(
+                self._settings,
+                text=rendered.email.text,
+                html=rendered.email.html,
+                user_id=person.user_id,
+                category=spec.category,
+                delivery=CampaignSend(run_id, person.id, channel),
+            )
+            data = {"html": email.html, "headers": email.headers}
+            return OutboundMessage(channel, address, rendered.email.subject, email.text, key, data)
         if channel == "push" and rendered.push:
             return OutboundMessage(channel, address, rendered.push.title, rendered.push.body, key, rendered.push.data)
         assert rendered.sms is not None

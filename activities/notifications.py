@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.outbound import finish_email
 from activities.routing import ProviderDirectory
 from channels.base import (
     InvalidAddressError,
@@ -23,6 +24,7 @@ from channels.base import (
 from core import breaker
 from core import preferences as prefs
 from core.config import Settings
+from core.delivery_events import apply_early_events
 from core.history import HistoryRow, HistoryWriter
 from core.models import DeliveryStatus
 from core.queries import (
@@ -36,6 +38,7 @@ from core.queries import (
 )
 from core.template_store import PinnedVersions, TemplateNotFound
 from core.templating import Rendered, RenderError, coerce_variables, recipient_context, render
+from core.tracking import InstantDelivery
 from workflows.contracts import (
     CancelInput,
     ChannelPlan,
@@ -119,6 +122,7 @@ class NotificationActivities:
             plans = await self._plan_channels(conn, request, recipient, transactional)
             if request.template_key is not None and recipient is not None:
                 plans = await self._render(conn, request, recipient, plans)
+            plans = [self._finish(request, plan) for plan in plans]
             for plan in plans:
                 status = DeliveryStatus.suppressed if plan.suppress else DeliveryStatus.pending
                 await conn.execute(
@@ -130,7 +134,16 @@ class NotificationActivities:
                         status=status.value,
                         error=plan.skip_reason if status is DeliveryStatus.suppressed else None,
                     )
-                    .on_conflict_do_nothing(constraint="uq_delivery_channel")
+                    # A replay (or a retried prepare) finds the row pending; a channel the
+                    # recipient no longer wants must not stay pending forever.
+                    .on_conflict_do_update(
+                        constraint="uq_delivery_channel",
+                        set_={"status": status.value, "error": plan.skip_reason, "updated_at": sa.func.now()},
+                        where=sa.and_(
+                            deliveries.c.status == DeliveryStatus.pending.value,
+                            sa.literal(status is DeliveryStatus.suppressed),
+                        ),
+                    )
                 )
             await refresh_notification_status(conn, request.notification_id)
         await self._history.record(
@@ -151,6 +164,22 @@ class NotificationActivities:
                 datetime.now(UTC), recipient.timezone, recipient.quiet_hours_start, recipient.quiet_hours_end
             )
         return DeliveryPlan(locale=recipient.locale if recipient else "en", channels=plans, defer_until=defer_until)
+
+    def _finish(self, request: NotificationInput, plan: ChannelPlan) -> ChannelPlan:
+        if plan.channel != "email" or plan.skip_reason is not None:
+            return plan
+        data = dict(plan.data if plan.data is not None else request.data)
+        html = data.get("html")
+        finished = finish_email(
+            self._settings,
+            text=plan.body if plan.body is not None else request.body or "",
+            html=html if isinstance(html, str) and html else None,
+            user_id=request.user_id,
+            category=request.category,
+            delivery=InstantDelivery(request.notification_id, plan.channel),
+        )
+        data.update({"html": finished.html, "headers": finished.headers})
+        return plan.model_copy(update={"body": finished.text, "data": data})
 
     async def _plan_channels(
         self, conn: AsyncConnection, request: NotificationInput, recipient: sa.Row[Any] | None, transactional: bool
@@ -313,6 +342,8 @@ class NotificationActivities:
                     error=None,
                 )
             )
+            # A fast provider may have reported on this message before this commit.
+            await apply_early_events(conn, receipt.message_id)
             await refresh_notification_status(conn, request.notification_id)
         await self._record_history(request, "sent", receipt.provider, attempt)
         return SendResult(provider=receipt.provider, provider_message_id=receipt.message_id)

@@ -130,6 +130,7 @@ class SmtpProvider:
             text=message.body,
             html=html if isinstance(html, str) and html else None,
             message_id=message_id,
+            extra_headers=_extra_headers(message.data.get("headers")),
         )
         async with self._slots:
             fresh = False
@@ -310,3 +311,11 @@ def _classify_reply(reply: _Reply, address: str, throttle: float) -> SendError:
     if 500 <= code < 600:
         return PermanentSendError(detail)
     return TransientSendError(detail)
+
+
+def _extra_headers(value: object) -> dict[str, str] | None:
+    """Headers the send path adds (List-Unsubscribe); never ones that define the message."""
+    if not isinstance(value, dict):
+        return None
+    reserved = {"from", "to", "subject", "date", "message-id", "mime-version", "content-type"}
+    return {str(name): str(text) for name, text in value.items() if str(name).lower() not in reserved}

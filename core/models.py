@@ -289,7 +289,13 @@ class WebhookEvent(SQLModel, table=True):
         default=None, sa_column=sa.Column(_tz(), nullable=False, server_default=sa.func.now())
     )
 
-    __table_args__ = (sa.UniqueConstraint("provider", "event_id", name="uq_webhook_event"),)
+    __table_args__ = (
+        sa.UniqueConstraint("provider", "event_id", name="uq_webhook_event"),
+        # Events that came before their message was recorded, looked up on each send.
+        sa.Index(
+            "ix_webhook_events_early", "provider_message_id", postgresql_where=sa.text("outcome = 'unknown message'")
+        ),
+    )
 
 
 class AuditEntry(SQLModel, table=True):

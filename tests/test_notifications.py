@@ -45,7 +45,13 @@ async def test_email_reaches_smtp_server_and_reads_sent(
     [message] = smtp_server.handler.to(address)
     assert message["Subject"] == "Episode 5 is out"
     assert message["Message-ID"] == channel["provider_message_id"]
-    assert message.get_content().strip() == "Watch episode 5 of The Long Night tonight."
+    text, footer = message.get_content().replace("\r\n", "\n").split("\n--\n")
+    assert text.strip() == "Watch episode 5 of The Long Night tonight."
+    # Not a transactional type: an unsubscribe link, and RFC 8058 one-click headers.
+    unsubscribe = message["List-Unsubscribe"].strip("<>")
+    assert unsubscribe in footer
+    assert unsubscribe.startswith(f"{api_url_of(api)}/u/")
+    assert message["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
 
     # The run completes only once its history rows are stored in ClickHouse.
     outcome = await temporal_client.get_workflow_handle_for(NotificationWorkflow.run, done["workflow_id"]).result()
@@ -119,3 +125,7 @@ async def test_list_pages_by_keyset_and_filters(api: httpx.AsyncClient, recipien
 
     failed = (await api.get("/v1/notifications", params={"user_id": user, "status": "failed"})).json()
     assert failed["items"] == []
+
+
+def api_url_of(api: httpx.AsyncClient) -> str:
+    return str(api.base_url).rstrip("/")

@@ -84,6 +84,12 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("provider", "event_id", name="uq_webhook_event"),
     )
+    op.create_index(
+        "ix_webhook_events_early",
+        "webhook_events",
+        ["provider_message_id"],
+        postgresql_where=sa.text("outcome = 'unknown message'"),
+    )
     op.create_table(
         "recipient_preferences",
         sa.Column("recipient_id", sa.BigInteger(), nullable=False),
@@ -142,6 +148,7 @@ def downgrade() -> None:
     op.drop_column("campaign_deliveries", "opened_at")
     op.drop_column("campaign_deliveries", "delivered_at")
     op.drop_table("recipient_preferences")
+    op.drop_index("ix_webhook_events_early", table_name="webhook_events")
     op.drop_table("webhook_events")
     op.drop_table("suppressions")
     op.drop_index("ix_providers_channel_priority", table_name="providers")

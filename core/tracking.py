@@ -1,0 +1,290 @@
+"""Open and click tracking, and unsubscribe links: signed tokens and HTML instrumentation.
+
+Every token is signed (HMAC-SHA256, itsdangerous) with `settings.signing_key("tracking")`
+and a salt per purpose, so a token made for one purpose is worthless for another:
+
+- a delivery token names one delivery: ("n", notification id, channel) for an instant
+  notification, ("c", run id, recipient id, channel) for a campaign send;
+- a click link carries the target URL and a signature of (delivery token, URL), so
+  nobody can point a tracking link somewhere else; the redirect also checks the URL's
+  host against the allow-list at click time: never an open redirect;
+- an unsubscribe token names (user id, category).
+
+Tokens do not expire: links in an email must work for as long as the email is kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import re
+import uuid
+from collections.abc import Collection
+from dataclasses import dataclass
+from html.parser import HTMLParser
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+from itsdangerous import BadData, Signer, URLSafeSerializer
+
+from core.config import Settings
+
+# The classic 43-byte transparent 1x1 GIF.
+PIXEL_GIF = (
+    b"GIF89a\x01\x00\x01\x00\x80\x00\x00\xff\xff\xff\x00\x00\x00!\xf9\x04\x01\x00\x00\x00\x00"
+    b",\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;"
+)
+OPEN_PATH = "/t/o/"
+CLICK_PATH = "/t/c/"
+UNSUBSCRIBE_PATH = "/u/"
+
+_DELIVERY_SALT = "marquee.tracking.delivery"
+_CLICK_SALT = "marquee.tracking.click"
+_UNSUBSCRIBE_SALT = "marquee.unsubscribe"
+_SIGNER_KWARGS: dict[str, Any] = {"digest_method": hashlib.sha256}
+
+
+@dataclass(frozen=True)
+class InstantDelivery:
+    notification_id: uuid.UUID
+    channel: str
+
+
+@dataclass(frozen=True)
+class CampaignSend:
+    run_id: str
+    recipient_id: int
+    channel: str
+
+
+TrackedDelivery = InstantDelivery | CampaignSend
+
+
+def tracking_key(settings: Settings) -> bytes:
+    return settings.signing_key("tracking")
+
+
+def _serializer(key: bytes, salt: str) -> URLSafeSerializer:
+    return URLSafeSerializer(key, salt=salt, signer_kwargs=_SIGNER_KWARGS)
+
+
+def delivery_token(key: bytes, delivery: TrackedDelivery) -> str:
+    """The token of the open pixel and click links of one delivery."""
+    if isinstance(delivery, InstantDelivery):
+        payload: list[Any] = ["n", delivery.notification_id.hex, delivery.channel]
+    else:
+        payload = ["c", delivery.run_id, delivery.recipient_id, delivery.channel]
+    return str(_serializer(key, _DELIVERY_SALT).dumps(payload))
+
+
+def read_delivery_token(key: bytes, token: str) -> TrackedDelivery | None:
+    """The delivery a token names, or None if it is not a token we signed."""
+    try:
+        payload = _serializer(key, _DELIVERY_SALT).loads(token)
+    except BadData:
+        return None
+    match payload:
+        case ["n", str(notification_id), str(channel)]:
+            try:
+                return InstantDelivery(uuid.UUID(hex=notification_id), channel)
+            except ValueError:
+                return None
+        case ["c", str(run_id), int(recipient_id), str(channel)]:
+            return CampaignSend(run_id, recipient_id, channel)
+    return None
+
+
+def _click_signer(key: bytes) -> Signer:
+    return Signer(key, salt=_CLICK_SALT, **_SIGNER_KWARGS)
+
+
+def click_signature(key: bytes, token: str, url: str) -> str:
+    # Tokens are URL-safe base64 and dots: a newline cannot occur in one, so the pair is unambiguous.
+    return _click_signer(key).get_signature(f"{token}\n{url}").decode()
+
+
+def click_signature_valid(key: bytes, token: str, url: str, signature: str) -> bool:
+    return _click_signer(key).verify_signature(f"{token}\n{url}", signature)
+
+
+def allowed_hosts(settings: Settings) -> list[str]:
+    """Hosts click tracking may redirect to: the configured ones and the public URL's own."""
+    own = urlsplit(settings.public_url).hostname
+    return [*settings.tracking_allowed_hosts, *([own] if own else [])]
+
+
+def host_allowed(host: str | None, allowed: Collection[str]) -> bool:
+    """Exact host names; "*.example.com" allows every subdomain of example.com (not itself)."""
+    if not host:
+        return False
+    host = host.lower().rstrip(".")
+    for entry in allowed:
+        entry = entry.strip().lower().rstrip(".")
+        if entry.startswith("*.") and host.endswith(entry[1:]) and len(host) > len(entry) - 1:
+            return True
+        if host == entry:
+            return True
+    return False
+
+
+def redirect_target_host(url: str) -> str | None:
+    """The host a browser would go to for `url`, or None unless it is a plain http(s) URL.
+
+    URLs with backslashes, spaces or control characters are refused: browsers and
+    urllib disagree about where those lead ("https://evil.example\\@good.example/")."""
+    if any(char == "\\" or ord(char) <= 0x20 or ord(char) == 0x7F for char in url):
+        return None
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError:
+        return None
+    if parts.scheme.lower() not in ("http", "https") or not host:
+        return None
+    return host
+
+
+def click_url(key: bytes, base_url: str, token: str, url: str) -> str:
+    return f"{base_url}{CLICK_PATH}{token}?u={quote(url, safe='')}&s={click_signature(key, token, url)}"
+
+
+def open_pixel_url(base_url: str, token: str) -> str:
+    return f"{base_url}{OPEN_PATH}{token}.gif"
+
+
+class _AnchorFinder(HTMLParser):
+    """Where the real <a> start tags are (not in comments, scripts or attribute values)."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.anchors: list[tuple[int, int, str]] = []  # (line, column, the tag's source text)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        text = self.get_starttag_text()
+        if tag == "a" and text:
+            line, column = self.getpos()
+            self.anchors.append((line, column, text))
+
+
+# One attribute of a start tag, as HTML tokenises it: name, then optionally = and a value
+# (double-quoted, single-quoted or bare).
+_ATTRIBUTE = re.compile(r"""[\s/]*(?P<name>[^\s/>"'=][^\s/>"'=]*)(?:\s*=\s*(?P<value>"[^"]*"|'[^']*'|[^\s>]*))?""")
+
+
+def _href_span(tag: str) -> tuple[int, int, str] | None:
+    """(start, end, unescaped value) of the first href attribute of a start tag."""
+    position = 2  # after "<a"
+    while True:
+        match = _ATTRIBUTE.match(tag, position)
+        if match is None or match.end() == position:
+            return None
+        value = match.group("value")
+        if match.group("name").lower() == "href" and value is not None:
+            raw = value[1:-1] if value[:1] in ("'", '"') else value
+            return match.start("value"), match.end("value"), html.unescape(raw).strip()
+        position = match.end()
+
+
+def instrument_html(
+    html_text: str,
+    *,
+    token: str,
+    base_url: str,
+    allowed_hosts: Collection[str],
+    opens: bool,
+    clicks: bool,
+    key: bytes,
+) -> str:
+    """Route links to allowed hosts through the click redirect and add the open pixel.
+
+    Only http(s) links whose host is allowed (`allowed_hosts` plus base_url's own host)
+    are rewritten; mailto:, tel:, #anchors, other hosts and links already pointing at the
+    unsubscribe or tracking paths stay as they are. `key` is `tracking_key(settings)`."""
+    base_url = base_url.rstrip("/")
+    hosts = [*allowed_hosts, *filter(None, [urlsplit(base_url).hostname])]
+    result = html_text
+    if clicks:
+        result = _rewrite_links(result, token=token, base_url=base_url, hosts=hosts, key=key)
+    if opens:
+        pixel_src = open_pixel_url(base_url, token)
+        if pixel_src not in result:
+            pixel = f'<img src="{html.escape(pixel_src)}" width="1" height="1" alt="" style="display:none">'
+            end = result.lower().rfind("</body>")
+            result = result + pixel if end < 0 else result[:end] + pixel + result[end:]
+    return result
+
+
+def _rewrite_links(html_text: str, *, token: str, base_url: str, hosts: list[str], key: bytes) -> str:
+    finder = _AnchorFinder()
+    finder.feed(html_text)
+    finder.close()
+    # HTMLParser counts lines by "\n" alone (not by str.splitlines' other separators).
+    line_starts = [0, *(match.end() for match in re.finditer("\n", html_text))]
+    untouched = tuple(f"{base_url}{path}" for path in (UNSUBSCRIBE_PATH, OPEN_PATH, CLICK_PATH))
+
+    pieces: list[str] = []
+    done = 0
+    for line, column, tag in finder.anchors:
+        start = line_starts[line - 1] + column
+        if html_text[start : start + len(tag)] != tag:
+            continue  # the parser and our offsets disagree (odd line endings): leave the link alone
+        span = _href_span(tag)
+        if span is None:
+            continue
+        value_start, value_end, url = span
+        if url.startswith(untouched) or not host_allowed(redirect_target_host(url), hosts):
+            continue
+        tracked = html.escape(click_url(key, base_url, token, url), quote=True)
+        pieces += [html_text[done : start + value_start], f'"{tracked}"']
+        done = start + value_end
+    pieces.append(html_text[done:])
+    return "".join(pieces)
+
+
+def instrument_email(settings: Settings, html_text: str, delivery: TrackedDelivery) -> str:
+    """instrument_html with everything taken from settings (open_tracking, click_tracking,
+    tracking_allowed_hosts, public_url): what the send path calls for an email's HTML part."""
+    if not (settings.open_tracking or settings.click_tracking):
+        return html_text
+    key = tracking_key(settings)
+    return instrument_html(
+        html_text,
+        token=delivery_token(key, delivery),
+        base_url=settings.public_url,
+        allowed_hosts=settings.tracking_allowed_hosts,
+        opens=settings.open_tracking,
+        clicks=settings.click_tracking,
+        key=key,
+    )
+
+
+# --- unsubscribe ----------------------------------------------------------------------------
+
+
+def unsubscribe_token(settings: Settings, user_id: str, category: str) -> str:
+    return str(_serializer(tracking_key(settings), _UNSUBSCRIBE_SALT).dumps([user_id, category]))
+
+
+def read_unsubscribe_token(settings: Settings, token: str) -> tuple[str, str] | None:
+    """(user id, category), or None if it is not an unsubscribe token we signed."""
+    try:
+        payload = _serializer(tracking_key(settings), _UNSUBSCRIBE_SALT).loads(token)
+    except BadData:
+        return None
+    match payload:
+        case [str(user_id), str(category)]:
+            return user_id, category
+    return None
+
+
+def unsubscribe_url(settings: Settings, user_id: str, category: str) -> str:
+    return f"{settings.public_url.rstrip('/')}{UNSUBSCRIBE_PATH}{unsubscribe_token(settings, user_id, category)}"
+
+
+def list_unsubscribe_headers(settings: Settings, user_id: str, category: str) -> dict[str, str]:
+    """RFC 2369 List-Unsubscribe with RFC 8058 one-click: mail clients POST to the URL."""
+    return {
+        "List-Unsubscribe": f"<{unsubscribe_url(settings, user_id, category)}>",
+        "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
+    }
