@@ -14,11 +14,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.requests import Request
 
 from admin.campaign_views import CampaignAdmin, CampaignPages, SegmentAdmin
+from admin.dead_letter_views import AuditLogPage, DeadLetterPages
 from admin.pages import CHANGED_BY_CAMPAIGN_MANAGERS, TEMPLATES_DIR
+from admin.provider_views import ProviderPages
 from admin.template_views import TemplatePages
 from core.auth import Role, verify_password
 from core.config import Settings
-from core.models import AdminUser, DeadLetter, Delivery, Notification, Recipient
+from core.models import AdminUser, Delivery, Notification, Recipient
 
 READ_ACTIONS = {Action.LIST.value, Action.DETAILS.value, Action.EXPORT.value}
 
@@ -100,15 +102,6 @@ class DeliveryAdmin(ReadOnlyView, model=Delivery):
     column_default_sort = ("updated_at", True)
 
 
-class DeadLetterAdmin(ReadOnlyView, model=DeadLetter):
-    name = "Dead letter"
-    name_plural = "Dead letters"
-    icon = "fa-solid fa-skull-crossbones"
-    column_list = ["id", "notification_id", "channel", "reason", "last_error", "attempts", "created_at"]
-    column_sortable_list = ["created_at"]
-    column_default_sort = ("created_at", True)
-
-
 class AdminUserAdmin(ReadOnlyView, model=AdminUser):
     identity = "admin-user"
     name_plural = "Admin users"
@@ -134,8 +127,8 @@ def mount_admin(app: FastAPI, engine: AsyncEngine, settings: Settings) -> Admin:
         authorization_backend=RolePermissions(),
         templates_dir=str(TEMPLATES_DIR),
     )
-    for view in (NotificationAdmin, DeliveryAdmin, DeadLetterAdmin, RecipientAdmin, AdminUserAdmin):
+    for view in (NotificationAdmin, DeliveryAdmin, DeadLetterPages, RecipientAdmin, AdminUserAdmin):
         admin.add_view(view)
-    for page in (TemplatePages, CampaignAdmin, CampaignPages, SegmentAdmin):
+    for page in (TemplatePages, CampaignAdmin, CampaignPages, SegmentAdmin, ProviderPages, AuditLogPage):
         admin.add_view(page)
     return admin

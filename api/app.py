@@ -16,6 +16,7 @@ from api.routes import (
     dead_letters,
     dev,
     health,
+    metrics,
     notifications,
     providers,
     recipients,
@@ -59,6 +60,7 @@ def create_app(settings: Settings, *, engine: AsyncEngine | None = None, tempora
     app.state.engine = engine
     problems.install(app)
     app.include_router(health.router)
+    app.include_router(metrics.router)
     app.include_router(recipients.router)
     # Before /v1/notifications/{id}: the scheduled alias must win the path match.
     app.include_router(campaigns.aliases)
