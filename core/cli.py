@@ -1,4 +1,4 @@
-"""The `marquee` command: dev, api, worker, migrate, token and user management."""
+"""The `marquee` command: dev, api, worker, migrate, tokens, users and the secrets key."""
 
 from __future__ import annotations
 
@@ -98,6 +98,13 @@ def _cmd_user(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_secrets_key(settings: Settings, _: argparse.Namespace) -> int:
+    from cryptography.fernet import Fernet
+
+    print(Fernet.generate_key().decode())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="marquee", description="Marquee notification service")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -120,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     create_token.add_argument("--subject", help="who the token stands for (default: cli-<role>)")
     create_token.add_argument("--ttl", type=int, help="lifetime in seconds (default: MARQUEE_JWT_TTL_SECONDS, 3600)")
     create_token.set_defaults(handler=_cmd_token)
+
+    commands.add_parser(
+        "secrets-key", help="print a new key for MARQUEE_SECRETS_KEY (encrypts provider secrets)"
+    ).set_defaults(handler=_cmd_secrets_key)
 
     user = commands.add_parser("user", help="admin panel users").add_subparsers(dest="action", required=True)
     create_user = user.add_parser("create", help="create an admin panel user")

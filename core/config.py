@@ -9,7 +9,8 @@ import secrets
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from cryptography.fernet import Fernet
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.templating import TemplateLimits
@@ -117,6 +118,17 @@ class Settings(BaseSettings):
     worker_max_concurrent_activities: int = Field(default=200, ge=1)
     worker_shutdown_seconds: float = 30.0  # running activities get this long to finish on stop
     embedded_pg_port: int = 5433  # the dev stack's PostgreSQL
+
+    @field_validator("secrets_key")
+    @classmethod
+    def _fernet_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None
+        try:
+            Fernet(value.get_secret_value().encode())
+        except ValueError as err:
+            raise ValueError("must be a Fernet key: 32 url-safe base64-encoded bytes (`marquee secrets-key`)") from err
+        return value
 
     def resolved_jwt_secret(self) -> str:
         """The JWT secret: from the environment, else the dev stack's file under data_dir."""

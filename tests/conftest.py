@@ -137,6 +137,9 @@ def settings(tmp_path_factory: pytest.TempPathFactory, database_url: str, smtp_s
         campaign_send_concurrency=10,
         dev_tools=True,
         wait_timeout_seconds=20.0,
+        # The worker writes tracking and unsubscribe links to the API the tests serve.
+        api_port=(api_port := free_port()),
+        public_url=f"http://127.0.0.1:{api_port}",
         # Provider edits reach the worker fast, and circuits open and recover within a test.
         provider_refresh_seconds=0.3,
         breaker_failure_threshold=3,
@@ -174,9 +177,7 @@ async def services(settings: Settings, engine: AsyncEngine) -> AsyncIterator[Wor
 
 
 @pytest.fixture(scope="session")
-async def worker(
-    temporal_client: Client, settings: Settings, services: WorkerServices
-) -> AsyncIterator[MarqueeWorker]:
+async def worker(temporal_client: Client, settings: Settings, services: WorkerServices) -> AsyncIterator[MarqueeWorker]:
     worker = create_worker(temporal_client, settings, services)
     async with worker:
         yield worker
@@ -187,9 +188,8 @@ async def api_url(
     settings: Settings, engine: AsyncEngine, temporal_client: Client, worker: MarqueeWorker
 ) -> AsyncIterator[str]:
     """The API served by uvicorn on a real port, as clients reach it."""
-    port = free_port()
-    app = create_app(settings.model_copy(update={"public_url": f"http://127.0.0.1:{port}"}), engine=engine,
-                     temporal=temporal_client)  # fmt: skip
+    port = settings.api_port
+    app = create_app(settings, engine=engine, temporal=temporal_client)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on"))
     task = asyncio.create_task(server.serve())
     while not server.started:  # noqa: ASYNC110 - uvicorn only offers a flag

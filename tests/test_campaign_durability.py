@@ -43,6 +43,8 @@ def start_worker(
         "MARQUEE_SMTP_HOST": "127.0.0.1",
         "MARQUEE_SMTP_PORT": str(smtp_server.port),
         "MARQUEE_DATA_DIR": str(data_dir),
+        # Signs tracking and unsubscribe links (as the API that verifies them does).
+        "MARQUEE_JWT_SECRET": settings.resolved_jwt_secret(),
         "MARQUEE_CAMPAIGN_SEND_CONCURRENCY": "10",
     }
     return subprocess.Popen([str(MARQUEE), "worker"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -179,3 +179,18 @@ async def test_user_create_refuses_a_short_password(cli_env: dict[str, str], dat
         assert await conn.fetchval("SELECT count(*) FROM admin_users WHERE email = $1", email) == 0
     finally:
         await conn.close()
+
+
+async def test_secrets_key_prints_a_key_that_seals_provider_secrets(cli_env: dict[str, str]) -> None:
+    from core.secretbox import SecretsUnreadable, seal, unseal
+
+    first, second = [await marquee(cli_env, "secrets-key") for _ in range(2)]
+    assert first.returncode == 0, first.stderr
+    key = first.stdout.strip().encode()
+    assert key != second.stdout.strip().encode()  # a new key each time
+    sealed = seal(key, {"password": "hunter2hunter2"})
+    assert sealed is not None
+    assert "hunter2" not in sealed
+    assert unseal(key, sealed) == {"password": "hunter2hunter2"}
+    with pytest.raises(SecretsUnreadable):
+        unseal(second.stdout.strip().encode(), sealed)

@@ -6,6 +6,7 @@ preferences and quiet hours. The gateways are the test's own HTTP servers."""
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -18,15 +19,31 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.client import Client
 
 from core import breaker
+from core.auth import Role
 from core.config import Settings
 from core.preferences import suppressions
 from core.providers import delete_provider, providers, save_provider
 from core.queries import deliveries, recipients
-from tests.conftest import SmtpServer, wait_for_status
+from tests.conftest import SmtpServer, token_for, wait_for_status
 from tests.gateways import Gateway
+from tests.test_campaigns import TEMPLATE, create_campaign, make_audience, tag_segment, wait_campaign
 from worker import MarqueeWorker, WorkerServices, create_worker
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+@pytest.fixture
+async def manager(api_url: str, settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    headers = {"Authorization": f"Bearer {token_for(settings, Role.campaign_manager, 'cm')}"}
+    async with httpx.AsyncClient(base_url=api_url, headers=headers, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture
+async def template_key(manager: httpx.AsyncClient) -> str:
+    key = f"promo-{uuid.uuid4().hex[:8]}"
+    assert (await manager.post("/v1/templates", json={"key": key, **TEMPLATE})).status_code == 201
+    return key
 
 
 @pytest.fixture
@@ -44,9 +61,7 @@ def gateways() -> Iterator[Callable[[], Gateway]]:
 
 
 @pytest.fixture
-async def stored(
-    engine: AsyncEngine, settings: Settings, worker: MarqueeWorker
-) -> AsyncIterator[Callable[..., Any]]:
+async def stored(engine: AsyncEngine, settings: Settings, worker: MarqueeWorker) -> AsyncIterator[Callable[..., Any]]:
     """Store providers for one test; the worker sees them at once, and they are gone after."""
     names: list[str] = []
 
@@ -222,7 +237,8 @@ async def test_a_refused_address_is_suppressed_for_later_sends(
     assert (await api.post("/v1/notifications?wait=true", json=email)).json()["status"] == "failed"
     async with engine.connect() as conn:
         reason = await conn.scalar(sa.select(suppressions.c.reason).where(suppressions.c.address == recipient["email"]))
-    assert reason is not None and "550" in reason
+    assert reason is not None
+    assert "550" in reason
 
     del smtp_server.handler.refuse[recipient["email"]]
     later = (await api.post("/v1/notifications?wait=true", json=email)).json()
@@ -315,4 +331,71 @@ async def test_provider_rows_are_validated_and_secrets_sealed(engine: AsyncEngin
         await save_provider(conn, settings.fernet_key(), _sms_provider(name, Gateway(), 10) | {"enabled": False})
         stored_secret = await conn.scalar(sa.select(providers.c.secrets).where(providers.c.name == name))
         await delete_provider(conn, name)
-    assert stored_secret and "sms-" not in stored_secret  # the API key is not in the row in clear
+    assert stored_secret
+    assert "sms-" not in stored_secret
+
+
+async def test_a_campaign_fails_over_inside_its_batches(
+    api: httpx.AsyncClient, manager: httpx.AsyncClient, template_key: str, stored: Any, gateways: Any,
+    engine: AsyncEngine,
+) -> None:  # fmt: skip
+    primary, backup = gateways(), gateways()
+    name_a, name_b = f"sms-ca-{uuid.uuid4().hex[:6]}", f"sms-cb-{uuid.uuid4().hex[:6]}"
+    await stored(**_sms_provider(name_a, primary, 10))
+    await stored(**_sms_provider(name_b, backup, 20))
+    primary.fail_always(500)
+    tag = f"t{uuid.uuid4().hex[:10]}"
+    people = [{"user_id": f"{tag}-{n}", "phone": f"+1555{uuid.uuid4().int % 10**7:07d}", "tags": [tag]}
+              for n in range(30)]  # fmt: skip
+    assert (await api.post("/v1/recipients/batch", json={"recipients": people})).status_code == 200
+    segment_id = await tag_segment(manager, tag)
+    campaign = await create_campaign(manager, template_key, segment_id, channels=["sms"])
+    assert (await manager.post(f"/v1/campaigns/{campaign['id']}/launch")).status_code == 200
+    done = await wait_campaign(manager, campaign["id"], "completed", "failed")
+
+    [run] = done["runs"]
+    assert (run["sent"], run["failed"]) == (30, 0)
+    assert sorted(m["to"] for m in backup.sms_messages) == sorted(p["phone"] for p in people)
+    # The primary failed until its circuit opened; after that batches skipped it.
+    assert len(primary.requests_to("sms")) < 30
+    async with engine.connect() as conn:
+        assert (await breaker.states(conn))[name_a].state == breaker.BreakerState.open
+
+
+async def test_campaign_email_is_tracked_and_unsubscribe_is_honoured(
+    api: httpx.AsyncClient, manager: httpx.AsyncClient, template_key: str, smtp_server: SmtpServer,
+    api_url: str, engine: AsyncEngine,
+) -> None:  # fmt: skip
+    tag, emails = await make_audience(api, 2)
+    segment_id = await tag_segment(manager, tag)
+    campaign = await create_campaign(manager, template_key, segment_id)
+    assert (await manager.post(f"/v1/campaigns/{campaign['id']}/launch")).status_code == 200
+    await wait_campaign(manager, campaign["id"], "completed")
+
+    [message] = smtp_server.handler.to(emails[0])
+    html = message.get_body(("html",)).get_content()
+    pixel = re.search(r'<img src="([^"]+/t/o/[^"]+\.gif)"', html)
+    assert pixel is not None
+    async with httpx.AsyncClient() as browser:
+        assert (await browser.get(pixel.group(1))).headers["content-type"] == "image/gif"
+        # One click on the mail client's unsubscribe button (RFC 8058).
+        one_click = message["List-Unsubscribe"].strip("<>")
+        assert one_click.startswith(f"{api_url}/u/")
+        assert message["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+        response = await browser.post(one_click, data={"List-Unsubscribe": "One-Click"})
+        assert response.status_code == 200
+    async with engine.connect() as conn:
+        opened = await conn.scalar(
+            sa.text("SELECT d.opened_at FROM campaign_deliveries d JOIN campaign_runs r ON r.id = d.run_id "
+                    "JOIN recipients p ON p.id = d.recipient_id WHERE r.campaign_id = :c AND p.email = :e"),
+            {"c": uuid.UUID(campaign["id"]), "e": emails[0]},
+        )  # fmt: skip
+    assert opened is not None
+
+    # The next campaign of that category skips the one who unsubscribed.
+    again = await create_campaign(manager, template_key, segment_id)
+    assert (await manager.post(f"/v1/campaigns/{again['id']}/launch")).status_code == 200
+    [run] = (await wait_campaign(manager, again["id"], "completed"))["runs"]
+    assert (run["sent"], run["suppressed"]) == (1, 1)
+    assert len(smtp_server.handler.to(emails[0])) == 1
+    assert len(smtp_server.handler.to(emails[1])) == 2
