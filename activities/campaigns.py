@@ -24,10 +24,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.notifications import TRANSIENT_ERROR, contact_for
+from activities.notifications import TRANSIENT_ERROR, contact_for, retire_address
 from activities.outbound import finish_email
 from activities.routing import ChannelRouter, ProviderDirectory
-from channels.base import OutboundMessage, PermanentSendError, TransientSendError
+from channels.base import InvalidAddressError, OutboundMessage, PermanentSendError, TransientSendError
 from core import campaign_store as store
 from core import preferences as prefs
 from core.clock import next_local_time, window_state
@@ -405,6 +405,12 @@ class CampaignActivities:
                     await limiter.acquire()
                 try:
                     receipt = await self._router.send(message)
+                except InvalidAddressError as err:
+                    await recorder.add(person, channel, "failed", error=str(err))
+                    await retire_address(
+                        self._engine, channel, person.user_id, err.address or message.address, str(err)
+                    )
+                    continue
                 except PermanentSendError as err:
                     await recorder.add(person, channel, "failed", error=str(err))
                     continue

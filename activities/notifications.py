@@ -202,6 +202,9 @@ class NotificationActivities:
                 plans.append(
                     ChannelPlan(channel=channel, address=None, skip_reason=f"recipient has no {channel} contact")
                 )
+            elif self._directory.no_provider(channel):
+                disabled = f"no enabled {channel} provider (all are disabled)"
+                plans.append(ChannelPlan(channel=channel, address=address, skip_reason=disabled))
             else:
                 plans.append(ChannelPlan(channel=channel, address=address, routes=self._directory.routes(channel)))
         sendable = [(plan.channel, plan.address) for plan in plans if plan.address and not plan.skip_reason]
@@ -302,7 +305,9 @@ class NotificationActivities:
         try:
             receipt = await provider.send(message)
         except InvalidAddressError as err:
-            await self._retire_address(request, err.address or request.address, str(err))
+            await retire_address(
+                self._engine, request.channel, request.user_id, err.address or request.address, str(err)
+            )
             raise ApplicationError(str(err), type=PERMANENT_ERROR, non_retryable=True) from err
         except PermanentSendError as err:
             raise ApplicationError(str(err), type=PERMANENT_ERROR, non_retryable=True) from err
@@ -456,29 +461,6 @@ class NotificationActivities:
             )
         return int(failures or 0)
 
-    async def _retire_address(self, request: SendInput, address: str, reason: str) -> None:
-        """A dead push token leaves the recipient's tokens; a dead email or number is
-        suppressed, so no later notification or campaign tries it again."""
-        async with self._engine.begin() as conn:
-            if request.channel == "push":
-                await conn.execute(
-                    recipients.update()
-                    .where(recipients.c.user_id == request.user_id)
-                    .values(
-                        push_tokens=sa.func.array_remove(recipients.c.push_tokens, address),
-                        dead_push_tokens=sa.func.array_append(
-                            sa.func.array_remove(recipients.c.dead_push_tokens, address), address
-                        ),
-                        updated_at=sa.func.now(),
-                    )
-                )
-            else:
-                await conn.execute(
-                    insert(prefs.suppressions)
-                    .values(channel=request.channel, address=address, reason=reason[:500], source="provider")
-                    .on_conflict_do_nothing()
-                )
-
     async def _record_history(self, request: SendInput, status: str, provider: str, attempt: int) -> None:
         await self._history.record(
             [
@@ -522,3 +504,27 @@ def contact_for(channel: str, email: str | None, phone: str | None, push_tokens:
 
 def _delay(retry_after: float | None) -> timedelta | None:
     return timedelta(seconds=retry_after) if retry_after else None
+
+
+async def retire_address(engine: AsyncEngine, channel: str, user_id: str, address: str, reason: str) -> None:
+    """A dead push token leaves the recipient's tokens; a dead email or number is
+    suppressed, so no later notification or campaign tries it again."""
+    async with engine.begin() as conn:
+        if channel == "push":
+            await conn.execute(
+                recipients.update()
+                .where(recipients.c.user_id == user_id)
+                .values(
+                    push_tokens=sa.func.array_remove(recipients.c.push_tokens, address),
+                    dead_push_tokens=sa.func.array_append(
+                        sa.func.array_remove(recipients.c.dead_push_tokens, address), address
+                    ),
+                    updated_at=sa.func.now(),
+                )
+            )
+        else:
+            await conn.execute(
+                insert(prefs.suppressions)
+                .values(channel=channel, address=address, reason=reason[:500], source="provider")
+                .on_conflict_do_nothing()
+            )

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import sqlalchemy as sa
 import structlog
 from aiolimiter import AsyncLimiter
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -24,8 +25,10 @@ from channels.base import (
     TransientSendError,
     trips_breaker,
 )
+from channels.sandbox import SandboxProvider
 from core import breaker
-from core.providers import ProviderRecord, list_providers, task_queue_for
+from core.providers import ProviderRecord, provider_record, providers, task_queue_for
+from core.secretbox import SecretsUnreadable
 from workflows.contracts import ProviderRoute
 
 logger = structlog.get_logger("marquee.providers")
@@ -64,6 +67,8 @@ class ProviderDirectory:
         self._build = build
         self._loaded: dict[str, LoadedProvider] = {}
         self._open: set[str] = set()  # providers whose circuit was not closed at the last look
+        self.configured_channels: set[str] = set()
+        self._failed_since_success: set[str] = set()
         self._breakers_read = 0.0
 
     @property
@@ -73,7 +78,16 @@ class ProviderDirectory:
     async def refresh(self) -> tuple[list[LoadedProvider], list[LoadedProvider]]:
         """Load enabled providers; rebuild the changed ones. Returns (started, retired)."""
         async with self.engine.connect() as conn:
-            records = {record.name: record for record in await list_providers(conn, self._key, enabled_only=True)}
+            rows = (await conn.execute(sa.select(providers).order_by(providers.c.name))).all()
+        self.configured_channels = {row.channel for row in rows}
+        records: dict[str, ProviderRecord] = {}
+        for row in rows:
+            if not row.enabled:
+                continue
+            try:
+                records[row.name] = provider_record(row, self._key)
+            except SecretsUnreadable:  # sealed with another key: skip it, keep the others running
+                logger.error("provider secrets do not decrypt; is MARQUEE_SECRETS_KEY right?", provider=row.name)
         started: list[LoadedProvider] = []
         retired: list[LoadedProvider] = []
         for name, current in list(self._loaded.items()):
@@ -102,6 +116,16 @@ class ProviderDirectory:
         )
         return [ProviderRoute(provider=r.name, task_queue=task_queue_for(self.base_queue, r.name)) for r in chain]
 
+    def no_provider(self, channel: str) -> bool:
+        """True when a channel has stored providers, none enabled, and its environment
+        default is the sandbox: sending there would report messages sent that no one gets."""
+        default = self.defaults.get(channel)
+        return (
+            not self.routes(channel)
+            and channel in self.configured_channels
+            and (default is None or isinstance(default, SandboxProvider))
+        )
+
     def provider(self, channel: str, name: str | None) -> Provider | None:
         """A stored provider by name, or the channel's default (name None or its own)."""
         if name is not None and name in self._loaded:
@@ -123,13 +147,17 @@ class ProviderDirectory:
     async def failed(self, name: str, error: BaseException) -> None:
         if trips_breaker(error):
             state = await breaker.record_failure(self.engine, name, str(error), self.breaker_threshold)
+            self._failed_since_success.add(name)
             if state != breaker.BreakerState.closed:
                 self._open.add(name)
 
     async def succeeded(self, name: str, was_open: bool) -> None:
-        if was_open:
+        """A success ends a run of failures: written only when there was one, so campaign
+        batches do not write to PostgreSQL for every message."""
+        if was_open or name in self._failed_since_success:
             await breaker.record_success(self.engine, name)
             self._open.discard(name)
+            self._failed_since_success.discard(name)
 
     async def close(self) -> None:
         for loaded in self._loaded.values():
@@ -153,8 +181,9 @@ class ChannelRouter:
                  for route in directory.routes(message.channel)]  # fmt: skip
         if not chain:
             default = directory.defaults.get(message.channel)
-            if default is None:
-                raise ProviderUnavailableError(f"no provider configured for channel {message.channel!r}")
+            if default is None or directory.no_provider(message.channel):
+                # Transient: the batch waits (with backoff) until an operator enables one.
+                raise TransientSendError(f"no enabled provider for channel {message.channel!r}")
             chain = [(default.name, default)]
         last_error: BaseException | None = None
         for index, (name, provider) in enumerate(chain):

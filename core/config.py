@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from cryptography.fernet import Fernet
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, PrivateAttr, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.templating import TemplateLimits
@@ -98,6 +98,9 @@ class Settings(BaseSettings):
     send_retry_max_seconds: float = 60.0
     send_retry_max_attempts: int = 8
     send_timeout_seconds: float = 30.0
+    # How long a send waits on a stored provider's queue (rate limit, or a provider just
+    # disabled) before the channel's next provider is tried.
+    provider_queue_timeout_seconds: float = Field(default=600.0, gt=0)
 
     # Campaigns: recipients per batch activity, batches in flight per campaign, concurrent
     # sends per batch (keep within smtp_pool_size).
@@ -130,6 +133,8 @@ class Settings(BaseSettings):
             raise ValueError("must be a Fernet key: 32 url-safe base64-encoded bytes (`marquee secrets-key`)") from err
         return value
 
+    _signing_keys: dict[tuple[str, str], bytes] = PrivateAttr(default_factory=dict)
+
     def resolved_jwt_secret(self) -> str:
         """The JWT secret: from the environment, else the dev stack's file under data_dir."""
         if self.jwt_secret is not None:
@@ -153,7 +158,15 @@ class Settings(BaseSettings):
     def signing_key(self, purpose: str) -> bytes:
         """A key for one purpose (tracking links, unsubscribe links), derived from the JWT
         secret so that a leaked tracking key cannot mint API tokens."""
-        return hmac.new(self.resolved_jwt_secret().encode(), f"marquee:{purpose}".encode(), hashlib.sha256).digest()
+        # Asked for every message a campaign sends: derive (and read the dev file) once.
+        # Keyed by where the secret comes from too: model_copy shares this cache.
+        source = self.jwt_secret.get_secret_value() if self.jwt_secret is not None else str(self.data_dir)
+        key = self._signing_keys.get((source, purpose))
+        if key is None:
+            secret = self.resolved_jwt_secret().encode()
+            key = hmac.new(secret, f"marquee:{purpose}".encode(), hashlib.sha256).digest()
+            self._signing_keys[(source, purpose)] = key
+        return key
 
     def fernet_key(self) -> bytes:
         if self.secrets_key is not None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.clock import window_state
@@ -57,7 +58,8 @@ async def load(conn: AsyncConnection, recipient_ids: Collection[int]) -> dict[in
     """Every preference row of these recipients, in one query."""
     found: dict[int, list[Preference]] = defaultdict(list)
     if recipient_ids:
-        rows = await conn.execute(sa.select(preferences).where(preferences.c.recipient_id.in_(list(recipient_ids))))
+        ids = sa.cast(list(recipient_ids), pg.ARRAY(sa.BigInteger))
+        rows = await conn.execute(sa.select(preferences).where(preferences.c.recipient_id == sa.any_(ids)))
         for row in rows:
             found[row.recipient_id].append(Preference(row.category, row.channel, row.enabled))
     return found
@@ -65,11 +67,24 @@ async def load(conn: AsyncConnection, recipient_ids: Collection[int]) -> dict[in
 
 async def suppressed(conn: AsyncConnection, pairs: Collection[tuple[str, str]]) -> dict[tuple[str, str], str]:
     """(channel, address) -> reason, for the pairs that are suppressed."""
-    if not pairs:
+    by_channel: dict[str, list[str]] = defaultdict(list)
+    for channel, address in pairs:
+        by_channel[channel].append(address)
+    if not by_channel:
         return {}
+    # One array parameter per channel: a batch's thousands of addresses in a statement
+    # that compiles the same every time.
     rows = await conn.execute(
         sa.select(suppressions.c.channel, suppressions.c.address, suppressions.c.reason).where(
-            sa.tuple_(suppressions.c.channel, suppressions.c.address).in_(list(pairs))
+            sa.or_(
+                *(
+                    sa.and_(
+                        suppressions.c.channel == channel,
+                        suppressions.c.address == sa.any_(sa.cast(addresses, pg.ARRAY(sa.Text))),
+                    )
+                    for channel, addresses in by_channel.items()
+                )
+            )
         )
     )
     return {(row.channel, row.address): row.reason for row in rows}

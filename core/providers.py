@@ -57,7 +57,7 @@ def task_queue_for(base_queue: str, provider_name: str) -> str:
     return f"{base_queue}.provider.{provider_name}"
 
 
-def _record(row: sa.Row[Any], key: bytes) -> ProviderRecord:
+def provider_record(row: sa.Row[Any], key: bytes) -> ProviderRecord:
     return ProviderRecord(
         id=row.id,
         name=row.name,
@@ -83,12 +83,12 @@ async def list_providers(
         query = query.where(providers.c.channel == channel)
     if enabled_only:
         query = query.where(providers.c.enabled)
-    return [_record(row, key) for row in await conn.execute(query)]
+    return [provider_record(row, key) for row in await conn.execute(query)]
 
 
 async def get_provider(conn: AsyncConnection, key: bytes, name: str) -> ProviderRecord | None:
     row = (await conn.execute(sa.select(providers).where(providers.c.name == name))).first()
-    return _record(row, key) if row is not None else None
+    return provider_record(row, key) if row is not None else None
 
 
 def validate(values: dict[str, Any]) -> list[str]:

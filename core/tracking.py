@@ -15,6 +15,7 @@ Tokens do not expire: links in an email must work for as long as the email is ke
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import html
 import re
@@ -64,7 +65,9 @@ def tracking_key(settings: Settings) -> bytes:
     return settings.signing_key("tracking")
 
 
+@functools.lru_cache(maxsize=16)
 def _serializer(key: bytes, salt: str) -> URLSafeSerializer:
+    # Built once per key: a campaign signs two tokens for every message it sends.
     return URLSafeSerializer(key, salt=salt, signer_kwargs=_SIGNER_KWARGS)
 
 
@@ -94,6 +97,7 @@ def read_delivery_token(key: bytes, token: str) -> TrackedDelivery | None:
     return None
 
 
+@functools.lru_cache(maxsize=16)
 def _click_signer(key: bytes) -> Signer:
     return Signer(key, salt=_CLICK_SALT, **_SIGNER_KWARGS)
 

@@ -345,8 +345,9 @@ async def test_a_campaign_fails_over_inside_its_batches(
     await stored(**_sms_provider(name_b, backup, 20))
     primary.fail_always(500)
     tag = f"t{uuid.uuid4().hex[:10]}"
-    people = [{"user_id": f"{tag}-{n}", "phone": f"+1555{uuid.uuid4().int % 10**7:07d}", "tags": [tag]}
-              for n in range(30)]  # fmt: skip
+    people: list[dict[str, Any]] = [
+        {"user_id": f"{tag}-{n}", "phone": f"+1555{uuid.uuid4().int % 10**7:07d}", "tags": [tag]} for n in range(30)
+    ]
     assert (await api.post("/v1/recipients/batch", json={"recipients": people})).status_code == 200
     segment_id = await tag_segment(manager, tag)
     campaign = await create_campaign(manager, template_key, segment_id, channels=["sms"])
@@ -355,7 +356,7 @@ async def test_a_campaign_fails_over_inside_its_batches(
 
     [run] = done["runs"]
     assert (run["sent"], run["failed"]) == (30, 0)
-    assert sorted(m["to"] for m in backup.sms_messages) == sorted(p["phone"] for p in people)
+    assert sorted(m["to"] for m in backup.sms_messages) == sorted(str(p["phone"]) for p in people)
     # The primary failed until its circuit opened; after that batches skipped it.
     assert len(primary.requests_to("sms")) < 30
     async with engine.connect() as conn:
@@ -399,3 +400,21 @@ async def test_campaign_email_is_tracked_and_unsubscribe_is_honoured(
     assert (run["sent"], run["suppressed"]) == (1, 1)
     assert len(smtp_server.handler.to(emails[0])) == 1
     assert len(smtp_server.handler.to(emails[1])) == 2
+
+
+async def test_a_channel_whose_providers_are_all_disabled_does_not_fall_back_to_the_sandbox(
+    api: httpx.AsyncClient, recipient: dict, stored: Any, gateways: Any, engine: AsyncEngine
+) -> None:
+    gateway = gateways()
+    await stored(**_sms_provider(f"sms-off-{uuid.uuid4().hex[:6]}", gateway, 10, enabled=False))
+    body = (await api.post("/v1/notifications?wait=true", json=_sms(recipient["user_id"]))).json()
+    assert body["status"] == "failed"
+    assert body["channels"][0]["error"] == "no enabled sms provider (all are disabled)"
+    outbox = (await api.get("/dev/outbox")).json()
+    assert recipient["phone"] not in {row["address"] for row in outbox}  # not "sent" to the sandbox
+    assert gateway.requests == []
+    async with engine.connect() as conn:  # a dead letter to replay once a provider is enabled
+        letters = await conn.scalar(
+            sa.text("SELECT count(*) FROM dead_letters WHERE notification_id = :id"), {"id": uuid.UUID(body["id"])}
+        )
+    assert letters == 1

@@ -21,8 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core import delivery_events
 from core.config import Settings
-from core.providers import ProviderInvalid, providers, save_provider
-from core.secretbox import seal
+from core.providers import delete_provider, save_provider
 from tests.conftest import wait_for_status
 
 deliveries = delivery_events.deliveries
@@ -33,6 +32,19 @@ preferences = delivery_events.preferences
 
 
 # --- helpers ------------------------------------------------------------------------------
+
+
+_created: list[str] = []
+
+
+@pytest.fixture(autouse=True)
+async def _drop_providers(engine: AsyncEngine) -> AsyncIterator[None]:
+    """The rows a test made go with it: a channel with stored providers (even disabled
+    ones) no longer falls back to the sandbox, which later tests rely on."""
+    yield
+    async with engine.begin() as conn:
+        while _created:
+            await delete_provider(conn, _created.pop())
 
 
 async def make_provider(
@@ -48,13 +60,8 @@ async def make_provider(
     name = f"hooks-{uuid.uuid4().hex[:10]}"
     values = {"name": name, "channel": channel, "kind": kind, "settings": provider_settings or {}}
     async with engine.begin() as conn:
-        try:
-            await save_provider(conn, settings.fernet_key(), {**values, "secrets": secrets, "enabled": False})
-        except (ImportError, ProviderInvalid):
-            # The registry of kinds is not there (yet): store the row as the admin would.
-            await conn.execute(
-                sa.insert(providers).values(**values, secrets=seal(settings.fernet_key(), secrets), enabled=False)
-            )
+        await save_provider(conn, settings.fernet_key(), {**values, "secrets": secrets, "enabled": False})
+    _created.append(name)
     return name
 
 

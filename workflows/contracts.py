@@ -25,6 +25,9 @@ class RetryOptions(BaseModel):
     timeout_seconds: float = 30.0
     # Failures on a provider before the channel moves to the next one (when there is one).
     failover_after: int = 3
+    # How long a send may wait on a provider's task queue (its rate limit, or no worker
+    # polling it because the provider was disabled) before the next provider is tried.
+    queue_timeout_seconds: float = 600.0
 
 
 class NotificationInput(BaseModel):

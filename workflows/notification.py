@@ -121,6 +121,7 @@ class NotificationWorkflow:
                 may_skip=not last,
             ),
             task_queue=route.task_queue if route else None,
+            schedule_to_start_timeout=timedelta(seconds=retry.queue_timeout_seconds) if route else None,
             start_to_close_timeout=timedelta(seconds=retry.timeout_seconds),
             retry_policy=RetryPolicy(
                 initial_interval=timedelta(seconds=retry.initial_seconds),

@@ -55,6 +55,7 @@ def _retry_options(settings: Settings) -> RetryOptions:
         max_seconds=settings.send_retry_max_seconds,
         max_attempts=settings.send_retry_max_attempts,
         timeout_seconds=settings.send_timeout_seconds,
+        queue_timeout_seconds=settings.provider_queue_timeout_seconds,
     )
 
 
