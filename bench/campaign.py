@@ -88,6 +88,7 @@ async def run(recipients: int, workers: int, batch_size: int, window: int, concu
         "MARQUEE_CAMPAIGN_SEND_CONCURRENCY": str(concurrency),
         "MARQUEE_DATABASE_POOL_SIZE": "20",
         "MARQUEE_LOG_LEVEL": "WARNING",
+        "MARQUEE_JWT_SECRET": settings.resolved_jwt_secret(),  # workers sign tracking links
     }
     processes = [
         subprocess.Popen(
@@ -126,6 +127,8 @@ async def run(recipients: int, workers: int, batch_size: int, window: int, concu
                 row = (await conn.execute(sa.select(campaign_runs).where(campaign_runs.c.id == run_id))).first()
             if row is not None and row.status == "completed":
                 break
+            if dead := [p.returncode for p in processes if p.poll() is not None]:
+                raise RuntimeError(f"a worker exited (codes {dead}) before the campaign completed")
             await asyncio.sleep(0.2)
         elapsed = time.perf_counter() - began
     finally:
