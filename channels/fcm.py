@@ -30,6 +30,7 @@ from channels.base import (
     TransientSendError,
     retry_after_seconds,
 )
+from channels.http import json_object, post
 
 FCM_SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
 JWT_BEARER_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
@@ -81,8 +82,8 @@ class ServiceAccountTokens:
 
     async def _fetch(self) -> tuple[str, float]:
         form = {"grant_type": JWT_BEARER_GRANT, "assertion": self.assertion()}
-        response = await _request(self._client, "POST", self._token_uri, what="OAuth token endpoint", data=form)
-        body = _json_object(response)
+        response = await post(self._client, self._token_uri, what="OAuth token endpoint", data=form)
+        body = json_object(response)
         if response.status_code == 200 and isinstance(body.get("access_token"), str):
             return body["access_token"], float(body.get("expires_in") or ASSERTION_LIFETIME_SECONDS)
         detail = f"OAuth token endpoint HTTP {response.status_code}: {body.get('error') or response.text[:200]}"
@@ -132,7 +133,7 @@ class FcmProvider:
                 response = await self._post(payload, token)
         if response.status_code == 200:
             # FCM has taken the message; a body we cannot read must not make us send it again.
-            return ProviderReceipt(provider=self.name, message_id=str(_json_object(response).get("name", "")))
+            return ProviderReceipt(provider=self.name, message_id=str(json_object(response).get("name", "")))
         raise classify_fcm_response(response, message.address)
 
     async def close(self) -> None:
@@ -148,7 +149,7 @@ class FcmProvider:
         # No idempotency key exists in FCM: a timeout after FCM took the message may
         # duplicate the push on retry. Accepted: a rare duplicate beats a lost message.
         headers = {"Authorization": f"Bearer {token}"}
-        return await _request(self._client, "POST", self._url, what="FCM", json=payload, headers=headers)
+        return await post(self._client, self._url, what="FCM", json=payload, headers=headers)
 
 
 def fcm_message(message: OutboundMessage) -> dict[str, Any]:
@@ -176,7 +177,7 @@ class FcmError:
 
     @classmethod
     def parse(cls, response: httpx.Response) -> FcmError:
-        error = _json_object(response).get("error")
+        error = json_object(response).get("error")
         if not isinstance(error, dict):
             return cls(message=response.text[:200])
         error_code, fields = "", []
@@ -217,20 +218,3 @@ def classify_fcm_response(response: httpx.Response, address: str) -> SendError:
         # Credentials, permissions or a wrong project id: every message would fail alike.
         return ProviderUnavailableError(detail)
     return PermanentSendError(detail)
-
-
-async def _request(client: httpx.AsyncClient, method: str, url: str, *, what: str, **kwargs: Any) -> httpx.Response:
-    try:
-        return await client.request(method, url, **kwargs)
-    except httpx.TimeoutException as err:
-        raise TransientSendError(f"{what} timed out: {type(err).__name__}") from err
-    except httpx.TransportError as err:
-        raise TransientSendError(f"{what} unreachable: {type(err).__name__}: {err}") from err
-
-
-def _json_object(response: httpx.Response) -> dict[str, Any]:
-    try:
-        body = response.json()
-    except ValueError:
-        return {}
-    return body if isinstance(body, dict) else {}

@@ -21,6 +21,7 @@ from channels.base import (
     TransientSendError,
     retry_after_seconds,
 )
+from channels.http import json_object, post
 
 # Twilio error codes (https://www.twilio.com/docs/api/errors) that mean "this number is dead to us".
 TWILIO_INVALID_TO = 21211  # invalid 'To' phone number
@@ -52,9 +53,9 @@ class JsonSmsGatewayProvider:
     async def send(self, message: OutboundMessage) -> ProviderReceipt:
         payload = {"to": message.address, "from": self._sender, "text": message.body}
         headers = {"Idempotency-Key": message.idempotency_key}
-        response = await _request(self._client, "/messages", what="SMS gateway", json=payload, headers=headers)
+        response = await post(self._client, "/messages", what="SMS gateway", json=payload, headers=headers)
         if response.status_code in (200, 201, 202):
-            return ProviderReceipt(provider=self.name, message_id=str(_json_object(response).get("id", "")))
+            return ProviderReceipt(provider=self.name, message_id=str(json_object(response).get("id", "")))
         raise self._classify(response, message.address)
 
     async def close(self) -> None:
@@ -63,7 +64,7 @@ class JsonSmsGatewayProvider:
     @staticmethod
     def _classify(response: httpx.Response, address: str) -> SendError:
         status = response.status_code
-        error = _json_object(response).get("error")
+        error = json_object(response).get("error")
         code = str(error.get("code", "")) if isinstance(error, dict) else ""
         text = str(error.get("message", "")) if isinstance(error, dict) else response.text[:200]
         detail = f"SMS gateway HTTP {status} {code}: {text}".rstrip(": ")
@@ -103,9 +104,9 @@ class TwilioSmsProvider:
         if self._status_callback:
             form["StatusCallback"] = self._status_callback
         headers = {"I-Twilio-Idempotency-Token": message.idempotency_key}
-        response = await _request(self._client, self._path, what="Twilio", data=form, headers=headers)
+        response = await post(self._client, self._path, what="Twilio", data=form, headers=headers)
         if response.status_code in (200, 201):
-            return ProviderReceipt(provider=self.name, message_id=str(_json_object(response).get("sid", "")))
+            return ProviderReceipt(provider=self.name, message_id=str(json_object(response).get("sid", "")))
         raise self._classify(response, message.address)
 
     async def close(self) -> None:
@@ -114,7 +115,7 @@ class TwilioSmsProvider:
     @staticmethod
     def _classify(response: httpx.Response, address: str) -> SendError:
         status = response.status_code
-        body = _json_object(response)
+        body = json_object(response)
         code = body.get("code")
         detail = f"Twilio HTTP {status} error {code}: {body.get('message') or response.text[:200]}"
         if code in TWILIO_DEAD_NUMBER_CODES:
@@ -148,20 +149,3 @@ def _client(base_url: str, timeout: float, max_connections: int, **kwargs: Any) 
         limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
         **kwargs,
     )
-
-
-async def _request(client: httpx.AsyncClient, path: str, *, what: str, **kwargs: Any) -> httpx.Response:
-    try:
-        return await client.post(path, **kwargs)
-    except httpx.TimeoutException as err:
-        raise TransientSendError(f"{what} timed out: {type(err).__name__}") from err
-    except httpx.TransportError as err:
-        raise TransientSendError(f"{what} unreachable: {type(err).__name__}: {err}") from err
-
-
-def _json_object(response: httpx.Response) -> dict[str, Any]:
-    try:
-        body = response.json()
-    except ValueError:
-        return {}
-    return body if isinstance(body, dict) else {}

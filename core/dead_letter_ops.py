@@ -288,28 +288,36 @@ async def _replay_one(
             raise ReplayUnavailable(f"could not start the replay of dead letter {row.id}: {err.message}") from err
     else:
         raise ReplayUnavailable(f"replay runs of dead letter {row.id} exist up to number {number - 1}")
+    details = {"workflow_id": workflow_id, "run_id": handle.result_run_id, "replay": number}
+    await _resolve(conn, row, DeadLetterStatus.replayed, actor, details, replays=number)
+    return ActionResult(row.id, Outcome.replayed, DeadLetterStatus.replayed.value, workflow_id)
+
+
+async def _resolve(
+    conn: AsyncConnection,
+    row: sa.Row[Any],
+    status: DeadLetterStatus,
+    actor: Actor,
+    details: dict[str, Any],
+    **values: Any,
+) -> None:
+    """Close a dead letter and audit it, in the caller's transaction."""
     await conn.execute(
         dead_letters.update()
         .where(dead_letters.c.id == row.id)
-        .values(
-            status=DeadLetterStatus.replayed.value,
-            replays=number,
-            resolved_by=actor.subject,
-            resolved_at=sa.func.now(),
-            updated_at=sa.func.now(),
-        )
-    )
+        .values(status=status.value, resolved_by=actor.subject, resolved_at=sa.func.now(),
+                updated_at=sa.func.now(), **values)
+    )  # fmt: skip
+    action = {DeadLetterStatus.replayed: "dead_letter.replay", DeadLetterStatus.discarded: "dead_letter.discard"}
     await audit.record(
         conn,
         actor=actor.subject,
         role=str(actor.role),
-        action="dead_letter.replay",
+        action=action[status],
         entity=ENTITY,
         entity_id=row.id,
-        details={"workflow_id": workflow_id, "run_id": handle.result_run_id, "replay": number,
-                 "notification_id": str(row.notification_id), "channel": row.channel},
-    )  # fmt: skip
-    return ActionResult(row.id, Outcome.replayed, DeadLetterStatus.replayed.value, workflow_id)
+        details={**details, "notification_id": str(row.notification_id), "channel": row.channel},
+    )
 
 
 async def discard(conn: AsyncConnection, ids: Sequence[int], actor: Actor, reason: str) -> list[ActionResult]:
@@ -329,25 +337,7 @@ async def discard(conn: AsyncConnection, ids: Sequence[int], actor: Actor, reaso
         if row.status != DeadLetterStatus.open.value:
             results.append(ActionResult(dead_letter_id, Outcome.not_open, row.status))
             continue
-        await conn.execute(
-            dead_letters.update()
-            .where(dead_letters.c.id == row.id)
-            .values(
-                status=DeadLetterStatus.discarded.value,
-                resolved_by=actor.subject,
-                resolved_at=sa.func.now(),
-                updated_at=sa.func.now(),
-            )
-        )
-        await audit.record(
-            conn,
-            actor=actor.subject,
-            role=str(actor.role),
-            action="dead_letter.discard",
-            entity=ENTITY,
-            entity_id=row.id,
-            details={"reason": reason, "notification_id": str(row.notification_id), "channel": row.channel},
-        )
+        await _resolve(conn, row, DeadLetterStatus.discarded, actor, {"reason": reason})
         results.append(ActionResult(row.id, Outcome.discarded, DeadLetterStatus.discarded.value))
     return results
 
