@@ -418,3 +418,33 @@ async def test_a_channel_whose_providers_are_all_disabled_does_not_fall_back_to_
             sa.text("SELECT count(*) FROM dead_letters WHERE notification_id = :id"), {"id": uuid.UUID(body["id"])}
         )
     assert letters == 1
+
+
+async def test_a_send_no_worker_picks_up_moves_to_the_next_provider(
+    recipient: dict, stored: Any, gateways: Any, worker: MarqueeWorker, settings: Settings,
+    temporal_client: Client, engine: AsyncEngine,
+) -> None:  # fmt: skip
+    """A provider disabled while sends wait on its queue: they time out there and fail over."""
+    from workflows.contracts import NotificationInput, RetryOptions, workflow_id_for
+    from workflows.notification import NotificationWorkflow
+
+    stuck, backup = gateways(), gateways()
+    name_a, name_b = f"sms-gone-{uuid.uuid4().hex[:6]}", f"sms-next-{uuid.uuid4().hex[:6]}"
+    await stored(**_sms_provider(name_a, stuck, 10))
+    await stored(**_sms_provider(name_b, backup, 20))
+    await worker._stop_provider(name_a)  # as if another process had just disabled it: nobody polls its queue
+
+    notification_id = uuid.uuid4()
+    request = NotificationInput(
+        notification_id=notification_id, idempotency_key=f"queue-timeout-{notification_id}", request_hash="-",
+        requested_by="test", user_id=recipient["user_id"], category="premiere", channels=["sms"], title="T",
+        body="Dune at 20:00", retry=RetryOptions(initial_seconds=0.2, max_seconds=1, queue_timeout_seconds=1.5),
+    )  # fmt: skip
+    outcome = await temporal_client.execute_workflow(
+        NotificationWorkflow.run, request, id=workflow_id_for(notification_id), task_queue=settings.temporal_task_queue
+    )
+    assert [(c.channel, c.status) for c in outcome.channels] == [("sms", "sent")]
+    assert stuck.requests == []
+    assert [m["to"] for m in backup.sms_messages] == [recipient["phone"]]
+    row = await _delivery(engine, str(notification_id))
+    assert row.provider == name_b
