@@ -14,7 +14,7 @@ import asyncio
 import uuid
 from collections import Counter
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -300,6 +300,9 @@ class CampaignActivities:
                 ],
             )
         choices = _Choices(wanted, blocked, spec.category in self._settings.transactional_categories)
+        now = batch.now or datetime.now(UTC)
+        deferred = 0
+        deferred_until: datetime | None = None
         recorder = _Recorder(self._engine, self._history, spec, batch.run_id)
         variables, _ = coerce_variables(spec.content.variables, spec.variables)
         jobs: list[tuple[sa.Row[Any], str, OutboundMessage]] = []
@@ -307,9 +310,22 @@ class CampaignActivities:
         ticker = asyncio.create_task(_heartbeat_every(HEARTBEAT_SECONDS, recorder))
         try:
             for person in audience:
+                quiet = (
+                    None
+                    if choices.transactional
+                    else prefs.quiet_until(now, person.timezone, person.quiet_hours_start, person.quiet_hours_end)
+                )
+                if quiet is not None:
+                    # Not recorded: the workflow's next pass over the segment, once their quiet
+                    # hours are over, sends them (and skips everyone recorded by then).
+                    waiting = sum((person.id, channel) not in done for channel in spec.channels)
+                    if waiting:
+                        deferred += waiting
+                        deferred_until = min(quiet, deferred_until or quiet)
+                    continue
                 for channel in spec.channels:
                     if (person.id, channel) in done:
-                        skipped += 1
+                        skipped += batch.count_duplicates
                         continue
                     job = await self._prepare(spec, batch.run_id, person, channel, variables, recorder, choices)
                     if job is not None:
@@ -335,7 +351,7 @@ class CampaignActivities:
             )
         totals = recorder.totals
         return BatchResult(sent=totals["sent"], failed=totals["failed"], suppressed=totals["suppressed"],
-                           skipped_duplicate=skipped)  # fmt: skip
+                           skipped_duplicate=skipped, deferred=deferred, deferred_until=deferred_until)  # fmt: skip
 
     async def _prepare(
         self,

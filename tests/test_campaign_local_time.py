@@ -91,3 +91,50 @@ async def test_each_zone_gets_its_send_at_ten_local(
     # And the mail went out zone by zone, in that order.
     order = list(dict.fromkeys(zone_of[rcpt] for rcpt, _ in delivered))
     assert order == [zone for _, zone in expected]
+
+
+async def test_recipients_in_quiet_hours_get_the_campaign_when_they_end(
+    api: httpx.AsyncClient,
+    manager: httpx.AsyncClient,  # noqa: F811
+    template_key: str,  # noqa: F811
+    smtp_server: SmtpServer,
+    settings: Settings,
+    services: WorkerServices,
+    engine: Any,
+    skipping: WorkflowEnvironment,
+) -> None:
+    tag = f"qh{uuid.uuid4().hex[:8]}"
+    now = datetime.now(UTC)
+    quiet = {"quiet_hours_start": (now - timedelta(hours=1)).strftime("%H:%M"),
+             "quiet_hours_end": (now + timedelta(hours=3)).strftime("%H:%M")}  # fmt: skip
+    awake = [{"user_id": f"{tag}-a{n}", "email": f"{tag}-a{n}@example.com", "tags": [tag]} for n in range(2)]
+    asleep = [{"user_id": f"{tag}-q{n}", "email": f"{tag}-q{n}@example.com", "tags": [tag], **quiet} for n in range(3)]
+    assert (await api.post("/v1/recipients/batch", json={"recipients": awake + asleep})).status_code == 200
+    campaign = await create_campaign(manager, template_key, await tag_segment(manager, tag))
+    own = settings.model_copy(update={"temporal_task_queue": f"skipping-{uuid.uuid4().hex[:8]}"})
+    async with create_worker(skipping.client, own, services):
+        async with engine.begin() as conn:
+            await campaign_control.launch(conn, skipping.client, own, uuid.UUID(campaign["id"]))
+        handle = skipping.client.get_workflow_handle(f"campaign-{campaign['id']}")
+        # The first pass sends to those awake, then waits (the test server skips the wait).
+        for _ in range(100):
+            if len(smtp_server.handler.delivered_to({p["email"] for p in awake})) == 2:
+                break
+            await asyncio.sleep(0.1)
+        assert smtp_server.handler.delivered_to({p["email"] for p in asleep}) == []
+        for _ in range(10):
+            if (await handle.describe()).status == WorkflowExecutionStatus.COMPLETED:
+                break
+            await skipping.sleep(timedelta(hours=1))
+            await asyncio.sleep(0.2)
+        assert (await handle.describe()).status == WorkflowExecutionStatus.COMPLETED
+        history = await handle.fetch_history()
+
+    assert {rcpt for rcpt, _ in smtp_server.handler.delivered_to({p["email"] for p in awake + asleep})} == {
+        p["email"] for p in awake + asleep
+    }
+    [timer] = [e.timer_started_event_attributes.start_to_fire_timeout.ToTimedelta() for e in history.events
+               if e.event_type == EventType.EVENT_TYPE_TIMER_STARTED]  # fmt: skip
+    assert timedelta(hours=2, minutes=58) < timer <= timedelta(hours=3)  # until their quiet hours end
+    run = (await manager.get(f"/v1/campaigns/{campaign['id']}")).json()["runs"][0]
+    assert (run["targeted"], run["sent"], run["skipped_duplicate"]) == (5, 5, 0)

@@ -62,12 +62,14 @@ class CampaignWorkflow:
         self._batches_done = 0
         self._totals = BatchResult()
         self._window: WindowState | None = None
+        self._deferred_until: datetime | None = None  # recipients in their quiet hours: when to go again
 
     @workflow.run
     async def run(self, request: CampaignInput) -> BatchResult:
         run_id = request.run_id or workflow.info().workflow_id
         self._paused = request.paused
         self._cursor = request.cursor
+        self._deferred_until = request.deferred_until
         try:
             if request.not_before is not None and request.not_before > workflow.now():
                 await workflow.sleep(request.not_before - workflow.now())
@@ -77,25 +79,27 @@ class CampaignWorkflow:
                 start_to_close_timeout=BOOKKEEPING,
             )
             zones: list[str | None] = [zone.time_zone for zone in plan.zones] or [None]
-            for index in range(request.zone_index, len(zones)):
+            for index in range(request.zone_index, len(zones) if not request.deferred_pass else 0):
                 self._zone = zones[index]
                 if plan.zones and not (index == request.zone_index and request.zone_started):
                     await self._sleep_until(plan.zones[index].fire_at)
                 finished = await self._send_zone(request, plan, run_id)
                 if not finished:  # handed over to a continued run
-                    workflow.continue_as_new(
-                        request.model_copy(
-                            update={
-                                "run_id": run_id,
-                                "zone_index": index,
-                                "zone_started": True,
-                                "cursor": self._cursor,
-                                "paused": self._paused,
-                                "not_before": None,
-                            }
-                        )
-                    )
+                    workflow.continue_as_new(self._continued(request, run_id, zone_index=index, zone_started=True))
                 self._cursor = 0
+            resuming = request.deferred_pass
+            while resuming or self._deferred_until is not None:
+                if not resuming:
+                    # Some recipients were in their quiet hours: once the first of them ends,
+                    # go over the segment again; batches skip everyone already recorded.
+                    until, self._deferred_until = self._deferred_until, None
+                    assert until is not None
+                    await self._sleep_until(until)
+                    self._cursor = 0
+                resuming = False
+                self._zone = None
+                if not await self._send_zone(request, plan, run_id, again=True):
+                    workflow.continue_as_new(self._continued(request, run_id, deferred_pass=True))
             self._state = "finishing"
             await self._finish(request, run_id, "completed")
         except asyncio.CancelledError:
@@ -110,7 +114,13 @@ class CampaignWorkflow:
             raise
         return self._totals
 
-    async def _send_zone(self, request: CampaignInput, plan: RunPlan, run_id: str) -> bool:
+    def _continued(self, request: CampaignInput, run_id: str, **position: object) -> CampaignInput:
+        """The input of the run that continues this one as new, from where it stands."""
+        carried = {"run_id": run_id, "cursor": self._cursor, "paused": self._paused, "not_before": None,
+                   "deferred_until": self._deferred_until}  # fmt: skip
+        return request.model_copy(update={**carried, **position})
+
+    async def _send_zone(self, request: CampaignInput, plan: RunPlan, run_id: str, again: bool = False) -> bool:
         """Send every batch of the current zone; False when it is time to continue as new."""
         # The throttle is shared by the batches in flight; never fewer than one message a
         # second each, so a throttle below the window means fewer batches at once.
@@ -137,7 +147,8 @@ class CampaignWorkflow:
                         exhausted = True
                         break
                     batch = BatchInput(campaign_id=request.campaign_id, run_id=run_id, after_id=self._cursor,
-                                       upto_id=upto, time_zone=self._zone, rate_per_second=rate)  # fmt: skip
+                                       upto_id=upto, time_zone=self._zone, rate_per_second=rate,
+                                       now=workflow.now(), count_duplicates=not again)  # fmt: skip
                     pending.append(asyncio.ensure_future(self._send_batch(batch)))
                     self._cursor = upto
                     started_here += 1
@@ -176,6 +187,8 @@ class CampaignWorkflow:
 
     def _add(self, result: BatchResult) -> None:
         self._batches_done += 1
+        if result.deferred_until is not None:
+            self._deferred_until = min(result.deferred_until, self._deferred_until or result.deferred_until)
         self._totals = BatchResult(
             sent=self._totals.sent + result.sent,
             failed=self._totals.failed + result.failed,

@@ -144,6 +144,9 @@ class CampaignInput(BaseModel):
     zone_started: bool = False  # the zone's local send time has come already
     cursor: int = 0
     paused: bool = False
+    # Recipients in their quiet hours wait for another pass over the segment.
+    deferred_until: datetime | None = None
+    deferred_pass: bool = False  # the run continued as new during such a pass
 
 
 class StartRunInput(BaseModel):
@@ -187,6 +190,9 @@ class BatchInput(BaseModel):
     upto_id: int
     time_zone: str | None = None
     rate_per_second: float | None = None
+    now: datetime | None = None  # the workflow's clock: quiet hours are judged by it
+    # False on a pass for recipients who were in their quiet hours: the others were sent.
+    count_duplicates: bool = True
 
 
 class BatchResult(BaseModel):
@@ -194,6 +200,9 @@ class BatchResult(BaseModel):
     failed: int = 0
     suppressed: int = 0
     skipped_duplicate: int = 0
+    # Left for later: the recipients' quiet hours; the earliest moment one of them ends.
+    deferred: int = 0
+    deferred_until: datetime | None = None
 
 
 class FinishRunInput(BaseModel):
