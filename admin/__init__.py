@@ -11,6 +11,7 @@ from sqladmin import Admin, ModelView
 from sqladmin.authentication import AuthenticationBackend
 from sqladmin.authorization import Action, AuthorizationBackend
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.orm import object_session
 from starlette.requests import Request
 
 from admin.campaign_views import CampaignAdmin, CampaignPages, SegmentAdmin
@@ -20,7 +21,7 @@ from admin.provider_views import ProviderPages
 from admin.template_views import TemplatePages
 from core.auth import Role, verify_password
 from core.config import Settings
-from core.models import AdminUser, Delivery, Notification, Recipient
+from core.models import AdminUser, AuditEntry, Delivery, Notification, Recipient, Suppression
 
 READ_ACTIONS = {Action.LIST.value, Action.DETAILS.value, Action.EXPORT.value}
 
@@ -83,6 +84,33 @@ class RecipientAdmin(ReadOnlyView, model=Recipient):
     can_delete = True
 
 
+class SuppressionAdmin(ReadOnlyView, model=Suppression):
+    """Addresses nothing is sent to. Deleting one (admins) lifts it, audited."""
+
+    name_plural = "Suppressions"
+    icon = "fa-solid fa-ban"
+    column_list = ["channel", "address", "reason", "source", "created_at"]
+    column_searchable_list = ["address", "reason"]
+    column_sortable_list = ["created_at", "channel"]
+    column_default_sort = ("created_at", True)
+    can_delete = True
+
+    async def on_model_delete(self, model: Any, request: Request) -> None:
+        # Added to the session that deletes the row: the audit entry commits with it.
+        session = object_session(model)
+        assert session is not None
+        session.add(
+            AuditEntry(
+                actor=str(request.session.get("email", "?")),
+                role=str(request.session.get("role", "?")),
+                action="suppression.lift",
+                entity="suppression",
+                entity_id=f"{model.channel}:{model.address}",
+                details={"reason": model.reason, "source": model.source},
+            )
+        )
+
+
 class NotificationAdmin(ReadOnlyView, model=Notification):
     name_plural = "Notifications"
     icon = "fa-solid fa-bell"
@@ -127,7 +155,7 @@ def mount_admin(app: FastAPI, engine: AsyncEngine, settings: Settings) -> Admin:
         authorization_backend=RolePermissions(),
         templates_dir=str(TEMPLATES_DIR),
     )
-    for view in (NotificationAdmin, DeliveryAdmin, DeadLetterPages, RecipientAdmin, AdminUserAdmin):
+    for view in (NotificationAdmin, DeliveryAdmin, DeadLetterPages, RecipientAdmin, SuppressionAdmin, AdminUserAdmin):
         admin.add_view(view)
     for page in (TemplatePages, CampaignAdmin, CampaignPages, SegmentAdmin, ProviderPages, AuditLogPage):
         admin.add_view(page)

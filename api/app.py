@@ -21,6 +21,7 @@ from api.routes import (
     providers,
     recipients,
     segments,
+    suppressions,
     templates,
     tracking,
     webhooks,
@@ -70,6 +71,7 @@ def create_app(settings: Settings, *, engine: AsyncEngine | None = None, tempora
     app.include_router(campaigns.router)
     app.include_router(providers.router)
     app.include_router(dead_letters.router)
+    app.include_router(suppressions.router)
     app.include_router(webhooks.router)
     app.include_router(tracking.router)
     if settings.dev_tools:

@@ -177,8 +177,8 @@ async def test_analyst_reads_notifications_but_not_admin_users(
     titles = await menu_links(page).all_inner_texts()
     # Everything an analyst may read; "Admin users" is not among it.
     assert [t.strip() for t in titles] == [
-        "Notifications", "Deliveries", "Dead letters", "Recipients", "Templates", "Campaigns", "Segments",
-        "Providers", "Audit log",
+        "Notifications", "Deliveries", "Dead letters", "Recipients", "Suppressions", "Templates", "Campaigns",
+        "Segments", "Providers", "Audit log",
     ]  # fmt: skip
 
     await page.locator("a.nav-link", has_text="Notifications").click()

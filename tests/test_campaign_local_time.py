@@ -107,8 +107,12 @@ async def test_recipients_in_quiet_hours_get_the_campaign_when_they_end(
     now = datetime.now(UTC)
     quiet = {"quiet_hours_start": (now - timedelta(hours=1)).strftime("%H:%M"),
              "quiet_hours_end": (now + timedelta(hours=3)).strftime("%H:%M")}  # fmt: skip
-    awake = [{"user_id": f"{tag}-a{n}", "email": f"{tag}-a{n}@example.com", "tags": [tag]} for n in range(2)]
-    asleep = [{"user_id": f"{tag}-q{n}", "email": f"{tag}-q{n}@example.com", "tags": [tag], **quiet} for n in range(3)]
+    awake: list[dict[str, Any]] = [
+        {"user_id": f"{tag}-a{n}", "email": f"{tag}-a{n}@example.com", "tags": [tag]} for n in range(2)
+    ]
+    asleep: list[dict[str, Any]] = [
+        {"user_id": f"{tag}-q{n}", "email": f"{tag}-q{n}@example.com", "tags": [tag], **quiet} for n in range(3)
+    ]
     assert (await api.post("/v1/recipients/batch", json={"recipients": awake + asleep})).status_code == 200
     campaign = await create_campaign(manager, template_key, await tag_segment(manager, tag))
     own = settings.model_copy(update={"temporal_task_queue": f"skipping-{uuid.uuid4().hex[:8]}"})
