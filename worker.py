@@ -24,7 +24,7 @@ from channels.sandbox import SandboxProvider
 from channels.smtp import SmtpProvider
 from core.config import Settings
 from core.db import create_engine
-from core.history import HistoryWriter, open_store
+from core.history import HistoryWriter, open_store, ship_outbox
 from core.providers import task_queue_for
 from core.template_store import PinnedVersions
 from core.temporal import connect
@@ -193,13 +193,27 @@ class MarqueeWorker:
             except Exception:  # a database hiccup must not stop the worker; try again next round
                 logger.exception("refreshing providers failed")
 
+    async def _ship_history(self) -> None:
+        """Status changes the API recorded (webhooks, opens, clicks) go on to ClickHouse."""
+        while True:
+            try:
+                while await ship_outbox(self._services.engine, self._services.history) > 0:
+                    pass
+            except Exception:  # the rows stay queued; try again next round
+                logger.exception("shipping history rows failed")
+            await asyncio.sleep(self._settings.history_outbox_seconds)
+
     async def run(self) -> None:
         await self.refresh_providers()
-        refresher = asyncio.create_task(self._keep_providers_fresh(), name="provider-refresh")
+        background = [
+            asyncio.create_task(self._keep_providers_fresh(), name="provider-refresh"),
+            asyncio.create_task(self._ship_history(), name="history-outbox"),
+        ]
         try:
             await self._main.run()
         finally:
-            refresher.cancel()
+            for task in background:
+                task.cancel()
             for name in list(self._providers):
                 await self._stop_provider(name)
 

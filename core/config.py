@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     clickhouse_url: str | None = None
     history_flush_seconds: float = 0.2
     history_flush_rows: int = 5000
+    history_outbox_seconds: float = Field(default=1.0, gt=0)  # how often workers ship the API's status changes
 
     # API
     api_host: str = "127.0.0.1"

@@ -32,6 +32,7 @@ from core.models import (
     CampaignDelivery,
     CampaignRun,
     Delivery,
+    HistoryOutbox,
     Notification,
     Recipient,
     RecipientPreference,
@@ -49,6 +50,7 @@ recipients = Recipient.__table__  # type: ignore[attr-defined]
 suppressions = Suppression.__table__  # type: ignore[attr-defined]
 preferences = RecipientPreference.__table__  # type: ignore[attr-defined]
 webhook_events = WebhookEvent.__table__  # type: ignore[attr-defined]
+history_outbox = HistoryOutbox.__table__  # type: ignore[attr-defined]
 
 RANK: dict[str, int] = {"pending": 0, "sent": 1, "delivered": 2, "bounced": 3, "opened": 3, "clicked": 4}
 # The statuses an event can set, and the timestamp column each one fills.
@@ -260,6 +262,7 @@ async def advance(conn: AsyncConnection, *, target: DeliveryRef, status: str, at
     if moved is not None:
         if target.notification_id is not None:
             await refresh_notification_status(conn, target.notification_id)
+        await _queue_history(conn, target, status, _aware(at))
         return Outcome.advanced
     # Not a step forward: the event's own timestamp is still a fact worth keeping.
     filled = await conn.scalar(
@@ -272,6 +275,38 @@ async def advance(conn: AsyncConnection, *, target: DeliveryRef, status: str, at
         return Outcome.stale
     exists = await conn.scalar(sa.select(table.c.id).where(table.c.id == target.id))
     return Outcome.stale if exists is not None else Outcome.unknown
+
+
+async def _queue_history(conn: AsyncConnection, target: DeliveryRef, status: str, at: datetime) -> None:
+    """The status change as a ClickHouse history row, queued in this transaction for the
+    workers to ship (the API process does not write to ClickHouse itself)."""
+    if target.kind == "instant":
+        found = (
+            await conn.execute(
+                sa.select(notifications.c.id, notifications.c.user_id, notifications.c.category, deliveries.c.provider)
+                .join(notifications, notifications.c.id == deliveries.c.notification_id)
+                .where(deliveries.c.id == target.id)
+            )
+        ).one()
+        row = {"notification_id": str(found.id), "user_id": found.user_id, "category": found.category,
+               "provider": found.provider or "", "campaign_id": ""}  # fmt: skip
+    else:
+        found = (
+            await conn.execute(
+                sa.select(campaign_deliveries.c.run_id, campaign_deliveries.c.recipient_id, campaign_runs.c.campaign_id,
+                          campaigns.c.category, recipients.c.user_id)
+                .join(campaign_runs, campaign_runs.c.id == campaign_deliveries.c.run_id)
+                .join(campaigns, campaigns.c.id == campaign_runs.c.campaign_id)
+                .outerjoin(recipients, recipients.c.id == campaign_deliveries.c.recipient_id)
+                .where(campaign_deliveries.c.id == target.id)
+            )
+        ).one()  # fmt: skip
+        # The same id the campaign batch gave this send's history rows.
+        key = f"{found.run_id}:{found.recipient_id}:{target.channel}"
+        row = {"notification_id": str(uuid.uuid5(found.campaign_id, key)), "user_id": found.user_id or "",
+               "category": found.category, "provider": "", "campaign_id": str(found.campaign_id)}  # fmt: skip
+    row.update(channel=target.channel, status=status, event_time=at.isoformat())
+    await conn.execute(sa.insert(history_outbox).values(row=row))
 
 
 async def suppress(conn: AsyncConnection, channel: str, address: str, reason: str, source: str) -> bool:

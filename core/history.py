@@ -18,6 +18,11 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from core.models import HistoryOutbox
+
 HISTORY_COLUMNS = (
     "event_time",
     "notification_id",
@@ -211,3 +216,20 @@ class HistoryWriter:
             await asyncio.gather(self._flusher, return_exceptions=True)
         await asyncio.get_running_loop().run_in_executor(self._executor, self.store.close)
         self._executor.shutdown(wait=True)
+
+
+async def ship_outbox(engine: AsyncEngine, history: HistoryWriter, limit: int = 1000) -> int:
+    """Move rows queued in PostgreSQL (`history_outbox`) to ClickHouse; returns how many.
+
+    The rows are deleted in the transaction that waits for their insert: if ClickHouse
+    fails, nothing is deleted. SKIP LOCKED lets any number of workers ship side by side."""
+    outbox = HistoryOutbox.__table__  # type: ignore[attr-defined]
+    batch = sa.select(outbox.c.id).order_by(outbox.c.id).limit(limit).with_for_update(skip_locked=True)
+    async with engine.begin() as conn:
+        taken = sa.delete(outbox).where(outbox.c.id.in_(batch.scalar_subquery())).returning(outbox.c.row)
+        queued = (await conn.execute(taken)).scalars().all()
+        if queued:
+            await history.record(
+                [HistoryRow(**{**row, "event_time": datetime.fromisoformat(row["event_time"])}) for row in queued]
+            )
+    return len(queued)

@@ -298,6 +298,19 @@ class WebhookEvent(SQLModel, table=True):
     )
 
 
+class HistoryOutbox(SQLModel, table=True):
+    """History rows for ClickHouse written where the API changes a status (webhooks,
+    tracking), in the same transaction; workers ship them and delete them."""
+
+    __tablename__ = "history_outbox"
+
+    id: int | None = Field(default=None, sa_column=sa.Column(sa.BigInteger, primary_key=True, autoincrement=True))
+    row: dict[str, Any] = Field(sa_column=sa.Column(pg.JSONB, nullable=False))
+    created_at: datetime | None = Field(
+        default=None, sa_column=sa.Column(_tz(), nullable=False, server_default=sa.func.now())
+    )
+
+
 class AuditEntry(SQLModel, table=True):
     """Who did what to which object, from the API or the admin."""
 

@@ -132,6 +132,7 @@ def settings(tmp_path_factory: pytest.TempPathFactory, database_url: str, smtp_s
         send_retry_max_attempts=6,
         send_timeout_seconds=5.0,
         history_flush_seconds=0.05,
+        history_outbox_seconds=0.2,
         campaign_batch_size=100,
         campaign_window=4,
         campaign_send_concurrency=10,

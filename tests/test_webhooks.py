@@ -3,6 +3,7 @@ bounces and complaints, Twilio status callbacks, campaign sends."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -23,6 +24,7 @@ from core import delivery_events
 from core.config import Settings
 from core.providers import delete_provider, save_provider
 from tests.conftest import wait_for_status
+from worker import WorkerServices
 
 deliveries = delivery_events.deliveries
 campaign_deliveries = delivery_events.campaign_deliveries
@@ -519,3 +521,32 @@ async def test_twilio_status_callbacks(
         (f"{sid}:delivered", "delivered", "advanced"),
         (f"{sid}:undelivered", "bounced", "advanced"),
     ]
+
+
+async def test_status_changes_reach_the_clickhouse_history(
+    api: httpx.AsyncClient, public: httpx.AsyncClient, recipient: dict, hook: tuple[str, str],
+    services: WorkerServices, engine: AsyncEngine,
+) -> None:  # fmt: skip
+    """The API queues each change in PostgreSQL; the worker ships it to ClickHouse."""
+    name, secret = hook
+    sent = await send(api, recipient, "email")
+    delivered_at = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=5)
+    events = [event("delivered", sent["provider_message_id"], timestamp=delivered_at.isoformat()),
+              event("opened", sent["provider_message_id"])]  # fmt: skip
+    assert (await post_events(public, name, secret, events)).json()["accepted"] == 2
+    query = (
+        "SELECT status, toUnixTimestamp(event_time) AS at, provider FROM notification_history "
+        f"WHERE notification_id = '{sent['notification_id']}' ORDER BY event_time, status"
+    )
+    for _ in range(100):
+        rows = await services.history.query(query)
+        if len(rows) >= 4:
+            break
+        await asyncio.sleep(0.1)
+    by_status = {row["status"]: row for row in rows}
+    assert sorted(by_status) == ["delivered", "opened", "pending", "sent"]
+    assert len(rows) == 4
+    assert by_status["delivered"]["at"] == int(delivered_at.timestamp())  # the provider's time, not ours
+    assert by_status["delivered"]["provider"] == sent["provider"]
+    async with engine.connect() as conn:
+        assert await conn.scalar(sa.text("SELECT count(*) FROM history_outbox")) == 0
