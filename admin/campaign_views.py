@@ -208,7 +208,7 @@ class CampaignPages(AdminPage):
             async with self.connect() as conn:
                 try:
                     campaign_id = await control.create(conn, campaign_request(body, body.segment_id, body.name),
-                                                       self.author(request))  # fmt: skip
+                                                       self.author(request), self.actor(request))  # fmt: skip
                 except control.CampaignInvalid as err:
                     errors.add(err.field, err.message)
                 else:
@@ -301,16 +301,17 @@ class CampaignPages(AdminPage):
         if operation not in ("launch", "pause", "resume", "trigger"):
             raise not_found(f"action {operation!r}")
         temporal = self.temporal()
+        actor = self.actor(request)
         async with self.connect() as conn:
             try:
                 if operation == "launch":
-                    await control.launch(conn, temporal, self.settings(), campaign_id)
+                    await control.launch(conn, temporal, self.settings(), campaign_id, actor)
                 elif operation == "pause":
-                    await control.pause(conn, temporal, campaign_id, f"paused by {self.author(request)}")
+                    await control.pause(conn, temporal, campaign_id, f"paused by {self.author(request)}", actor)
                 elif operation == "resume":
-                    await control.resume(conn, temporal, campaign_id, f"resumed by {self.author(request)}")
+                    await control.resume(conn, temporal, campaign_id, f"resumed by {self.author(request)}", actor)
                 else:
-                    await control.trigger(conn, temporal, campaign_id)
+                    await control.trigger(conn, temporal, campaign_id, actor)
             except control.CampaignNotFound as err:
                 raise not_found(f"campaign {campaign_id}") from err
             except control.CampaignInvalid as err:
@@ -339,7 +340,7 @@ class CampaignPages(AdminPage):
                     errors.add_validation(err, empty={"reason"} if not reason else ())
                 else:
                     try:
-                        await control.cancel(conn, self.temporal(), campaign_id, body.reason)
+                        await control.cancel(conn, self.temporal(), campaign_id, body.reason, self.actor(request))
                     except (control.CampaignStateError, RPCError) as err:
                         Flash.error(request, f"Cannot cancel: {err}")
                     else:

@@ -25,6 +25,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from temporalio.client import Client
 
+from core.auth import Principal, Role
 from core.config import Settings
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"
@@ -174,6 +175,11 @@ class AdminPage(BaseView):
     @staticmethod
     def author(request: Request) -> str:
         return str(request.session.get("email") or request.session.get("user_id") or "admin")
+
+    @classmethod
+    def actor(cls, request: Request) -> Principal:
+        """The signed-in user, as the audit log records them."""
+        return Principal(subject=cls.author(request), role=Role(request.session.get("role", Role.admin.value)))
 
     async def render(self, request: Request, name: str, context: dict[str, Any], status_code: int = 200) -> Response:
         context = {

@@ -156,7 +156,7 @@ class TemplatePages(AdminPage):
                     record = await template_store.create(
                         conn, key=body.key, category=body.category, description=body.description,
                         content=body.content, author=self.author(request), change_note=body.change_note,
-                        limits=limits,
+                        limits=limits, actor=self.actor(request),
                     )  # fmt: skip
                 except TemplateInvalid as err:
                     add_template_problems(errors, err)
@@ -199,6 +199,7 @@ class TemplatePages(AdminPage):
                     saved = await template_store.save_version(
                         conn, key, content=body.content, author=self.author(request), change_note=body.change_note,
                         limits=limits, category=body.category, description=body.description,
+                        actor=self.actor(request),
                     )  # fmt: skip
                 except TemplateInvalid as err:
                     add_template_problems(errors, err)
@@ -302,7 +303,7 @@ class TemplatePages(AdminPage):
                     try:
                         saved = await template_store.rollback(
                             conn, key, version=body.version, author=self.author(request), reason=body.reason,
-                            limits=self.settings().template_limits(),
+                            limits=self.settings().template_limits(), actor=self.actor(request),
                         )  # fmt: skip
                     except TemplateInvalid as err:
                         add_template_problems(errors, err)

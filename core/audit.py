@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -12,6 +12,30 @@ from core.models import AuditEntry
 audit_log = AuditEntry.__table__  # type: ignore[attr-defined]
 
 
+class Actor(Protocol):
+    """Who acts: an API principal, or an admin panel user (email and role)."""
+
+    @property
+    def subject(self) -> str: ...
+
+    @property
+    def role(self) -> str: ...
+
+
+async def record_action(
+    conn: AsyncConnection,
+    actor: Actor | None,
+    action: str,
+    entity: str,
+    entity_id: object,
+    details: dict[str, Any] | None = None,
+) -> None:
+    """Audit what a person did; None (a schedule, a benchmark) is not a person's action."""
+    if actor is not None:
+        await record(conn, actor=actor.subject, role=str(actor.role), action=action, entity=entity,
+                     entity_id=entity_id, details=details)  # fmt: skip
+
+
 async def record(
     conn: AsyncConnection,
     *,
@@ -19,7 +43,7 @@ async def record(
     role: str,
     action: str,
     entity: str,
-    entity_id: str | int,
+    entity_id: object,
     details: dict[str, Any] | None = None,
 ) -> None:
     await conn.execute(

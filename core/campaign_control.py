@@ -29,6 +29,7 @@ from temporalio.service import RPCError
 
 from core import campaign_store as store
 from core import template_store
+from core.audit import Actor, record_action
 from core.config import Settings
 from core.template_store import TemplateNotFound
 from core.templating import coerce_variables
@@ -70,7 +71,7 @@ def schedule_id_for(campaign_id: uuid.UUID) -> str:
     return f"campaign-{campaign_id}"
 
 
-async def create(conn: AsyncConnection, request: CampaignRequest, author: str) -> uuid.UUID:
+async def create(conn: AsyncConnection, request: CampaignRequest, author: str, actor: Actor | None = None) -> uuid.UUID:
     """A draft campaign with its template version pinned; every input checked first."""
     try:
         record = await template_store.get(conn, request.template, request.template_version)
@@ -104,6 +105,8 @@ async def create(conn: AsyncConnection, request: CampaignRequest, author: str) -
             created_by=author,
         )
     )
+    details = {"name": request.name, "template": request.template, "segment_id": request.segment_id}
+    await record_action(conn, actor, "campaign.create", "campaign", campaign_id, details)
     return campaign_id
 
 
@@ -131,7 +134,9 @@ def _require(row: sa.Row[Any], action: str, *allowed: str) -> None:
         raise CampaignStateError(f"cannot {action} a campaign that is {row.status} (only when {' or '.join(allowed)})")
 
 
-async def launch(conn: AsyncConnection, temporal: Client, settings: Settings, campaign_id: uuid.UUID) -> None:
+async def launch(
+    conn: AsyncConnection, temporal: Client, settings: Settings, campaign_id: uuid.UUID, actor: Actor | None = None
+) -> None:
     row = await _load(conn, campaign_id, lock=True)
     _require(row, "launch", "draft")
     cron = row.schedule.get("cron")
@@ -165,6 +170,7 @@ async def launch(conn: AsyncConnection, temporal: Client, settings: Settings, ca
         raise
     status = "running" if row.schedule.get("kind") == "now" else "scheduled"
     await store.set_campaign_status(conn, row.id, status)
+    await record_action(conn, actor, "campaign.launch", "campaign", row.id, {"schedule": row.schedule})
 
 
 async def _running_runs(temporal: Client, row: sa.Row[Any]) -> list[str]:
@@ -179,7 +185,9 @@ async def _running_runs(temporal: Client, row: sa.Row[Any]) -> list[str]:
     return [campaign_workflow_id(row.id)]
 
 
-async def pause(conn: AsyncConnection, temporal: Client, campaign_id: uuid.UUID, reason: str | None) -> None:
+async def pause(
+    conn: AsyncConnection, temporal: Client, campaign_id: uuid.UUID, reason: str | None, actor: Actor | None = None
+) -> None:
     row = await _load(conn, campaign_id, lock=True)
     _require(row, "pause", "running", "scheduled")
     if row.schedule.get("cron"):
@@ -187,9 +195,12 @@ async def pause(conn: AsyncConnection, temporal: Client, campaign_id: uuid.UUID,
     for workflow_id in await _running_runs(temporal, row):
         await temporal.get_workflow_handle(workflow_id).signal(CampaignWorkflow.pause)
     await store.set_campaign_status(conn, row.id, "paused", reason)
+    await record_action(conn, actor, "campaign.pause", "campaign", row.id, {"reason": reason})
 
 
-async def resume(conn: AsyncConnection, temporal: Client, campaign_id: uuid.UUID, reason: str | None) -> None:
+async def resume(
+    conn: AsyncConnection, temporal: Client, campaign_id: uuid.UUID, reason: str | None, actor: Actor | None = None
+) -> None:
     row = await _load(conn, campaign_id, lock=True)
     _require(row, "resume", "paused")
     recurring = bool(row.schedule.get("cron"))
@@ -200,9 +211,12 @@ async def resume(conn: AsyncConnection, temporal: Client, campaign_id: uuid.UUID
     started = await conn.scalar(sa.select(sa.func.count()).where(store.campaign_runs.c.campaign_id == row.id))
     # A one-off campaign resumed before its time is still waiting for it.
     await store.set_campaign_status(conn, row.id, "running" if started and not recurring else "scheduled", reason)
+    await record_action(conn, actor, "campaign.resume", "campaign", row.id, {"reason": reason})
 
 
-async def cancel(conn: AsyncConnection, temporal: Client, campaign_id: uuid.UUID, reason: str) -> None:
+async def cancel(
+    conn: AsyncConnection, temporal: Client, campaign_id: uuid.UUID, reason: str, actor: Actor | None = None
+) -> None:
     """Stop new batches, let in-flight ones record what they sent, keep the counts."""
     row = await _load(conn, campaign_id, lock=True)
     _require(row, "cancel", "draft", "scheduled", "running", "paused")
@@ -215,15 +229,17 @@ async def cancel(conn: AsyncConnection, temporal: Client, campaign_id: uuid.UUID
             if (await handle.describe()).status == WorkflowExecutionStatus.RUNNING:
                 await handle.cancel()
     await store.set_campaign_status(conn, row.id, "cancelled", reason)
+    await record_action(conn, actor, "campaign.cancel", "campaign", row.id, {"reason": reason})
 
 
-async def trigger(conn: AsyncConnection, temporal: Client, campaign_id: uuid.UUID) -> None:
+async def trigger(conn: AsyncConnection, temporal: Client, campaign_id: uuid.UUID, actor: Actor | None = None) -> None:
     """Run a recurring campaign now, outside its schedule."""
     row = await _load(conn, campaign_id)
     if not row.schedule.get("cron"):
         raise CampaignStateError("only a recurring campaign can be triggered")
     _require(row, "trigger", "scheduled", "paused")
     await temporal.get_schedule_handle(schedule_id_for(row.id)).trigger()
+    await record_action(conn, actor, "campaign.trigger", "campaign", row.id)
 
 
 async def describe(

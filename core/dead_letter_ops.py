@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
 import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -59,14 +59,7 @@ class Outcome(enum.StrEnum):
     not_found = "not found"
 
 
-class Actor(Protocol):
-    """Who acts: an API principal, or an admin panel user (email and role)."""
-
-    @property
-    def subject(self) -> str: ...
-
-    @property
-    def role(self) -> str: ...
+Actor = audit.Actor
 
 
 class InvalidFilter(Exception):

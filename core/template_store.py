@@ -12,6 +12,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from core.audit import Actor, record_action
 from core.models import Template, TemplateVersion
 from core.queries import recipients
 from core.templating import (
@@ -91,6 +92,7 @@ async def create(
     author: str,
     change_note: str,
     limits: TemplateLimits,
+    actor: Actor | None = None,
 ) -> VersionRecord:
     check(content, limits)
     exists = await conn.scalar(sa.select(templates.c.archived_at.is_(None)).where(templates.c.key == key))
@@ -110,6 +112,7 @@ async def create(
             change_note=change_note,
         )
     )
+    await record_action(conn, actor, "template.create", "template", key, {"version": 1, "category": category})
     return await get(conn, key)
 
 
@@ -123,6 +126,8 @@ async def save_version(
     limits: TemplateLimits,
     category: str | None = None,
     description: str | None = None,
+    actor: Actor | None = None,
+    action: str = "template.update",
 ) -> VersionRecord:
     """Store `content` as the next version and make it active."""
     check(content, limits)
@@ -144,6 +149,7 @@ async def save_version(
     if description is not None:
         changes["description"] = description
     await conn.execute(templates.update().where(templates.c.id == template.id).values(**changes))
+    await record_action(conn, actor, action, "template", key, {"version": number, "change_note": change_note})
     return await get(conn, key)
 
 
@@ -200,18 +206,25 @@ async def history(conn: AsyncConnection, key: str) -> list[VersionRecord]:
 
 
 async def rollback(
-    conn: AsyncConnection, key: str, *, version: int, author: str, reason: str, limits: TemplateLimits
+    conn: AsyncConnection,
+    key: str,
+    *,
+    version: int,
+    author: str,
+    reason: str,
+    limits: TemplateLimits,
+    actor: Actor | None = None,
 ) -> VersionRecord:
     """Make an old version's content the new active version; history is never rewritten."""
     old = await get(conn, key, version)
-    return await save_version(
-        conn, key, content=old.content, author=author, change_note=f"rollback to v{version}: {reason}", limits=limits
-    )
+    return await save_version(conn, key, content=old.content, author=author, limits=limits, actor=actor,
+                              change_note=f"rollback to v{version}: {reason}", action="template.rollback")  # fmt: skip
 
 
-async def archive(conn: AsyncConnection, key: str) -> None:
+async def archive(conn: AsyncConnection, key: str, actor: Actor | None = None) -> None:
     template = await _template_row(conn, key, lock=True)
     await conn.execute(templates.update().where(templates.c.id == template.id).values(archived_at=sa.func.now()))
+    await record_action(conn, actor, "template.archive", "template", key)
 
 
 async def list_templates(conn: AsyncConnection, search: str | None, limit: int) -> list[sa.Row[Any]]:

@@ -45,7 +45,7 @@ async def create_campaign(
     body: CampaignCreate, conn: ConnectionDep, temporal: TemporalDep, settings: SettingsDep, editor: TemplateEditor
 ) -> Any:
     """A draft: template version pinned now, nothing sent until launch."""
-    campaign_id = await control.create(conn, _request(body, body.segment_id, body.name), editor.subject)
+    campaign_id = await control.create(conn, _request(body, body.segment_id, body.name), editor.subject, editor)
     await conn.commit()
     return await _describe(conn, temporal, settings, campaign_id)
 
@@ -76,9 +76,9 @@ async def get_campaign(
 
 @router.post("/{campaign_id}/launch", response_model=CampaignOut)
 async def launch_campaign(
-    campaign_id: uuid.UUID, conn: ConnectionDep, temporal: TemporalDep, settings: SettingsDep, _: TemplateEditor
+    campaign_id: uuid.UUID, conn: ConnectionDep, temporal: TemporalDep, settings: SettingsDep, editor: TemplateEditor
 ) -> Any:
-    await control.launch(conn, temporal, settings, campaign_id)
+    await control.launch(conn, temporal, settings, campaign_id, editor)
     await conn.commit()
     return await _describe(conn, temporal, settings, campaign_id)
 
@@ -89,10 +89,10 @@ async def pause_campaign(
     conn: ConnectionDep,
     temporal: TemporalDep,
     settings: SettingsDep,
-    _: TemplateEditor,
+    editor: TemplateEditor,
     body: CampaignAction | None = None,
 ) -> Any:
-    await control.pause(conn, temporal, campaign_id, body.reason if body else None)
+    await control.pause(conn, temporal, campaign_id, body.reason if body else None, editor)
     await conn.commit()
     return await _describe(conn, temporal, settings, campaign_id)
 
@@ -103,10 +103,10 @@ async def resume_campaign(
     conn: ConnectionDep,
     temporal: TemporalDep,
     settings: SettingsDep,
-    _: TemplateEditor,
+    editor: TemplateEditor,
     body: CampaignAction | None = None,
 ) -> Any:
-    await control.resume(conn, temporal, campaign_id, body.reason if body else None)
+    await control.resume(conn, temporal, campaign_id, body.reason if body else None, editor)
     await conn.commit()
     return await _describe(conn, temporal, settings, campaign_id)
 
@@ -118,20 +118,21 @@ async def cancel_campaign(
     conn: ConnectionDep,
     temporal: TemporalDep,
     settings: SettingsDep,
-    _: TemplateEditor,
+    editor: TemplateEditor,
 ) -> Any:
     """Stops new batches; batches in flight record what they sent; counters stay exact."""
-    await control.cancel(conn, temporal, campaign_id, body.reason)
+    await control.cancel(conn, temporal, campaign_id, body.reason, editor)
     await conn.commit()
     return await _describe(conn, temporal, settings, campaign_id)
 
 
 @router.post("/{campaign_id}/trigger", response_model=CampaignOut)
 async def trigger_campaign(
-    campaign_id: uuid.UUID, conn: ConnectionDep, temporal: TemporalDep, settings: SettingsDep, _: TemplateEditor
+    campaign_id: uuid.UUID, conn: ConnectionDep, temporal: TemporalDep, settings: SettingsDep, editor: TemplateEditor
 ) -> Any:
     """Run a recurring campaign once now, outside its schedule."""
-    await control.trigger(conn, temporal, campaign_id)
+    await control.trigger(conn, temporal, campaign_id, editor)
+    await conn.commit()
     return await _describe(conn, temporal, settings, campaign_id)
 
 
@@ -140,8 +141,8 @@ async def bulk_send(
     body: CampaignCreate, conn: ConnectionDep, temporal: TemporalDep, settings: SettingsDep, editor: TemplateEditor
 ) -> Any:
     """The spec's bulk endpoint: create a campaign and launch it in one call."""
-    campaign_id = await control.create(conn, _request(body, body.segment_id, body.name), editor.subject)
-    await control.launch(conn, temporal, settings, campaign_id)
+    campaign_id = await control.create(conn, _request(body, body.segment_id, body.name), editor.subject, editor)
+    await control.launch(conn, temporal, settings, campaign_id, editor)
     await conn.commit()
     return await _describe(conn, temporal, settings, campaign_id)
 
@@ -156,8 +157,8 @@ async def scheduled_send(
     if body.user_ids is not None:
         segment_id = await _static_segment(conn, name, body.user_ids, editor)
     assert segment_id is not None
-    campaign_id = await control.create(conn, _request(body, segment_id, name), editor.subject)
-    await control.launch(conn, temporal, settings, campaign_id)
+    campaign_id = await control.create(conn, _request(body, segment_id, name), editor.subject, editor)
+    await control.launch(conn, temporal, settings, campaign_id, editor)
     await conn.commit()
     return await _describe(conn, temporal, settings, campaign_id)
 

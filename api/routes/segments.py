@@ -15,6 +15,7 @@ from api.deps import AnyRole, ConnectionDep, TemplateEditor
 from api.problems import InvalidInput, Problem
 from api.schemas import FilterCount, MembersResult, SegmentCount, SegmentCreate, SegmentOut
 from core import campaign_store as store
+from core.audit import record_action
 from core.models import Channel
 from core.queries import recipients
 from core.segments import compile_filter
@@ -84,6 +85,8 @@ async def create_segment(body: SegmentCreate, conn: ConnectionDep, editor: Templ
     unknown: list[str] = []
     if body.user_ids is not None:
         unknown = (await _add_members(conn, segment_id, body.user_ids)).unknown_user_ids
+    await record_action(conn, editor, "segment.create", "segment", segment_id,
+                        {"name": body.name, "kind": kind, "members": len(body.user_ids or [])})  # fmt: skip
     await conn.commit()
     return await _out(conn, await store.load_segment(conn, segment_id), unknown)
 
@@ -100,7 +103,7 @@ async def get_segment(segment_id: int, conn: ConnectionDep, _: AnyRole) -> Any:
 
 
 @router.post("/{segment_id}/members", response_model=MembersResult)
-async def add_members(segment_id: int, request: Request, conn: ConnectionDep, _: TemplateEditor) -> Any:
+async def add_members(segment_id: int, request: Request, conn: ConnectionDep, editor: TemplateEditor) -> Any:
     """Add user_ids to a static segment: JSON {"user_ids": [...]} or a CSV upload
     (text/csv, one user_id per line or a `user_id` column)."""
     segment = await store.load_segment(conn, segment_id)
@@ -108,6 +111,7 @@ async def add_members(segment_id: int, request: Request, conn: ConnectionDep, _:
         raise Problem(409, "Not a static segment", "members can be added to static segments only")
     user_ids = await _read_user_ids(request)
     result = await _add_members(conn, segment_id, user_ids)
+    await record_action(conn, editor, "segment.add_members", "segment", segment_id, {"given": len(user_ids)})
     await conn.commit()
     return result
 

@@ -57,6 +57,7 @@ async def create_template(
         author=editor.subject,
         change_note=body.change_note,
         limits=settings.template_limits(),
+        actor=editor,
     )
     await conn.commit()
     response.headers["Location"] = f"/v1/templates/{record.key}"
@@ -90,15 +91,16 @@ async def update_template(
         limits=settings.template_limits(),
         category=body.category,
         description=body.description,
+        actor=editor,
     )
     await conn.commit()
     return _out(record)
 
 
 @router.delete("/{key}", status_code=status.HTTP_204_NO_CONTENT)
-async def archive_template(key: str, conn: ConnectionDep, _: TemplateEditor) -> Response:
+async def archive_template(key: str, conn: ConnectionDep, editor: TemplateEditor) -> Response:
     """Archive: the template disappears from use, its versions stay for the record."""
-    await template_store.archive(conn, key)
+    await template_store.archive(conn, key, actor=editor)
     await conn.commit()
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
@@ -128,8 +130,9 @@ async def rollback_template(
 ) -> Any:
     """Make version N's content the new active version (a new version number)."""
     record = await template_store.rollback(
-        conn, key, version=body.version, author=editor.subject, reason=body.reason, limits=settings.template_limits()
-    )
+        conn, key, version=body.version, author=editor.subject, reason=body.reason, limits=settings.template_limits(),
+        actor=editor,
+    )  # fmt: skip
     await conn.commit()
     return _out(record)
 
