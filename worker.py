@@ -25,7 +25,7 @@ from channels.smtp import SmtpProvider
 from core.config import Settings
 from core.db import create_engine
 from core.history import HistoryWriter, open_store, ship_outbox
-from core.providers import task_queue_for
+from core.providers import bulk_queue_for, task_queue_for
 from core.template_store import PinnedVersions
 from core.temporal import connect
 from workflows.campaign import CampaignWorkflow
@@ -152,7 +152,7 @@ class MarqueeWorker:
             # other workers idle during a campaign (measured: docs/benchmarks.md).
             disable_eager_activity_execution=True,
         )
-        self._providers: dict[str, tuple[Worker, asyncio.Task[None]]] = {}
+        self._providers: dict[str, list[tuple[Worker, asyncio.Task[None]]]] = {}
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -166,24 +166,43 @@ class MarqueeWorker:
             await loaded.provider.close()
         for loaded in started:
             record = loaded.record
-            worker = Worker(
-                self._client,
-                task_queue=task_queue_for(self._settings.temporal_task_queue, record.name),
-                activities=[self._services.notifications.send],
-                max_concurrent_activities=record.max_concurrency,
-                max_task_queue_activities_per_second=record.rate_limit_per_second,
-                graceful_shutdown_timeout=timedelta(seconds=self._settings.worker_shutdown_seconds),
-            )
-            self._providers[record.name] = (worker, asyncio.create_task(worker.run(), name=f"provider-{record.name}"))
-            logger.info("provider worker started", provider=record.name, rate=record.rate_limit_per_second)
+            queue = task_queue_for(self._settings.temporal_task_queue, record.name)
+            shutdown = timedelta(seconds=self._settings.worker_shutdown_seconds)
+            workers = [
+                Worker(
+                    self._client,
+                    task_queue=queue,
+                    activities=[self._services.notifications.send],
+                    max_concurrent_activities=record.max_concurrency,
+                    max_task_queue_activities_per_second=record.rate_limit_per_second,
+                    graceful_shutdown_timeout=shutdown,
+                )
+            ]
+            if record.rate_limit_per_second:
+                # Campaign batches of a one-channel campaign through this provider: started at
+                # rate / batch size a second, each sending at the rate, so on average the
+                # provider sees its rate however many workers and campaigns there are.
+                workers.append(
+                    Worker(
+                        self._client,
+                        task_queue=bulk_queue_for(queue),
+                        activities=[self._services.campaigns.send_batch],
+                        max_concurrent_activities=self._settings.campaign_window,
+                        max_task_queue_activities_per_second=record.rate_limit_per_second
+                        / self._settings.campaign_batch_size,
+                        graceful_shutdown_timeout=shutdown,
+                    )
+                )
+            self._providers[record.name] = [
+                (worker, asyncio.create_task(worker.run(), name=f"provider-{record.name}")) for worker in workers
+            ]
+            logger.info("provider workers started", provider=record.name, rate=record.rate_limit_per_second)
 
     async def _stop_provider(self, name: str) -> None:
-        found = self._providers.pop(name, None)
-        if found is not None:
-            worker, task = found
+        for worker, task in self._providers.pop(name, []):
             await worker.shutdown()
             await asyncio.gather(task, return_exceptions=True)
-            logger.info("provider worker stopped", provider=name)
+            logger.info("provider worker stopped", provider=name, task_queue=worker.task_queue)
 
     async def _keep_providers_fresh(self) -> None:
         while True:

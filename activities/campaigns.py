@@ -33,6 +33,7 @@ from core import preferences as prefs
 from core.clock import next_local_time, window_state
 from core.config import Settings
 from core.history import HistoryRow, HistoryWriter
+from core.providers import bulk_queue_for
 from core.queries import recipients
 from core.template_store import PinnedVersions
 from core.templating import RenderError, TemplateContent, coerce_variables, recipient_context, render
@@ -188,6 +189,7 @@ class CampaignActivities:
         templates: PinnedVersions | None = None,
     ) -> None:
         self._engine = engine
+        self._directory = directory
         self._router = ChannelRouter(directory)
         self._settings = settings
         self._history = history
@@ -253,7 +255,20 @@ class CampaignActivities:
             throttle = await conn.scalar(
                 sa.select(store.campaigns.c.throttle_per_second).where(store.campaigns.c.id == request.campaign_id)
             )
-        return RunPlan(throttle_per_second=throttle, zones=zones, has_window=bool(spec.schedule.get("window")))
+        batch_queue, provider_rate = self._bulk_route(spec)
+        return RunPlan(throttle_per_second=throttle, zones=zones, has_window=bool(spec.schedule.get("window")),
+                       batch_queue=batch_queue, provider_rate=provider_rate)  # fmt: skip
+
+    def _bulk_route(self, spec: CampaignSpec) -> tuple[str | None, float | None]:
+        """Where a campaign's batches run. One channel whose first stored provider has a rate
+        limit: that provider's bulk queue, paced by the Temporal server for all workers."""
+        if len(spec.channels) != 1:
+            return None, None
+        routes = self._directory.routes(spec.channels[0])
+        loaded = self._directory.loaded.get(routes[0].provider) if routes else None
+        if loaded is None or not loaded.record.rate_limit_per_second:
+            return None, None
+        return bulk_queue_for(routes[0].task_queue), loaded.record.rate_limit_per_second
 
     @activity.defn(name="next_campaign_range")
     async def next_range(self, request: RangeInput) -> int | None:

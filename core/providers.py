@@ -57,6 +57,11 @@ def task_queue_for(base_queue: str, provider_name: str) -> str:
     return f"{base_queue}.provider.{provider_name}"
 
 
+def bulk_queue_for(provider_queue: str) -> str:
+    """The queue of a provider's campaign batches: paced at its rate divided by the batch size."""
+    return f"{provider_queue}.bulk"
+
+
 def provider_record(row: sa.Row[Any], key: bytes) -> ProviderRecord:
     return ProviderRecord(
         id=row.id,

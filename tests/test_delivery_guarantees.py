@@ -157,6 +157,26 @@ async def test_retry_after_is_honoured_without_spending_the_failure_budget(
         assert name not in await breaker.states(conn)  # throttling is not a failure
 
 
+async def another_worker(services: WorkerServices, settings: Settings, temporal_client: Client) -> MarqueeWorker:
+    """A second worker as another process would run it: its own client (one client may not
+    run two workers on the same task queue) and its own view of the providers."""
+    from activities.routing import ProviderDirectory
+
+    directory = ProviderDirectory(
+        services.engine,
+        services.directory.defaults,
+        fernet_key=settings.fernet_key(),
+        base_queue=settings.temporal_task_queue,
+        build=services.directory._build,
+    )
+    client = await Client.connect(
+        temporal_client.service_client.config.target_host,
+        namespace=temporal_client.namespace,
+        data_converter=temporal_client.data_converter,
+    )
+    return create_worker(client, settings, WorkerServices(services.engine, services.history, directory, settings))
+
+
 async def test_rate_limit_holds_across_two_workers(
     api: httpx.AsyncClient,
     recipient: dict,
@@ -168,25 +188,7 @@ async def test_rate_limit_holds_across_two_workers(
 ) -> None:
     """Two worker processes' worth of pollers on the provider's queue: the server's
     per-queue limit holds for both together."""
-    from activities.routing import ProviderDirectory
-
-    second_directory = ProviderDirectory(
-        services.engine,
-        services.directory.defaults,
-        fernet_key=settings.fernet_key(),
-        base_queue=settings.temporal_task_queue,
-        build=services.directory._build,
-    )
-    # A client of its own, as another process would have (one client may not run two
-    # workers on the same task queue).
-    other_client = await Client.connect(
-        temporal_client.service_client.config.target_host,
-        namespace=temporal_client.namespace,
-        data_converter=temporal_client.data_converter,
-    )
-    second = create_worker(
-        other_client, settings, WorkerServices(services.engine, services.history, second_directory, settings)
-    )
+    second = await another_worker(services, settings, temporal_client)
     gateway = gateways()
     name = f"sms-slow-{uuid.uuid4().hex[:6]}"
     await stored(**_sms_provider(name, gateway, 10, rate_limit_per_second=2.0))
@@ -448,3 +450,36 @@ async def test_a_send_no_worker_picks_up_moves_to_the_next_provider(
     assert [m["to"] for m in backup.sms_messages] == [recipient["phone"]]
     row = await _delivery(engine, str(notification_id))
     assert row.provider == name_b
+
+
+async def test_a_rate_limited_provider_paces_campaign_batches_across_workers(
+    api: httpx.AsyncClient, manager: httpx.AsyncClient, template_key: str, stored: Any, gateways: Any,
+    services: WorkerServices, settings: Settings, temporal_client: Client,
+) -> None:  # fmt: skip
+    gateway = gateways()
+    name = f"sms-bulk-{uuid.uuid4().hex[:6]}"
+    rate = 50.0  # messages a second; batches of 100 (test settings) start at 0.5 a second
+    await stored(**_sms_provider(name, gateway, 10, rate_limit_per_second=rate))
+    tag = f"t{uuid.uuid4().hex[:10]}"
+    people: list[dict[str, Any]] = [
+        {"user_id": f"{tag}-{n}", "phone": f"+1555{uuid.uuid4().int % 10**7:07d}", "tags": [tag]} for n in range(300)
+    ]
+    assert (await api.post("/v1/recipients/batch", json={"recipients": people})).status_code == 200
+    campaign = await create_campaign(manager, template_key, await tag_segment(manager, tag), channels=["sms"])
+    second = await another_worker(services, settings, temporal_client)
+    async with second:
+        await second.refresh_providers()
+        assert (await manager.post(f"/v1/campaigns/{campaign['id']}/launch")).status_code == 200
+        done = await wait_campaign(manager, campaign["id"], "completed", "failed")
+    assert done["runs"][0]["sent"] == 300
+
+    history = await temporal_client.get_workflow_handle(f"campaign-{campaign['id']}").fetch_history()
+    scheduled = [event.activity_task_scheduled_event_attributes for event in history.events
+                 if event.HasField("activity_task_scheduled_event_attributes")]  # fmt: skip
+    queues = {item.task_queue.name for item in scheduled if item.activity_type.name == "send_campaign_batch"}
+    assert queues == {f"{settings.temporal_task_queue}.provider.{name}.bulk"}
+    times = sorted(call.at for call in gateway.requests_to("sms"))
+    assert len(times) == 300
+    # Two workers, each limiting itself to 50 a second, would finish in about 3 s; the
+    # server starts the three batches about 2 s apart, so the last one ends at least 5 s in.
+    assert times[-1] - times[0] >= 4.5

@@ -14,7 +14,8 @@ from datetime import datetime, timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, TimeoutType
+from temporalio.exceptions import TimeoutError as ActivityTimeout
 from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
@@ -43,6 +44,9 @@ BATCH_RETRY = RetryPolicy(
     maximum_interval=timedelta(minutes=2),
     non_retryable_error_types=["CampaignNotFound"],
 )
+# A batch waits this long on a provider's bulk queue (its rate limit) before the main
+# queue takes it instead.
+BATCH_QUEUE_TIMEOUT = timedelta(minutes=10)
 # Continue as new after this many batches even if the server has not suggested it yet.
 BATCHES_PER_RUN = 500
 
@@ -126,6 +130,8 @@ class CampaignWorkflow:
         # second each, so a throttle below the window means fewer batches at once.
         window = min(request.window, plan.throttle_per_second) if plan.throttle_per_second else request.window
         rate = plan.throttle_per_second / window if plan.throttle_per_second else None
+        if plan.provider_rate is not None:
+            rate = min(rate or plan.provider_rate, plan.provider_rate)
         pending: list[asyncio.Task[BatchResult]] = []  # a list: iteration order must be deterministic
         exhausted = False
         started_here = 0
@@ -149,7 +155,7 @@ class CampaignWorkflow:
                     batch = BatchInput(campaign_id=request.campaign_id, run_id=run_id, after_id=self._cursor,
                                        upto_id=upto, time_zone=self._zone, rate_per_second=rate,
                                        now=workflow.now(), count_duplicates=not again)  # fmt: skip
-                    pending.append(asyncio.ensure_future(self._send_batch(batch)))
+                    pending.append(asyncio.ensure_future(self._send_batch(batch, plan.batch_queue)))
                     self._cursor = upto
                     started_here += 1
                 self._in_flight = len(pending)
@@ -174,10 +180,23 @@ class CampaignWorkflow:
                         self._add(result)
             self._in_flight = 0
 
-    async def _send_batch(self, batch: BatchInput) -> BatchResult:
+    async def _send_batch(self, batch: BatchInput, queue: str | None = None) -> BatchResult:
+        if queue is not None:
+            try:
+                return await self._batch_activity(batch, queue)
+            except ActivityError as err:
+                if not isinstance(err.cause, ActivityTimeout) or err.cause.type != TimeoutType.SCHEDULE_TO_START:
+                    raise
+                # No worker took it from the provider's queue (the provider was disabled):
+                # send it from the main queue, through whichever provider is there.
+        return await self._batch_activity(batch, None)
+
+    async def _batch_activity(self, batch: BatchInput, queue: str | None) -> BatchResult:
         return await workflow.execute_activity_method(
             CampaignActivities.send_batch,
             batch,
+            task_queue=queue,
+            schedule_to_start_timeout=BATCH_QUEUE_TIMEOUT if queue is not None else None,
             start_to_close_timeout=BATCH_TIMEOUT,
             heartbeat_timeout=BATCH_HEARTBEAT,
             retry_policy=BATCH_RETRY,

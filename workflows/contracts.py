@@ -164,6 +164,10 @@ class RunPlan(BaseModel):
     throttle_per_second: int | None
     zones: list[ZoneStart] = Field(default_factory=list)  # local-time delivery: one start per zone
     has_window: bool = False
+    # A one-channel campaign whose first provider has a rate limit: its batches run on that
+    # provider's bulk task queue, where the Temporal server paces them for all workers.
+    batch_queue: str | None = None
+    provider_rate: float | None = None
 
 
 class RangeInput(BaseModel):
