@@ -19,9 +19,8 @@ from activities.campaigns import CampaignActivities
 from activities.notifications import NotificationActivities
 from activities.routing import ProviderDirectory
 from channels.base import Provider
-from channels.registry import build_provider
+from channels.registry import ProviderConfigError, build_provider
 from channels.sandbox import SandboxProvider
-from channels.smtp import SmtpProvider
 from core.config import Settings
 from core.db import create_engine
 from core.history import HistoryWriter, open_store, ship_outbox
@@ -37,21 +36,26 @@ logger = structlog.get_logger("marquee.worker")
 
 def build_default_providers(settings: Settings, engine: AsyncEngine) -> dict[str, Provider]:
     """Each channel's provider when the admin has none stored for it: from environment."""
-    providers: dict[str, Provider] = {
-        "email": SmtpProvider(
-            host=settings.smtp_host,
-            port=settings.smtp_port,
-            username=settings.smtp_username,
-            password=settings.smtp_password.get_secret_value() if settings.smtp_password else None,
-            use_tls=settings.smtp_use_tls,
-            start_tls=settings.smtp_start_tls,
-            timeout=settings.smtp_timeout_seconds,
-            pool_size=settings.smtp_pool_size,
-            sender=settings.mail_from,
-            message_id_domain=settings.message_id_domain,
-            throttle_seconds=settings.throttle_default_retry_seconds,
-        )
+    smtp = {
+        "host": settings.smtp_host,
+        "port": settings.smtp_port,
+        "username": settings.smtp_username,
+        "use_tls": settings.smtp_use_tls,
+        "start_tls": settings.smtp_start_tls,
+        "timeout": settings.smtp_timeout_seconds,
+        "pool_size": settings.smtp_pool_size,
+        "sender": settings.mail_from,
+        "message_id_domain": settings.message_id_domain,
+        "throttle_seconds": settings.throttle_default_retry_seconds,
     }
+    password = {"password": settings.smtp_password.get_secret_value()} if settings.smtp_password else {}
+    try:
+        email = build_provider(
+            name="smtp", channel="email", kind="smtp", settings=smtp, secrets=password, engine=engine
+        )
+    except ProviderConfigError as err:  # checked like a stored provider: say which variable is wrong
+        raise ValueError(f"MARQUEE_SMTP_* / MARQUEE_MAIL_FROM: {'; '.join(err.problems)}") from err
+    providers: dict[str, Provider] = {"email": email}
     for channel, kind in (("push", settings.push_provider), ("sms", settings.sms_provider)):
         if kind != "sandbox":
             raise ValueError(

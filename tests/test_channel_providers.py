@@ -485,3 +485,17 @@ async def test_build_provider_for_every_kind(gateway: Gateway) -> None:
     with pytest.raises(ProviderConfigError) as invalid:
         build_provider(name="broken", channel="sms", kind="twilio", settings={}, secrets={}, engine=engine)
     assert "settings.account_sid: Field required" in invalid.value.problems
+
+
+def test_the_environment_smtp_server_is_checked_like_a_stored_provider() -> None:
+    from core.config import Settings
+    from worker import build_default_providers
+
+    bad = Settings(_env_file=None, smtp_port=0, mail_from="nobody")
+    with pytest.raises(ValueError, match="MARQUEE_SMTP_") as err:
+        build_default_providers(bad, engine=None)  # type: ignore[arg-type]
+    assert "settings.port" in str(err.value)
+    assert "settings.sender" in str(err.value)
+    both = Settings(_env_file=None, smtp_use_tls=True, smtp_start_tls=True)
+    with pytest.raises(ValueError, match="mutually exclusive"):
+        build_default_providers(both, engine=None)  # type: ignore[arg-type]
