@@ -32,6 +32,7 @@ from core import campaign_store as store
 from core import preferences as prefs
 from core.clock import next_local_time, window_state
 from core.config import Settings
+from core.delivery_events import apply_early_events_for
 from core.history import HistoryRow, HistoryWriter
 from core.providers import bulk_queue_for
 from core.queries import recipients
@@ -154,6 +155,10 @@ class _Recorder:
                     .where(run.c.id == self._run_id)
                     .values({name: run.c[name] + counts[name] for name in ("sent", "failed", "suppressed")})
                 )
+            # A fast provider may have reported on some of these before this commit.
+            await apply_early_events_for(
+                conn, [row["provider_message_id"] for row in rows if row["provider_message_id"]]
+            )
         return counts
 
     def _history_rows(self, rows: list[dict[str, Any]]) -> list[HistoryRow]:

@@ -20,10 +20,12 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from channels.smtp import message_id_for
 from core import delivery_events
 from core.config import Settings
 from core.providers import delete_provider, save_provider
 from tests.conftest import wait_for_status
+from tests.test_campaigns import create_campaign, make_audience, manager, tag_segment, template_key, wait_campaign  # noqa: F401
 from worker import WorkerServices
 
 deliveries = delivery_events.deliveries
@@ -550,3 +552,28 @@ async def test_status_changes_reach_the_clickhouse_history(
     assert by_status["delivered"]["provider"] == sent["provider"]
     async with engine.connect() as conn:
         assert await conn.scalar(sa.text("SELECT count(*) FROM history_outbox")) == 0
+
+
+async def test_a_campaign_send_picks_up_an_event_that_came_before_it_was_recorded(
+    api: httpx.AsyncClient, public: httpx.AsyncClient, engine: AsyncEngine, hook: tuple[str, str],
+    settings: Settings, manager: httpx.AsyncClient, template_key: str,  # noqa: F811
+) -> None:  # fmt: skip
+    name, secret = hook
+    tag, [address] = await make_audience(api, 1)
+    campaign = await create_campaign(manager, template_key, await tag_segment(manager, tag))
+    rid = await recipient_id(engine, f"{tag}-0")
+    # The Message-ID this send will carry is derived from (run, recipient, channel).
+    message_id = message_id_for(f"campaign:campaign-{campaign['id']}:{rid}:email", settings.message_id_domain)
+    early = event("delivered", message_id)
+    assert (await post_events(public, name, secret, [early])).json()["unknown"] == 1
+
+    assert (await manager.post(f"/v1/campaigns/{campaign['id']}/launch")).status_code == 200
+    await wait_campaign(manager, campaign["id"], "completed")
+    async with engine.connect() as conn:
+        status = await conn.scalar(
+            sa.text("SELECT status FROM campaign_deliveries WHERE recipient_id = :r AND provider_message_id = :m"),
+            {"r": rid, "m": message_id},
+        )
+    assert status == "delivered"
+    assert [stored.outcome for stored in await stored_events(engine, name)] == ["advanced"]
+    assert address.startswith(tag)
