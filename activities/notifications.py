@@ -523,8 +523,4 @@ async def retire_address(engine: AsyncEngine, channel: str, user_id: str, addres
                 )
             )
         else:
-            await conn.execute(
-                insert(prefs.suppressions)
-                .values(channel=channel, address=address, reason=reason[:500], source="provider")
-                .on_conflict_do_nothing()
-            )
+            await prefs.suppress(conn, channel, address, reason, source="provider")

@@ -69,7 +69,21 @@ class ProviderDirectory:
         self._open: set[str] = set()  # providers whose circuit was not closed at the last look
         self.configured_channels: set[str] = set()
         self._failed_since_success: set[str] = set()
+        self._routes: dict[str, list[ProviderRoute]] = {}
         self._breakers_read = 0.0
+
+    def another(self, base_queue: str | None = None) -> ProviderDirectory:
+        """The same configuration, none of the state: what a second worker process would
+        have (tests run one in-process), optionally for another task queue."""
+        return ProviderDirectory(
+            self.engine,
+            self.defaults,
+            fernet_key=self._key,
+            base_queue=base_queue or self.base_queue,
+            build=self._build,
+            breaker_threshold=self.breaker_threshold,
+            breaker_cooldown=self.breaker_cooldown,
+        )
 
     @property
     def loaded(self) -> dict[str, LoadedProvider]:
@@ -106,15 +120,17 @@ class ProviderDirectory:
             loaded = LoadedProvider(record, provider, AsyncLimiter(1, 1 / rate) if rate else None)
             self._loaded[name] = loaded
             started.append(loaded)
+        # Worked out once per refresh: campaign batches ask for every message they send.
+        chain = sorted((loaded.record for loaded in self._loaded.values()), key=lambda r: (r.priority, r.name))
+        self._routes = {}
+        for record in chain:
+            route = ProviderRoute(provider=record.name, task_queue=task_queue_for(self.base_queue, record.name))
+            self._routes.setdefault(record.channel, []).append(route)
         return started, retired
 
     def routes(self, channel: str) -> list[ProviderRoute]:
         """The channel's stored providers in priority order; empty: the default provider."""
-        chain = sorted(
-            (loaded.record for loaded in self._loaded.values() if loaded.record.channel == channel),
-            key=lambda record: (record.priority, record.name),
-        )
-        return [ProviderRoute(provider=r.name, task_queue=task_queue_for(self.base_queue, r.name)) for r in chain]
+        return self._routes.get(channel, [])
 
     def no_provider(self, channel: str) -> bool:
         """True when a channel has stored providers, none enabled, and its environment
@@ -163,6 +179,7 @@ class ProviderDirectory:
         for loaded in self._loaded.values():
             await loaded.provider.close()
         self._loaded.clear()
+        self._routes.clear()
         for provider in self.defaults.values():
             await provider.close()
 

@@ -19,7 +19,7 @@ from starlette.responses import Response
 
 from admin.pages import AdminPage, FormErrors, form_text, not_found
 from core import dead_letter_ops as ops
-from core.auth import Principal, Role
+from core.auth import Role
 from core.dead_letter_ops import DeadLetterFilter, DeadLetterStatus, Outcome
 from core.models import Channel
 
@@ -35,12 +35,6 @@ STATUS_COLOURS = {"open": "red", "replayed": "green", "discarded": "secondary"}
 def status_badge(status: str) -> Markup:
     colour = STATUS_COLOURS.get(status, "secondary")
     return Markup('<span class="badge bg-{0}-lt dead-letter-status">{1}</span>').format(colour, status)
-
-
-def actor_of(request: Request) -> Principal:
-    """The signed-in panel user, as the audit log names them."""
-    email = str(request.session.get("email") or request.session.get("user_id") or "admin")
-    return Principal(subject=email, role=Role(request.session.get("role", Role.admin.value)))
 
 
 def selected_ids(values: list[str]) -> list[int]:
@@ -128,7 +122,7 @@ class DeadLetterPages(AdminPage):
             return self.redirect(back)
         async with self.connect() as conn:
             try:
-                results = await ops.replay(conn, self.temporal(), self.settings(), ids, actor_of(request))
+                results = await ops.replay(conn, self.temporal(), self.settings(), ids, self.actor(request))
             except ops.ReplayImpossible as err:
                 Flash.error(request, f"Nothing was replayed: {err}.")
                 return self.redirect(back)
@@ -164,7 +158,7 @@ class DeadLetterPages(AdminPage):
                 errors.add("reason", f"at least {MIN_REASON} characters")
             else:
                 async with self.connect() as conn:
-                    results = await ops.discard(conn, ids, actor_of(request), reason)
+                    results = await ops.discard(conn, ids, self.actor(request), reason)
                     await conn.commit()
                 _flash(request, *summary(results, "discarded"))
                 return self.redirect(back)

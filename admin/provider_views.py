@@ -141,7 +141,9 @@ class ProviderPages(AdminPage):
     permission = PROVIDERS
 
     def _actor(self, request: Request) -> dict[str, str]:
-        return {"actor": self.author(request), "role": str(request.session.get("role") or "admin")}
+        """The signed-in user as the provider functions take it (audit actor and role)."""
+        actor = self.actor(request)
+        return {"actor": actor.subject, "role": actor.role.value}
 
     # The first exposed route is the one the menu links to.
     @expose("/providers", identity="providers")

@@ -37,10 +37,9 @@ from core.models import (
     HistoryOutbox,
     Notification,
     Recipient,
-    RecipientPreference,
-    Suppression,
     WebhookEvent,
 )
+from core.preferences import opt_out, suppress
 from core.queries import lock_notification, refresh_notification_status
 
 deliveries = Delivery.__table__  # type: ignore[attr-defined]
@@ -49,8 +48,6 @@ campaign_runs = CampaignRun.__table__  # type: ignore[attr-defined]
 campaigns = Campaign.__table__  # type: ignore[attr-defined]
 notifications = Notification.__table__  # type: ignore[attr-defined]
 recipients = Recipient.__table__  # type: ignore[attr-defined]
-suppressions = Suppression.__table__  # type: ignore[attr-defined]
-preferences = RecipientPreference.__table__  # type: ignore[attr-defined]
 webhook_events = WebhookEvent.__table__  # type: ignore[attr-defined]
 history_outbox = HistoryOutbox.__table__  # type: ignore[attr-defined]
 
@@ -309,30 +306,6 @@ async def _queue_history(conn: AsyncConnection, target: DeliveryRef, status: str
                "category": found.category, "provider": "", "campaign_id": str(found.campaign_id)}  # fmt: skip
     row.update(channel=target.channel, status=status, event_time=at.isoformat())
     await conn.execute(sa.insert(history_outbox).values(row=row))
-
-
-async def suppress(conn: AsyncConnection, channel: str, address: str, reason: str, source: str) -> bool:
-    """Never send to this address on this channel again; True if it was not suppressed yet."""
-    inserted = await conn.scalar(
-        insert(suppressions)
-        .values(channel=channel, address=address, reason=reason[:1000], source=source)
-        .on_conflict_do_nothing(index_elements=["channel", "address"])
-        .returning(suppressions.c.address)
-    )
-    return inserted is not None
-
-
-async def opt_out(conn: AsyncConnection, *, recipient_id: int, category: str, channel: str, source: str) -> None:
-    """The recipient no longer wants `category` on `channel` (an unsubscribe, a complaint)."""
-    statement = insert(preferences).values(
-        recipient_id=recipient_id, category=category, channel=channel, enabled=False, source=source
-    )
-    await conn.execute(
-        statement.on_conflict_do_update(
-            index_elements=["recipient_id", "category", "channel"],
-            set_={"enabled": False, "source": source, "updated_at": sa.func.now()},
-        )
-    )
 
 
 async def apply_event(conn: AsyncConnection, provider: str, event: ProviderEvent) -> Outcome:

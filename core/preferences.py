@@ -16,6 +16,7 @@ from datetime import datetime
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.clock import window_state
@@ -96,3 +97,27 @@ def quiet_until(now: datetime, zone: str, start: str | None, end: str | None) ->
         return None
     state = window_state(now, start, end, zone)
     return state.until if state.open else None
+
+
+async def suppress(conn: AsyncConnection, channel: str, address: str, reason: str, source: str) -> bool:
+    """Never send to this address on this channel again; True if it was not suppressed yet."""
+    inserted = await conn.scalar(
+        insert(suppressions)
+        .values(channel=channel, address=address, reason=reason[:1000], source=source)
+        .on_conflict_do_nothing(index_elements=["channel", "address"])
+        .returning(suppressions.c.address)
+    )
+    return inserted is not None
+
+
+async def opt_out(conn: AsyncConnection, *, recipient_id: int, category: str, channel: str, source: str) -> None:
+    """The recipient no longer wants `category` on `channel` (an unsubscribe, a complaint)."""
+    statement = insert(preferences).values(
+        recipient_id=recipient_id, category=category, channel=channel, enabled=False, source=source
+    )
+    await conn.execute(
+        statement.on_conflict_do_update(
+            index_elements=["recipient_id", "category", "channel"],
+            set_={"enabled": False, "source": source, "updated_at": sa.func.now()},
+        )
+    )

@@ -79,18 +79,6 @@ def provider_record(row: sa.Row[Any], key: bytes) -> ProviderRecord:
     )
 
 
-async def list_providers(
-    conn: AsyncConnection, key: bytes, *, channel: str | None = None, enabled_only: bool = False
-) -> list[ProviderRecord]:
-    """Providers by channel and priority (lower first), then name."""
-    query = sa.select(providers).order_by(providers.c.channel, providers.c.priority, providers.c.name)
-    if channel is not None:
-        query = query.where(providers.c.channel == channel)
-    if enabled_only:
-        query = query.where(providers.c.enabled)
-    return [provider_record(row, key) for row in await conn.execute(query)]
-
-
 async def get_provider(conn: AsyncConnection, key: bytes, name: str) -> ProviderRecord | None:
     row = (await conn.execute(sa.select(providers).where(providers.c.name == name))).first()
     return provider_record(row, key) if row is not None else None
@@ -113,25 +101,44 @@ def validate(values: dict[str, Any]) -> list[str]:
         problems.append("max_concurrency: must be at least 1")
     if values.get("cost_per_message", 0) < 0:
         problems.append("cost_per_message: must not be negative")
-    if not problems:
-        problems += validate_config(
-            str(values["kind"]), str(values["channel"]), values.get("settings") or {}, values.get("secrets") or {}
+    if values.get("channel") in ("email", "push", "sms"):
+        # The kind's own checks too, so that one answer lists everything to fix.
+        kind_problems = validate_config(
+            str(values.get("kind")), str(values["channel"]), values.get("settings") or {}, values.get("secrets") or {}
         )
+        problems += [problem for problem in kind_problems if problem not in problems]
     return problems
 
 
-async def save_provider(conn: AsyncConnection, key: bytes, values: dict[str, Any]) -> ProviderRecord:
-    """Create or replace a provider by name. `secrets` given as None keeps the stored ones;
-    a secret field given as "" removes it. Raises ProviderInvalid listing every problem."""
-    existing = await get_provider(conn, key, str(values.get("name", "")))
-    secrets = values.get("secrets")
-    if secrets is None:
-        secrets = existing.secrets if existing else {}
-    elif existing is not None:
-        secrets = {**existing.secrets, **secrets}
-    secrets = {name: value for name, value in secrets.items() if value not in ("", None)}
+def _definition(existing: ProviderRecord | None, values: dict[str, Any]) -> dict[str, Any]:
+    """What a save would store: defaults, then `values`. Secrets left out (None) keep the
+    stored ones, a field given as "" removes one, and a provider that changes kind drops
+    stored secrets the new kind does not have (an sms-json api_key means nothing to twilio)."""
+    from channels.registry import KINDS  # channels import core; keep the edge one-way at import
+
+    stored = dict(existing.secrets) if existing is not None else {}
+    spec = KINDS.get(str(values.get("kind")))
+    if existing is not None and spec is not None and existing.kind != values.get("kind"):
+        stored = {name: value for name, value in stored.items() if name in spec.secrets.model_fields}
+    given = values.get("secrets")
+    secrets = stored if given is None else {**stored, **given}
     merged = {"max_concurrency": 10, "cost_per_message": 0.0, "priority": 100, "enabled": True, **values}
-    merged["secrets"] = secrets
+    merged["secrets"] = {name: value for name, value in secrets.items() if value not in ("", None)}
+    return merged
+
+
+async def check_provider(conn: AsyncConnection, key: bytes, values: dict[str, Any]) -> list[str]:
+    """Every problem save_provider would report for `values`, without writing."""
+    existing = await get_provider(conn, key, str(values.get("name", "")))
+    return validate(_definition(existing, values))
+
+
+async def save_provider(conn: AsyncConnection, key: bytes, values: dict[str, Any]) -> ProviderRecord:
+    """Create or replace a provider by name (secrets as in `_definition`). Raises
+    ProviderInvalid listing every problem, and writes nothing then."""
+    existing = await get_provider(conn, key, str(values.get("name", "")))
+    merged = _definition(existing, values)
+    secrets = merged["secrets"]
     problems = validate(merged)
     if problems:
         raise ProviderInvalid(problems)

@@ -160,15 +160,7 @@ async def test_retry_after_is_honoured_without_spending_the_failure_budget(
 async def another_worker(services: WorkerServices, settings: Settings, temporal_client: Client) -> MarqueeWorker:
     """A second worker as another process would run it: its own client (one client may not
     run two workers on the same task queue) and its own view of the providers."""
-    from activities.routing import ProviderDirectory
-
-    directory = ProviderDirectory(
-        services.engine,
-        services.directory.defaults,
-        fernet_key=settings.fernet_key(),
-        base_queue=settings.temporal_task_queue,
-        build=services.directory._build,
-    )
+    directory = services.directory.another()
     client = await Client.connect(
         temporal_client.service_client.config.target_host,
         namespace=temporal_client.namespace,

@@ -13,7 +13,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 
-from activities.routing import ProviderDirectory
 from api.app import create_app
 from core.auth import Role
 from core.config import Settings
@@ -34,13 +33,7 @@ class Stack:
     async def up(self) -> tuple[MarqueeWorker, httpx.AsyncClient]:
         address = await asyncio.to_thread(self.server.start)
         client = await Client.connect(address, data_converter=pydantic_data_converter)
-        directory = ProviderDirectory(
-            self.services.engine,
-            self.services.directory.defaults,
-            fernet_key=self.settings.fernet_key(),
-            base_queue=self.settings.temporal_task_queue,
-            build=self.services.directory._build,
-        )
+        directory = self.services.directory.another(self.settings.temporal_task_queue)
         services = WorkerServices(self.services.engine, self.services.history, directory, self.settings)
         worker = create_worker(client, self.settings, services)
         app = create_app(self.settings, engine=self.services.engine, temporal=client)

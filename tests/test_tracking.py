@@ -15,15 +15,15 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from core import delivery_events, tracking
+from core import tracking
 from core.config import Settings
+from core.preferences import preferences
 from core.tracking import CampaignSend, InstantDelivery
 from tests.test_webhooks import campaign_row, delivery, make_campaign_delivery, recipient_id, send
 
 KEY = b"k" * 32
 BASE = "https://mail.example.org"
 TOKEN = tracking.delivery_token(KEY, InstantDelivery(uuid.UUID(int=7), "email"))
-preferences = delivery_events.preferences
 
 
 def instrument(

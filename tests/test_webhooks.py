@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from channels.smtp import message_id_for
 from core import delivery_events
 from core.config import Settings
+from core.preferences import preferences, suppressions
 from core.providers import delete_provider, save_provider
 from tests.conftest import wait_for_status
 from tests.test_campaigns import create_campaign, make_audience, manager, tag_segment, template_key, wait_campaign  # noqa: F401
@@ -31,8 +32,6 @@ from worker import WorkerServices
 deliveries = delivery_events.deliveries
 campaign_deliveries = delivery_events.campaign_deliveries
 webhook_events = delivery_events.webhook_events
-suppressions = delivery_events.suppressions
-preferences = delivery_events.preferences
 
 
 # --- helpers ------------------------------------------------------------------------------

@@ -27,16 +27,15 @@ from core import audit
 from core import breaker as breakers
 from core.auth import Principal, Role
 from core.config import Settings
-from core.models import Channel
 from core.providers import (
     ProviderInvalid,
     ProviderRecord,
+    check_provider,
     delete_provider,
     get_provider,
     providers,
     save_provider,
     task_queue_for,
-    validate,
 )
 from core.secretbox import SecretsUnreadable, unseal
 
@@ -46,9 +45,6 @@ ProviderAdmin = Annotated[Principal, Depends(require())]  # admin is always allo
 ProviderReader = Annotated[Principal, Depends(require(Role.campaign_manager, Role.analyst))]
 
 ENTITY = "provider"
-# The fields save_provider checks itself; the kind's own checks (settings, secrets) run
-# only once these pass, so `complete_problems` adds them to show everything at once.
-BASIC_FIELDS = frozenset({"name", "channel", "rate_limit_per_second", "max_concurrency", "cost_per_message"})
 COMPARED_FIELDS = ("channel", "kind", "priority", "rate_limit_per_second", "max_concurrency", "cost_per_message",
                    "enabled")  # fmt: skip
 TOP_LEVEL_FIELDS = frozenset({*COMPARED_FIELDS, "name", "settings", "secrets"})
@@ -187,13 +183,6 @@ async def read_provider(conn: AsyncConnection, settings: Settings, name: str) ->
 # --- writing (each in the caller's transaction, with its audit row) ----------------------
 
 
-def _merged_secrets(existing: ProviderRecord | None, given: dict[str, Any] | None) -> dict[str, Any]:
-    """What save_provider will store: given fields over the stored ones, "" removes one."""
-    stored = existing.secrets if existing is not None else {}
-    merged = stored if given is None else {**stored, **given}
-    return {name: value for name, value in merged.items() if value not in ("", None)}
-
-
 def problem_field(problem: str) -> tuple[str, str]:
     """(field, message) of a problem: "settings.port: must be ..." names settings.port;
     "kind 'x' is unknown ..." names kind (and keeps its whole text as the message)."""
@@ -202,18 +191,6 @@ def problem_field(problem: str) -> tuple[str, str]:
         return placed[1], placed[2]
     first = problem.split(" ", 1)[0]
     return (first if first in TOP_LEVEL_FIELDS else "provider"), problem
-
-
-def complete_problems(problems: list[str], values: dict[str, Any], secrets: dict[str, Any]) -> list[str]:
-    """save_provider checks the kind's settings only when the basic fields pass: add
-    those problems too, so that one answer lists everything to fix."""
-    from channels.registry import validate_config  # channels import core; as core.providers does
-
-    basic_only = all(problem_field(problem)[0] in BASIC_FIELDS for problem in problems)
-    if not basic_only or values.get("channel") not in {channel.value for channel in Channel}:
-        return problems
-    extra = validate_config(str(values.get("kind")), str(values["channel"]), values.get("settings") or {}, secrets)
-    return problems + [problem for problem in extra if problem not in problems]
 
 
 def problem_fields(problems: list[str]) -> list[dict[str, str]]:
@@ -232,27 +209,10 @@ def changed_fields(before: ProviderRecord | None, after: ProviderRecord) -> list
     return changed
 
 
-def _secrets_for_kind(existing: ProviderRecord | None, values: dict[str, Any]) -> dict[str, Any] | None:
-    """The secrets to save: a provider that changes kind drops stored secrets the new
-    kind does not have (an sms-json api_key means nothing to twilio)."""
-    from channels.registry import KINDS  # channels import core; as core.providers does
-
-    given: dict[str, Any] | None = values.get("secrets")
-    spec = KINDS.get(str(values.get("kind")))
-    if existing is None or spec is None or existing.kind == values.get("kind"):
-        return given
-    dropped = {name: "" for name in existing.secrets if name not in spec.secrets.model_fields}
-    return {**dropped, **(given or {})} if dropped else given
-
-
 async def check_definition(conn: AsyncConnection, key: bytes, name: str, values: dict[str, Any]) -> list[str]:
     """Every problem save_audited would report, without writing (the admin's form checks
     this after its own parsing, so that all problems show at once)."""
-    existing = await get_provider(conn, key, name)
-    secrets = _merged_secrets(existing, _secrets_for_kind(existing, values))
-    merged = {"max_concurrency": 10, "cost_per_message": 0.0, "priority": 100, "enabled": True, **values}
-    merged.update(name=name, secrets=secrets)
-    return complete_problems(validate(merged), merged, secrets)
+    return await check_provider(conn, key, {**values, "name": name})
 
 
 async def save_audited(
@@ -261,12 +221,7 @@ async def save_audited(
     """Create or replace `name`; returns (record, created). Raises ProviderInvalid with
     every problem (nothing written), or SecretsUnreadable for a row sealed with another key."""
     existing = await get_provider(conn, key, name)
-    values = {**values, "name": name, "secrets": _secrets_for_kind(existing, values)}
-    try:
-        saved = await save_provider(conn, key, values)
-    except ProviderInvalid as err:
-        secrets = _merged_secrets(existing, values["secrets"])
-        raise ProviderInvalid(complete_problems(err.problems, values, secrets)) from None
+    saved = await save_provider(conn, key, {**values, "name": name})
     details = {"changed": changed_fields(existing, saved), "kind": saved.kind, "channel": saved.channel}
     action = "provider.create" if existing is None else "provider.update"
     await audit.record(conn, actor=actor, role=role, action=action, entity=ENTITY, entity_id=name, details=details)

@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from api.deps import ConnectionDep, SettingsDep
 from api.problems import Problem
-from core import delivery_events, tracking
+from core import delivery_events, preferences, tracking
 from core.queries import recipients
 from core.tracking import InstantDelivery, TrackedDelivery
 
@@ -114,7 +114,7 @@ async def unsubscribe(token: str, conn: ConnectionDep, settings: SettingsDep) ->
     recipient_id = await conn.scalar(sa.select(recipients.c.id).where(recipients.c.user_id == user_id))
     # A recipient deleted since the mail was sent gets nothing anyway: confirm all the same.
     if recipient_id is not None:
-        await delivery_events.opt_out(
+        await preferences.opt_out(
             conn, recipient_id=recipient_id, category=category, channel="email", source="unsubscribe"
         )
     await conn.commit()
