@@ -158,12 +158,18 @@ class MarqueeWorker:
         )
         self._providers: dict[str, list[tuple[Worker, asyncio.Task[None]]]] = {}
         self._task: asyncio.Task[None] | None = None
+        # The refresh loop and callers (tests, a provider edit) must not start one provider twice.
+        self._refreshing = asyncio.Lock()
 
     @property
     def is_running(self) -> bool:
         return self._main.is_running
 
     async def refresh_providers(self) -> None:
+        async with self._refreshing:
+            await self._refresh_providers()
+
+    async def _refresh_providers(self) -> None:
         started, retired = await self._services.directory.refresh()
         for loaded in retired:
             await self._stop_provider(loaded.record.name)

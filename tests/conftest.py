@@ -9,10 +9,11 @@ import asyncio
 import os
 import secrets
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from email import message_from_bytes
 from email.policy import default as default_policy
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import httpx
@@ -31,6 +32,8 @@ from core.config import Settings
 from core.db import create_engine
 from core.embedded import EmbeddedPostgres, MailCapture, free_port, venv_binary
 from core.migrate import upgrade_async
+from core.providers import delete_provider, save_provider
+from tests.gateways import Gateway
 from worker import MarqueeWorker, WorkerServices, create_worker, worker_services
 
 
@@ -179,9 +182,58 @@ async def services(settings: Settings, engine: AsyncEngine) -> AsyncIterator[Wor
 
 @pytest.fixture(scope="session")
 async def worker(temporal_client: Client, settings: Settings, services: WorkerServices) -> AsyncIterator[MarqueeWorker]:
+    global _session_worker
     worker = create_worker(temporal_client, settings, services)
     async with worker:
+        _session_worker = worker
         yield worker
+        _session_worker = None
+
+
+_session_worker: MarqueeWorker | None = None
+
+
+@pytest.fixture(autouse=True)
+async def _providers_settled() -> AsyncIterator[None]:
+    """After a test that stored, edited or deleted providers (through the API, the admin or
+    `stored`), the session worker sees the result before the next test sends: otherwise a
+    send could race the periodic refresh and meet a provider that is no longer there."""
+    yield
+    if _session_worker is not None:
+        await _session_worker.refresh_providers()
+
+
+@pytest.fixture
+def gateways() -> Iterator[Callable[[], Gateway]]:
+    started: list[Gateway] = []
+
+    def make() -> Gateway:
+        gateway = Gateway().start()
+        started.append(gateway)
+        return gateway
+
+    yield make
+    for gateway in started:
+        gateway.stop()
+
+
+@pytest.fixture
+async def stored(engine: AsyncEngine, settings: Settings, worker: MarqueeWorker) -> AsyncIterator[Callable[..., Any]]:
+    """Store providers for one test; the session worker sees them at once, and they are gone
+    after (a channel with stored providers, even disabled ones, no longer uses the sandbox;
+    `_providers_settled` refreshes the worker once they are)."""
+    names: list[str] = []
+
+    async def store(**values: Any) -> None:
+        async with engine.begin() as conn:
+            await save_provider(conn, settings.fernet_key(), values)
+        names.append(values["name"])
+        await worker.refresh_providers()
+
+    yield store
+    async with engine.begin() as conn:
+        for name in names:
+            await delete_provider(conn, name)
 
 
 @pytest.fixture(scope="session")

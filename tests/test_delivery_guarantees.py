@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import re
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -44,38 +44,6 @@ async def template_key(manager: httpx.AsyncClient) -> str:
     key = f"promo-{uuid.uuid4().hex[:8]}"
     assert (await manager.post("/v1/templates", json={"key": key, **TEMPLATE})).status_code == 201
     return key
-
-
-@pytest.fixture
-def gateways() -> Iterator[Callable[[], Gateway]]:
-    started: list[Gateway] = []
-
-    def make() -> Gateway:
-        gateway = Gateway().start()
-        started.append(gateway)
-        return gateway
-
-    yield make
-    for gateway in started:
-        gateway.stop()
-
-
-@pytest.fixture
-async def stored(engine: AsyncEngine, settings: Settings, worker: MarqueeWorker) -> AsyncIterator[Callable[..., Any]]:
-    """Store providers for one test; the worker sees them at once, and they are gone after."""
-    names: list[str] = []
-
-    async def store(**values: Any) -> None:
-        async with engine.begin() as conn:
-            await save_provider(conn, settings.fernet_key(), values)
-        names.append(values["name"])
-        await worker.refresh_providers()
-
-    yield store
-    async with engine.begin() as conn:
-        for name in names:
-            await delete_provider(conn, name)
-    await worker.refresh_providers()
 
 
 def _sms_provider(name: str, gateway: Gateway, priority: int, **extra: Any) -> dict[str, Any]:
@@ -475,3 +443,4 @@ async def test_a_rate_limited_provider_paces_campaign_batches_across_workers(
     # Two workers, each limiting itself to 50 a second, would finish in about 3 s; the
     # server starts the three batches about 2 s apart, so the last one ends at least 5 s in.
     assert times[-1] - times[0] >= 4.5
+

@@ -10,7 +10,7 @@ import hmac
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlencode
@@ -24,8 +24,8 @@ from channels.smtp import message_id_for
 from core import delivery_events
 from core.config import Settings
 from core.preferences import preferences, suppressions
-from core.providers import delete_provider, save_provider
 from tests.conftest import wait_for_status
+from tests.gateways import Gateway
 from tests.test_campaigns import create_campaign, make_audience, manager, tag_segment, template_key, wait_campaign  # noqa: F401
 from worker import WorkerServices
 
@@ -37,34 +37,20 @@ webhook_events = delivery_events.webhook_events
 # --- helpers ------------------------------------------------------------------------------
 
 
-_created: list[str] = []
-
-
-@pytest.fixture(autouse=True)
-async def _drop_providers(engine: AsyncEngine) -> AsyncIterator[None]:
-    """The rows a test made go with it: a channel with stored providers (even disabled
-    ones) no longer falls back to the sandbox, which later tests rely on."""
-    yield
-    async with engine.begin() as conn:
-        while _created:
-            await delete_provider(conn, _created.pop())
-
-
 async def make_provider(
-    engine: AsyncEngine,
-    settings: Settings,
+    stored: Callable[..., Awaitable[None]],
     *,
     kind: str,
     channel: str,
     secrets: dict[str, str],
     provider_settings: dict[str, Any] | None = None,
+    enabled: bool = False,
+    name: str | None = None,
 ) -> str:
-    """A disabled provider row (so no worker routes real sends to it) with these secrets."""
-    name = f"hooks-{uuid.uuid4().hex[:10]}"
+    """A provider row with these secrets, disabled unless asked (so no send goes to it)."""
+    name = name or f"hooks-{uuid.uuid4().hex[:10]}"
     values = {"name": name, "channel": channel, "kind": kind, "settings": provider_settings or {}}
-    async with engine.begin() as conn:
-        await save_provider(conn, settings.fernet_key(), {**values, "secrets": secrets, "enabled": False})
-    _created.append(name)
+    await stored(**values, secrets=secrets, enabled=enabled)
     return name
 
 
@@ -182,12 +168,11 @@ async def public(api_url: str) -> AsyncIterator[httpx.AsyncClient]:
 
 
 @pytest.fixture
-async def hook(engine: AsyncEngine, settings: Settings) -> tuple[str, str]:
+async def hook(stored: Callable[..., Awaitable[None]]) -> tuple[str, str]:
     """An email provider with a webhook secret: (name, secret)."""
     secret = f"whsec_{uuid.uuid4().hex}"
     name = await make_provider(
-        engine,
-        settings,
+        stored,
         kind="smtp",
         channel="email",
         secrets={"webhook_secret": secret},
@@ -470,20 +455,33 @@ async def test_twilio_status_callbacks(
     api_url: str,
     recipient: dict,
     engine: AsyncEngine,
-    settings: Settings,
+    stored: Callable[..., Awaitable[None]],
+    gateways: Callable[[], Gateway],
 ) -> None:
-    token = uuid.uuid4().hex
-    name = await make_provider(
-        engine,
-        settings,
+    """A send through a Twilio provider (the test's own Twilio), then its status callbacks."""
+    twilio = gateways()
+    token = twilio.twilio_auth_token
+    name = f"hooks-{uuid.uuid4().hex[:10]}"
+    url = f"{api_url}/v1/webhooks/{name}"  # the app's public_url: what Twilio calls
+    await make_provider(
+        stored,
+        name=name,
         kind="twilio",
         channel="sms",
         secrets={"auth_token": token},
-        provider_settings={"account_sid": "AC" + "0" * 32, "sender": "+15550000000"},
+        provider_settings={
+            "account_sid": twilio.twilio_account_sid,
+            "sender": "+15550000000",
+            "base_url": twilio.url,
+            "status_callback_url": url,
+        },
+        enabled=True,
     )
     sent = await send(api, recipient, "sms")
+    assert sent["provider"] == name
+    [message] = twilio.twilio_messages
     sid = sent["provider_message_id"]
-    url = f"{api_url}/v1/webhooks/{name}"  # the app's public_url: what Twilio called
+    assert (message["sid"], message["status_callback"]) == (sid, url)
 
     async def callback(form: dict[str, str], signature: str | None = None) -> httpx.Response:
         headers = {"X-Twilio-Signature": signature or twilio_signature(token, url, form)}
@@ -493,7 +491,8 @@ async def test_twilio_status_callbacks(
             headers={**headers, "Content-Type": "application/x-www-form-urlencoded"},
         )
 
-    base = {"MessageSid": sid, "AccountSid": "AC" + "0" * 32, "To": recipient["phone"], "From": "+15550000000"}
+    base = {"MessageSid": sid, "AccountSid": twilio.twilio_account_sid, "To": recipient["phone"]}
+    base["From"] = "+15550000000"
     queued = await callback({**base, "MessageStatus": "sent"})
     assert queued.json() == {"accepted": 1, "duplicates": 0, "unknown": 0}
     assert (await delivery(engine, sent["notification_id"], "sms")).status == "sent"
