@@ -42,6 +42,7 @@ from core.tracking import CampaignSend
 from workflows.contracts import (
     BatchInput,
     BatchResult,
+    ChannelLane,
     FinishRunInput,
     RangeInput,
     RunPlan,
@@ -260,20 +261,23 @@ class CampaignActivities:
             throttle = await conn.scalar(
                 sa.select(store.campaigns.c.throttle_per_second).where(store.campaigns.c.id == request.campaign_id)
             )
-        batch_queue, provider_rate = self._bulk_route(spec)
-        return RunPlan(throttle_per_second=throttle, zones=zones, has_window=bool(spec.schedule.get("window")),
-                       batch_queue=batch_queue, provider_rate=provider_rate)  # fmt: skip
+        plan = RunPlan(throttle_per_second=throttle, zones=zones, has_window=bool(spec.schedule.get("window")))
+        lanes = [self._lane(channel) for channel in spec.channels]
+        if len(lanes) == 1:
+            plan.batch_queue, plan.provider_rate = lanes[0].queue, lanes[0].provider_rate
+        elif any(lane.queue for lane in lanes):
+            plan.channel_lanes = lanes
+        return plan
 
-    def _bulk_route(self, spec: CampaignSpec) -> tuple[str | None, float | None]:
-        """Where a campaign's batches run. One channel whose first stored provider has a rate
+    def _lane(self, channel: str) -> ChannelLane:
+        """Where a channel's campaign batches run. If its first stored provider has a rate
         limit: that provider's bulk queue, paced by the Temporal server for all workers."""
-        if len(spec.channels) != 1:
-            return None, None
-        routes = self._directory.routes(spec.channels[0])
+        routes = self._directory.routes(channel)
         loaded = self._directory.loaded.get(routes[0].provider) if routes else None
         if loaded is None or not loaded.record.rate_limit_per_second:
-            return None, None
-        return bulk_queue_for(routes[0].task_queue), loaded.record.rate_limit_per_second
+            return ChannelLane(channel=channel)
+        return ChannelLane(channel=channel, queue=bulk_queue_for(routes[0].task_queue),
+                           provider_rate=loaded.record.rate_limit_per_second)  # fmt: skip
 
     @activity.defn(name="next_campaign_range")
     async def next_range(self, request: RangeInput) -> int | None:
@@ -290,6 +294,7 @@ class CampaignActivities:
     @activity.defn(name="send_campaign_batch")
     async def send_batch(self, batch: BatchInput) -> BatchResult:
         spec = await self._spec(batch.campaign_id)
+        channels = [batch.channel] if batch.channel else spec.channels
         async with self._engine.connect() as conn:
             query = sa.select(recipients).where(
                 store.segment_condition(spec.segment),
@@ -315,7 +320,7 @@ class CampaignActivities:
                 [
                     (channel, address)
                     for person in audience
-                    for channel in spec.channels
+                    for channel in channels
                     if (address := contact_for(channel, person.email, person.phone, person.push_tokens))
                 ],
             )
@@ -338,12 +343,12 @@ class CampaignActivities:
                 if quiet is not None:
                     # Not recorded: the workflow's next pass over the segment, once their quiet
                     # hours are over, sends them (and skips everyone recorded by then).
-                    waiting = sum((person.id, channel) not in done for channel in spec.channels)
+                    waiting = sum((person.id, channel) not in done for channel in channels)
                     if waiting:
                         deferred += waiting
                         deferred_until = min(quiet, deferred_until or quiet)
                     continue
-                for channel in spec.channels:
+                for channel in channels:
                     if (person.id, channel) in done:
                         skipped += batch.count_duplicates
                         continue

@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
-import os
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
-from temporalio.client import Client, WorkflowHistory
-from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.worker import Replayer
+from temporalio.client import Client
 
 from core.clock import next_local_time, window_state
 from tests.conftest import SmtpServer
@@ -26,9 +21,7 @@ from tests.test_campaigns import (  # noqa: F401
     template_key,
     wait_campaign,
 )
-from worker import WORKFLOWS
-
-HISTORIES = Path(__file__).parent / "histories"
+from tests.test_replay import assert_replays
 
 
 def _utc(values: list[str]) -> list[datetime]:
@@ -221,12 +214,7 @@ async def test_campaign_history_replays(
     await manager.post(f"/v1/campaigns/{campaign['id']}/launch")
     await wait_campaign(manager, campaign["id"], "completed")
     history = await temporal_client.get_workflow_handle(f"campaign-{campaign['id']}").fetch_history()
-    if os.environ.get("MARQUEE_RECORD_HISTORIES") == "1":
-        path = HISTORIES / "campaign_completed.json"
-        await asyncio.to_thread(path.write_text, json.dumps(json.loads(history.to_json()), indent=1))
-    replayer = Replayer(workflows=WORKFLOWS, data_converter=pydantic_data_converter)
-    assert (await replayer.replay_workflow(history)).replay_failure is None
-    assert isinstance(history, WorkflowHistory)
+    await assert_replays(history, "campaign_completed")
 
 
 async def test_paused_before_its_time_a_campaign_waits_until_resumed(

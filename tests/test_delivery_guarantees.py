@@ -6,6 +6,7 @@ preferences and quiet hours. The gateways are the test's own HTTP servers."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -27,6 +28,7 @@ from core.queries import deliveries, recipients
 from tests.conftest import SmtpServer, token_for, wait_for_status
 from tests.gateways import Gateway
 from tests.test_campaigns import TEMPLATE, create_campaign, make_audience, tag_segment, wait_campaign
+from tests.test_replay import assert_replays
 from worker import MarqueeWorker, WorkerServices, create_worker
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -444,3 +446,46 @@ async def test_a_rate_limited_provider_paces_campaign_batches_across_workers(
     # server starts the three batches about 2 s apart, so the last one ends at least 5 s in.
     assert times[-1] - times[0] >= 4.5
 
+
+async def test_a_multi_channel_campaign_paces_each_channel_on_its_own_lane(
+    api: httpx.AsyncClient, manager: httpx.AsyncClient, template_key: str, stored: Any, gateways: Any,
+    smtp_server: SmtpServer, settings: Settings, temporal_client: Client,
+) -> None:  # fmt: skip
+    """Email and SMS to the same people: each range of recipients becomes an SMS batch on the
+    rate-limited provider's bulk queue and an email batch on the main queue, so the SMS rate
+    holds across workers while email goes at its own pace."""
+    gateway = gateways()
+    name = f"sms-lane-{uuid.uuid4().hex[:6]}"
+    await stored(**_sms_provider(name, gateway, 10, rate_limit_per_second=50.0))
+    tag = f"t{uuid.uuid4().hex[:10]}"
+    people: list[dict[str, Any]] = [
+        {"user_id": f"{tag}-{n}", "email": f"{tag}-{n}@example.com", "phone": f"+1555{uuid.uuid4().int % 10**7:07d}",
+         "tags": [tag]}
+        for n in range(200)
+    ]  # fmt: skip
+    assert (await api.post("/v1/recipients/batch", json={"recipients": people})).status_code == 200
+    segment = await tag_segment(manager, tag)
+    campaign = await create_campaign(manager, template_key, segment, channels=["email", "sms"])
+    assert (await manager.post(f"/v1/campaigns/{campaign['id']}/launch")).status_code == 200
+    done = await wait_campaign(manager, campaign["id"], "completed", "failed")
+    assert (done["status"], done["runs"][0]["sent"]) == ("completed", 400)
+
+    assert sorted(m["to"] for m in gateway.sms_messages) == sorted(p["phone"] for p in people)
+    emailed = {rcpt for rcpt, _ in smtp_server.handler.delivered_to({p["email"] for p in people})}
+    assert emailed == {p["email"] for p in people}
+    history = await temporal_client.get_workflow_handle(f"campaign-{campaign['id']}").fetch_history()
+    batches = [
+        (item.task_queue.name, item.input.payloads[0].data)
+        for event in history.events
+        if event.HasField("activity_task_scheduled_event_attributes")
+        and (item := event.activity_task_scheduled_event_attributes).activity_type.name == "send_campaign_batch"
+    ]
+    sms_queue = f"{settings.temporal_task_queue}.provider.{name}.bulk"
+    by_channel = {json.loads(data)["channel"]: queue for queue, data in batches}
+    assert by_channel == {"sms": sms_queue, "email": settings.temporal_task_queue}
+    assert len(batches) == 4  # two ranges of 100 (test settings), a batch per channel each
+    times = sorted(call.at for call in gateway.requests_to("sms"))
+    # Each SMS batch sends its 100 at 50 a second (2 s), and the server starts the second one
+    # about 2 s after the first: about 4 s in all, where two unpaced batches would take 2 s.
+    assert times[-1] - times[0] >= 3.0
+    await assert_replays(history, "campaign_channel_lanes")

@@ -38,11 +38,12 @@ async def test_recorded_history_replays(path: Path) -> None:
     assert result.replay_failure is None
 
 
-async def _history(client: Client, workflow_id: str, name: str) -> WorkflowHistory:
-    history = await client.get_workflow_handle(workflow_id).fetch_history()
+async def assert_replays(history: WorkflowHistory, name: str) -> None:
+    """The history replays with the current code; MARQUEE_RECORD_HISTORIES=1 stores it as `name`."""
     if os.environ.get("MARQUEE_RECORD_HISTORIES") == "1":
-        (HISTORIES / f"{name}.json").write_text(json.dumps(json.loads(history.to_json()), indent=1))
-    return history
+        path = HISTORIES / f"{name}.json"
+        await asyncio.to_thread(path.write_text, json.dumps(json.loads(history.to_json()), indent=1))
+    assert (await _replayer().replay_workflow(history)).replay_failure is None
 
 
 async def test_fresh_histories_replay(
@@ -73,6 +74,5 @@ async def test_fresh_histories_replay(
 
     runs = {"notification_sent": sent, "notification_rejected": rejected, "notification_cancelled": pending}
     for name, response in runs.items():
-        history = await _history(temporal_client, response.json()["workflow_id"], name)
-        result = await _replayer().replay_workflow(history)
-        assert result.replay_failure is None
+        history = await temporal_client.get_workflow_handle(response.json()["workflow_id"]).fetch_history()
+        await assert_replays(history, name)

@@ -25,6 +25,7 @@ with workflow.unsafe.imports_passed_through():
         BatchResult,
         CampaignInput,
         CampaignProgress,
+        ChannelLane,
         FinishRunInput,
         RangeInput,
         RunPlan,
@@ -128,17 +129,17 @@ class CampaignWorkflow:
         """Send every batch of the current zone; False when it is time to continue as new."""
         # The throttle is shared by the batches in flight; never fewer than one message a
         # second each, so a throttle below the window means fewer batches at once.
+        lanes = plan.channel_lanes or [ChannelLane(queue=plan.batch_queue, provider_rate=plan.provider_rate)]
         window = min(request.window, plan.throttle_per_second) if plan.throttle_per_second else request.window
+        window = max(window, len(lanes))  # a range starts one batch per lane
         rate = plan.throttle_per_second / window if plan.throttle_per_second else None
-        if plan.provider_rate is not None:
-            rate = min(rate or plan.provider_rate, plan.provider_rate)
         pending: list[asyncio.Task[BatchResult]] = []  # a list: iteration order must be deterministic
         exhausted = False
         started_here = 0
         try:
             while True:
                 self._state = "paused" if self._paused else "running"
-                while not exhausted and not self._paused and len(pending) < window:
+                while not exhausted and not self._paused and len(pending) + len(lanes) <= window:
                     if started_here >= BATCHES_PER_RUN or workflow.info().is_continue_as_new_suggested():
                         break
                     if plan.has_window and not await self._window_open(request):
@@ -152,10 +153,15 @@ class CampaignWorkflow:
                     if upto is None:
                         exhausted = True
                         break
-                    batch = BatchInput(campaign_id=request.campaign_id, run_id=run_id, after_id=self._cursor,
-                                       upto_id=upto, time_zone=self._zone, rate_per_second=rate,
-                                       now=workflow.now(), count_duplicates=not again)  # fmt: skip
-                    pending.append(asyncio.ensure_future(self._send_batch(batch, plan.batch_queue)))
+                    for lane in lanes:
+                        lane_rate = rate
+                        if lane.provider_rate is not None:
+                            lane_rate = min(rate or lane.provider_rate, lane.provider_rate)
+                        batch = BatchInput(campaign_id=request.campaign_id, run_id=run_id, after_id=self._cursor,
+                                           upto_id=upto, time_zone=self._zone, rate_per_second=lane_rate,
+                                           now=workflow.now(), count_duplicates=not again,
+                                           channel=lane.channel)  # fmt: skip
+                        pending.append(asyncio.ensure_future(self._send_batch(batch, lane.queue)))
                     self._cursor = upto
                     started_here += 1
                 self._in_flight = len(pending)

@@ -160,6 +160,14 @@ class ZoneStart(BaseModel):
     fire_at: datetime
 
 
+class ChannelLane(BaseModel):
+    """Where one channel's batches of a multi-channel campaign run, and how fast."""
+
+    channel: str | None = None  # None: every channel of the campaign
+    queue: str | None = None  # the first provider's bulk queue; None: the main queue
+    provider_rate: float | None = None
+
+
 class RunPlan(BaseModel):
     throttle_per_second: int | None
     zones: list[ZoneStart] = Field(default_factory=list)  # local-time delivery: one start per zone
@@ -168,6 +176,9 @@ class RunPlan(BaseModel):
     # provider's bulk task queue, where the Temporal server paces them for all workers.
     batch_queue: str | None = None
     provider_rate: float | None = None
+    # A multi-channel campaign with a rate-limited provider: each range of recipients gets a
+    # batch per channel, on that channel's lane. Empty: one batch per range, all channels.
+    channel_lanes: list[ChannelLane] = Field(default_factory=list)
 
 
 class RangeInput(BaseModel):
@@ -197,6 +208,7 @@ class BatchInput(BaseModel):
     now: datetime | None = None  # the workflow's clock: quiet hours are judged by it
     # False on a pass for recipients who were in their quiet hours: the others were sent.
     count_duplicates: bool = True
+    channel: str | None = None  # only this one of the campaign's channels (a channel lane)
 
 
 class BatchResult(BaseModel):
