@@ -163,7 +163,7 @@ class CampaignWorkflow:
                                            channel=lane.channel)  # fmt: skip
                         pending.append(asyncio.ensure_future(self._send_batch(batch, lane.queue)))
                     self._cursor = upto
-                    started_here += 1
+                    started_here += len(lanes)  # batches, which is what the history holds
                 self._in_flight = len(pending)
                 if not pending:
                     if exhausted:
