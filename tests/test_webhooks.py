@@ -493,8 +493,12 @@ async def test_twilio_status_callbacks(
             headers={**headers, "Content-Type": "application/x-www-form-urlencoded"},
         )
 
-    base = {"MessageSid": sid, "AccountSid": twilio.twilio_account_sid, "To": recipient["phone"]}
-    base["From"] = "+15550000000"
+    base = {
+        "MessageSid": sid,
+        "AccountSid": twilio.twilio_account_sid,
+        "To": recipient["phone"],
+        "From": "+15550000000",
+    }
     queued = await callback({**base, "MessageStatus": "sent"})
     assert queued.json() == {"accepted": 1, "duplicates": 0, "unknown": 0}
     assert (await delivery(engine, sent["notification_id"], "sms")).status == "sent"
