@@ -99,11 +99,16 @@ def quiet_until(now: datetime, zone: str, start: str | None, end: str | None) ->
     return state.until if state.open else None
 
 
+def stored_address(channel: str, address: str) -> str:
+    """An address as suppressions keep it: emails lower-case, as recipients' emails are."""
+    return address.lower() if channel == "email" else address
+
+
 async def suppress(conn: AsyncConnection, channel: str, address: str, reason: str, source: str) -> bool:
     """Never send to this address on this channel again; True if it was not suppressed yet."""
     inserted = await conn.scalar(
         insert(suppressions)
-        .values(channel=channel, address=address, reason=reason[:1000], source=source)
+        .values(channel=channel, address=stored_address(channel, address), reason=reason[:1000], source=source)
         .on_conflict_do_nothing(index_elements=["channel", "address"])
         .returning(suppressions.c.address)
     )

@@ -67,7 +67,7 @@ async def test_add_list_and_lift_a_suppression(
         assert (await reader.get("/v1/suppressions")).status_code == 200
         assert (await reader.delete(f"/v1/suppressions/email/{address}")).status_code == 403
 
-    assert (await admin.delete(f"/v1/suppressions/email/{address}")).status_code == 204
+    assert (await admin.delete(f"/v1/suppressions/email/{address.upper()}")).status_code == 204  # any case
     assert (await admin.delete(f"/v1/suppressions/email/{address}")).status_code == 404
     sent = (await api.post("/v1/notifications?wait=true", json=email)).json()
     assert sent["status"] == "sent"

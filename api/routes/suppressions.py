@@ -16,7 +16,7 @@ from api.deps import ConnectionDep, require
 from api.problems import Problem
 from core import audit
 from core.auth import Principal, Role
-from core.preferences import suppressions
+from core.preferences import stored_address, suppressions
 
 router = APIRouter(prefix="/v1/suppressions", tags=["suppressions"])
 
@@ -61,7 +61,7 @@ async def list_suppressions(
 
 @router.post("", response_model=SuppressionOut, status_code=status.HTTP_201_CREATED)
 async def add_suppression(body: SuppressionIn, conn: ConnectionDep, principal: Admin) -> Any:
-    address = body.address.lower() if body.channel == "email" else body.address
+    address = stored_address(body.channel, body.address)
     row = (
         await conn.execute(
             insert(suppressions)
@@ -88,6 +88,7 @@ async def add_suppression(body: SuppressionIn, conn: ConnectionDep, principal: A
 @router.delete("/{channel}/{address}", status_code=status.HTTP_204_NO_CONTENT)
 async def lift_suppression(channel: ChannelName, address: str, conn: ConnectionDep, principal: Admin) -> Response:
     """Send to the address again."""
+    address = stored_address(channel, address)
     lifted = (
         await conn.execute(
             sa.delete(suppressions)

@@ -18,6 +18,7 @@ from urllib.parse import parse_qsl
 
 import structlog
 from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -170,12 +171,9 @@ def _signed_json_events(
     try:
         batch = EventBatch.model_validate_json(body)
     except ValidationError as err:
-        errors = [
-            {"field": ".".join(str(part) for part in error["loc"]) or "body", "message": error["msg"]}
-            for error in err.errors()
-        ]
-        detail = "; ".join(f"{error['field']}: {error['message']}" for error in errors)
-        raise Problem(422, "Invalid request", detail, errors) from err
+        # Answered like any request body FastAPI validates: one problem per field.
+        errors = [{**error, "loc": ("body", *error["loc"])} for error in err.errors()]
+        raise RequestValidationError(errors) from err
     return [(_event(item), item.model_dump(mode="json")) for item in batch.events]
 
 
