@@ -17,16 +17,16 @@ from temporalio.worker import Worker
 
 from activities.campaigns import CampaignActivities
 from activities.notifications import NotificationActivities
-from activities.routing import ProviderDirectory
 from channels.base import Provider
 from channels.registry import ProviderConfigError, build_provider
 from channels.sandbox import SandboxProvider
 from core.config import Settings
 from core.db import create_engine
-from core.history import HistoryWriter, open_store, ship_outbox
-from core.providers import bulk_queue_for, task_queue_for
-from core.template_store import PinnedVersions
 from core.temporal import connect
+from services.history import HistoryWriter, open_store, ship_outbox
+from services.providers import bulk_queue_for, task_queue_for
+from services.routing import ProviderDirectory
+from services.templates import PinnedVersions
 from workflows.campaign import CampaignWorkflow
 from workflows.notification import NotificationWorkflow
 

@@ -24,22 +24,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.notifications import TRANSIENT_ERROR, contact_for, retire_address
-from activities.outbound import finish_email
-from activities.routing import ChannelRouter, ProviderDirectory
+from activities.notifications import contact_for, retire_address
 from channels.base import InvalidAddressError, OutboundMessage, PermanentSendError, TransientSendError
-from core import campaign_store as store
-from core import preferences as prefs
 from core.clock import next_local_time, window_state
 from core.config import Settings
-from core.delivery_events import apply_early_events_for
-from core.history import HistoryRow, HistoryWriter
-from core.providers import bulk_queue_for
-from core.queries import recipients
-from core.template_store import PinnedVersions
-from core.templating import RenderError, TemplateContent, coerce_variables, recipient_context, render
-from core.tracking import CampaignSend
-from workflows.contracts import (
+from core.contracts import (
+    CAMPAIGN_NOT_FOUND,
+    TRANSIENT_ERROR,
     BatchInput,
     BatchResult,
     ChannelLane,
@@ -51,6 +42,17 @@ from workflows.contracts import (
     WindowState,
     ZoneStart,
 )
+from core.queries import recipients
+from core.templating import RenderError, TemplateContent, coerce_variables, recipient_context, render
+from core.tracking import CampaignSend
+from services import campaign_store as store
+from services import preferences as prefs
+from services.delivery_events import apply_early_events_for
+from services.history import HistoryRow, HistoryWriter
+from services.outbound import finish_email
+from services.providers import bulk_queue_for
+from services.routing import ChannelRouter, ProviderDirectory
+from services.templates import PinnedVersions
 
 HEARTBEAT_SECONDS = 1.0  # liveness for Temporal, independent of how fast sends go
 FLUSH_EVERY = 50  # write a chunk once this many outcomes wait
@@ -209,7 +211,7 @@ class CampaignActivities:
         async with self._engine.connect() as conn:
             row = (await conn.execute(sa.select(store.campaigns).where(store.campaigns.c.id == campaign_id))).first()
             if row is None:
-                raise ApplicationError(f"no campaign {campaign_id}", type="CampaignNotFound", non_retryable=True)
+                raise ApplicationError(f"no campaign {campaign_id}", type=CAMPAIGN_NOT_FOUND, non_retryable=True)
             segment = await store.load_segment(conn, row.segment_id)
             content = await self._templates.get(conn, row.template_key, row.template_version)
         spec = CampaignSpec(

@@ -11,8 +11,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.outbound import finish_email
-from activities.routing import ProviderDirectory
 from channels.base import (
     InvalidAddressError,
     OutboundMessage,
@@ -21,11 +19,23 @@ from channels.base import (
     ThrottledError,
     TransientSendError,
 )
-from core import breaker
-from core import preferences as prefs
 from core.config import Settings
-from core.delivery_events import apply_early_events
-from core.history import HistoryRow, HistoryWriter
+from core.contracts import (
+    CIRCUIT_OPEN,
+    FAILURES_EXHAUSTED,
+    PERMANENT_ERROR,
+    PROVIDER_UNAVAILABLE,
+    THROTTLED,
+    TRANSIENT_ERROR,
+    CancelInput,
+    ChannelPlan,
+    DeliveryPlan,
+    FailureInput,
+    NotificationInput,
+    SendInput,
+    SendResult,
+    workflow_id_for,
+)
 from core.models import DeliveryStatus
 from core.queries import (
     dead_letters,
@@ -36,27 +46,16 @@ from core.queries import (
     recipients,
     refresh_notification_status,
 )
-from core.template_store import PinnedVersions, TemplateNotFound
 from core.templating import Rendered, RenderError, coerce_variables, recipient_context, render
 from core.tracking import InstantDelivery
-from workflows.contracts import (
-    CancelInput,
-    ChannelPlan,
-    DeliveryPlan,
-    FailureInput,
-    NotificationInput,
-    SendInput,
-    SendResult,
-    workflow_id_for,
-)
+from services import breaker
+from services import preferences as prefs
+from services.delivery_events import apply_early_events
+from services.history import HistoryRow, HistoryWriter
+from services.outbound import finish_email
+from services.routing import ProviderDirectory
+from services.templates import PinnedVersions, TemplateNotFound
 
-PERMANENT_ERROR = "PermanentSendError"
-TRANSIENT_ERROR = "TransientSendError"
-THROTTLED = "Throttled"
-# The workflow moves on to the channel's next provider on these.
-CIRCUIT_OPEN = "CircuitOpen"
-PROVIDER_UNAVAILABLE = "ProviderUnavailable"
-FAILURES_EXHAUSTED = "FailuresExhausted"
 SENT_OR_LATER = (
     DeliveryStatus.sent.value,
     DeliveryStatus.delivered.value,

@@ -26,14 +26,14 @@ from temporalio.service import RPCError
 
 from admin.pages import CAMPAIGNS, AdminPage, FormErrors, form_text, not_found, parse_json, pretty_json, when
 from api.routes.campaigns import _request as campaign_request
-from api.schemas import CampaignCancel, CampaignCreate
-from core import campaign_control as control
-from core import campaign_store as store
-from core import template_store
 from core.models import Campaign, Channel, Segment
 from core.queries import recipients
-from core.template_store import TemplateNotFound
+from core.schemas import CampaignCancel, CampaignCreate
 from core.templating import RenderError, coerce_variables, recipient_context, render
+from services import campaign_store as store
+from services import campaigns as control
+from services import templates as template_store
+from services.templates import TemplateNotFound
 
 SCHEDULE_KINDS = {
     "now": "Now",

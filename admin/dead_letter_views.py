@@ -18,10 +18,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from admin.pages import AdminPage, FormErrors, form_text, not_found
-from core import dead_letter_ops as ops
 from core.auth import Role
-from core.dead_letter_ops import DeadLetterFilter, DeadLetterStatus, Outcome
 from core.models import Channel
+from services import dead_letters as ops
+from services.dead_letters import DeadLetterFilter, DeadLetterStatus, Outcome
 
 # Permission identities (what RolePermissions is asked about).
 DEAD_LETTERS = "dead-letters"

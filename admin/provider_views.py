@@ -41,8 +41,8 @@ from api.routes.providers import (
 )
 from channels.registry import KINDS
 from core.models import Channel
-from core.providers import ProviderInvalid, providers
 from core.secretbox import SecretsUnreadable
+from services.providers import ProviderInvalid, providers
 
 PROVIDERS = "providers"  # the permission identity: only admins change providers
 

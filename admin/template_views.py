@@ -19,15 +19,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from admin.pages import TEMPLATES, AdminPage, FormErrors, form_text, not_found, parse_json, pretty_json
-from api.schemas import PreviewRequest, RollbackRequest, TemplateCreate, TemplateUpdate
-from core import template_store
-from core.template_store import TemplateExists, TemplateNotFound, VersionRecord
+from core.schemas import PreviewRequest, RollbackRequest, TemplateCreate, TemplateUpdate
 from core.templating import (
     Rendered,
     TemplateContent,
     TemplateInvalid,
     TemplateLimits,
 )
+from services import templates as template_store
+from services.templates import TemplateExists, TemplateNotFound, VersionRecord
 
 LIST_LIMIT = 500
 

@@ -9,10 +9,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from core.campaign_control import CampaignInvalid, CampaignNotFound, CampaignStateError
-from core.campaign_store import SegmentNotFound
-from core.template_store import TemplateExists, TemplateNotFound, problems_as_errors
 from core.templating import TemplateInvalid
+from services.campaign_store import SegmentNotFound
+from services.campaigns import CampaignInvalid, CampaignNotFound, CampaignStateError
+from services.templates import TemplateExists, TemplateNotFound, problems_as_errors
 
 PROBLEM_JSON = "application/problem+json"
 

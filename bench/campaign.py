@@ -24,14 +24,15 @@ import asyncpg
 import sqlalchemy as sa
 
 from bench.common import fresh_database
-from core import campaign_control, template_store
-from core.campaign_store import campaign_runs, segments
 from core.config import Settings
 from core.db import create_engine
-from core.embedded import TemporalDevServer, free_port, wait_for_port
 from core.migrate import upgrade_async
 from core.templating import TemplateContent, TemplateLimits
 from core.temporal import connect
+from entrypoints.embedded import TemporalDevServer, free_port, wait_for_port
+from services import campaigns as campaign_control
+from services import templates as template_store
+from services.campaign_store import campaign_runs, segments
 
 TEMPLATE = TemplateContent.model_validate(
     {

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import asyncpg
 
-from core.embedded import EmbeddedPostgres, free_port
+from entrypoints.embedded import EmbeddedPostgres, free_port
 
 
 async def fresh_database(workdir: Path) -> tuple[str, EmbeddedPostgres | None]:

@@ -27,9 +27,9 @@ from bench.common import fresh_database
 from core.auth import Role, create_token
 from core.config import Settings
 from core.db import create_engine
-from core.embedded import MailCapture, TemporalDevServer, free_port, start_capture_smtp
 from core.migrate import upgrade_async
 from core.temporal import connect
+from entrypoints.embedded import MailCapture, TemporalDevServer, free_port, start_capture_smtp
 from worker import create_worker, worker_services
 
 

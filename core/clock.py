@@ -6,7 +6,7 @@ from datetime import datetime, timedelta
 from datetime import time as clock
 from zoneinfo import ZoneInfo
 
-from workflows.contracts import WindowState
+from core.contracts import WindowState
 
 
 def _parse_clock(value: str) -> clock:

@@ -8,8 +8,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from core.contracts import NotificationInput
 from core.models import DeadLetter, Delivery, Notification, Recipient
-from workflows.contracts import NotificationInput
 
 notifications = Notification.__table__  # type: ignore[attr-defined]
 deliveries = Delivery.__table__  # type: ignore[attr-defined]

@@ -30,9 +30,9 @@ from api.app import create_app
 from core.auth import Role, create_token
 from core.config import Settings
 from core.db import create_engine
-from core.embedded import EmbeddedPostgres, MailCapture, free_port, venv_binary
 from core.migrate import upgrade_async
-from core.providers import delete_provider, save_provider
+from entrypoints.embedded import EmbeddedPostgres, MailCapture, free_port, venv_binary
+from services.providers import delete_provider, save_provider
 from tests.gateways import Gateway
 from worker import MarqueeWorker, WorkerServices, create_worker, worker_services
 

@@ -18,9 +18,9 @@ import sqlalchemy as sa
 from playwright.async_api import Page, expect
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from core import campaign_store as store
 from core.auth import Role
 from core.config import Settings
+from services import campaign_store as store
 from tests import test_admin_browser as admin_browser  # skips this module too without chromium
 from tests.conftest import SmtpServer, token_for
 

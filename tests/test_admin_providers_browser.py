@@ -19,12 +19,12 @@ import sqlalchemy as sa
 from playwright.async_api import Page, expect
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from core import breaker
 from core.auth import Role
 from core.config import Settings
 from core.models import AuditEntry
-from core.providers import providers
 from core.secretbox import unseal
+from services import breaker
+from services.providers import providers
 from tests import test_admin_browser as admin_browser  # skips this module too without chromium
 from tests.conftest import SmtpServer, token_for
 

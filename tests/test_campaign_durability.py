@@ -23,9 +23,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.client import Client
 
 from activities.campaigns import MAX_UNRECORDED
-from core import campaign_control
-from core.campaign_store import campaign_runs
 from core.config import Settings
+from services import campaigns as campaign_control
+from services.campaign_store import campaign_runs
 from tests.conftest import SmtpServer
 from tests.test_campaigns import create_campaign, make_audience, manager, tag_segment, template_key  # noqa: F401
 

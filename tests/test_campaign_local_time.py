@@ -16,10 +16,10 @@ from temporalio.client import WorkflowExecutionStatus
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
-from core import campaign_control
 from core.clock import next_local_time
 from core.config import Settings
-from core.embedded import venv_binary
+from entrypoints.embedded import venv_binary
+from services import campaigns as campaign_control
 from tests.conftest import SmtpServer
 from tests.test_campaigns import create_campaign, manager, tag_segment, template_key  # noqa: F401
 from worker import WorkerServices, create_worker

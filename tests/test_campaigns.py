@@ -14,7 +14,7 @@ import pytest
 
 from core.auth import Role
 from core.config import Settings
-from core.embedded import venv_binary
+from entrypoints.embedded import venv_binary
 from tests.conftest import SmtpServer, token_for
 
 TEMPLATE = {

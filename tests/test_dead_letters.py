@@ -19,10 +19,10 @@ from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
 from channels.smtp import message_id_for
-from core.audit import audit_log
 from core.auth import Role
 from core.config import Settings
 from core.queries import dead_letters
+from services.audit import audit_log
 from tests.conftest import SmtpServer, token_for, wait_for_status
 
 # A permanent refusal that says nothing about the address: the address stays usable.

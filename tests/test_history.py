@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from core.history import HistoryRow, HistoryStore, HistoryWriter
+from services.history import HistoryRow, HistoryStore, HistoryWriter
 from worker import WorkerServices
 
 

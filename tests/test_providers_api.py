@@ -16,13 +16,13 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from core import breaker
 from core.auth import Role
 from core.config import Settings
-from core.embedded import free_port
 from core.models import AuditEntry, DeadLetter, Delivery, Notification
-from core.providers import providers
 from core.secretbox import unseal
+from entrypoints.embedded import free_port
+from services import breaker
+from services.providers import providers
 from tests.conftest import SmtpServer, token_for
 
 audit_log = AuditEntry.__table__  # type: ignore[attr-defined]

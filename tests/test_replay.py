@@ -20,7 +20,7 @@ from temporalio.client import Client, WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
-from core.preferences import suppressions
+from services.preferences import suppressions
 from tests.conftest import SmtpServer, wait_for_status
 from worker import WORKFLOWS
 

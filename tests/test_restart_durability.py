@@ -16,8 +16,8 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from api.app import create_app
 from core.auth import Role
 from core.config import Settings
-from core.embedded import TemporalDevServer, free_port
 from core.queries import deliveries
+from entrypoints.embedded import TemporalDevServer, free_port
 from tests.conftest import SmtpServer, token_for, wait_for_status
 from worker import MarqueeWorker, WorkerServices, create_worker
 

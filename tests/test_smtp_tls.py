@@ -27,7 +27,7 @@ from channels.base import (
     TransientSendError,
 )
 from channels.smtp import SmtpProvider, message_id_for
-from core.embedded import free_port
+from entrypoints.embedded import free_port
 from tests.conftest import ScriptedSmtp
 
 USER, PASSWORD = "marquee", "s3cret"

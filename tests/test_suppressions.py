@@ -13,10 +13,10 @@ import sqlalchemy as sa
 from playwright.async_api import Page, expect
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from core.audit import audit_log
 from core.auth import Role
 from core.config import Settings
-from core.preferences import suppressions
+from services.audit import audit_log
+from services.preferences import suppressions
 from tests import test_admin_browser as admin_browser
 from tests.conftest import SmtpServer, token_for
 

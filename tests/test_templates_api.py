@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.auth import Role
 from core.config import Settings
-from core.template_store import templates, versions
+from services.templates import templates, versions
 from tests.conftest import SmtpServer, token_for, wait_for_status
 
 PROBLEM = "application/problem+json"

@@ -17,8 +17,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core import tracking
 from core.config import Settings
-from core.preferences import preferences
 from core.tracking import CampaignSend, InstantDelivery
+from services.preferences import preferences
 from tests.test_webhooks import campaign_row, delivery, make_campaign_delivery, recipient_id, send
 
 KEY = b"k" * 32

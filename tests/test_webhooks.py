@@ -21,9 +21,9 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from channels.smtp import message_id_for
-from core import delivery_events
 from core.config import Settings
-from core.preferences import preferences, suppressions
+from services import delivery_events
+from services.preferences import preferences, suppressions
 from tests.conftest import wait_for_status
 from tests.gateways import Gateway
 from tests.test_campaigns import create_campaign, make_audience, manager, tag_segment, template_key, wait_campaign  # noqa: F401

@@ -20,7 +20,12 @@ from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
     from activities.campaigns import CampaignActivities
-    from workflows.contracts import (
+    from core.contracts import (
+        CAMPAIGN_NOT_FOUND,
+        CAMPAIGN_PAUSE,
+        CAMPAIGN_PROGRESS,
+        CAMPAIGN_RESUME,
+        CAMPAIGN_WORKFLOW,
         BatchInput,
         BatchResult,
         CampaignInput,
@@ -43,7 +48,7 @@ BATCH_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=2),
     backoff_coefficient=2.0,
     maximum_interval=timedelta(minutes=2),
-    non_retryable_error_types=["CampaignNotFound"],
+    non_retryable_error_types=[CAMPAIGN_NOT_FOUND],
 )
 # A batch waits this long on a provider's bulk queue (its rate limit) before the main
 # queue takes it instead.
@@ -52,11 +57,7 @@ BATCH_QUEUE_TIMEOUT = timedelta(minutes=10)
 BATCHES_PER_RUN = 500
 
 
-def campaign_workflow_id(campaign_id: object) -> str:
-    return f"campaign-{campaign_id}"
-
-
-@workflow.defn
+@workflow.defn(name=CAMPAIGN_WORKFLOW)
 class CampaignWorkflow:
     def __init__(self) -> None:
         self._state = "waiting"
@@ -250,15 +251,15 @@ class CampaignWorkflow:
             start_to_close_timeout=BOOKKEEPING,
         )
 
-    @workflow.signal
+    @workflow.signal(name=CAMPAIGN_PAUSE)
     def pause(self) -> None:
         self._paused = True
 
-    @workflow.signal
+    @workflow.signal(name=CAMPAIGN_RESUME)
     def resume(self) -> None:
         self._paused = False
 
-    @workflow.query
+    @workflow.query(name=CAMPAIGN_PROGRESS)
     def progress(self) -> CampaignProgress:
         return CampaignProgress(
             run_id=workflow.info().workflow_id,

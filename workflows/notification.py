@@ -10,14 +10,13 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
 
 with workflow.unsafe.imports_passed_through():
-    from activities.notifications import (
+    from activities.notifications import NotificationActivities
+    from core.contracts import (
         CIRCUIT_OPEN,
         FAILURES_EXHAUSTED,
+        NOTIFICATION_WORKFLOW,
         PERMANENT_ERROR,
         PROVIDER_UNAVAILABLE,
-        NotificationActivities,
-    )
-    from workflows.contracts import (
         CancelInput,
         ChannelOutcome,
         ChannelPlan,
@@ -35,7 +34,7 @@ THROTTLED_ATTEMPTS = 50
 NOT_RETRIED = [PERMANENT_ERROR, CIRCUIT_OPEN, PROVIDER_UNAVAILABLE, FAILURES_EXHAUSTED]
 
 
-@workflow.defn
+@workflow.defn(name=NOTIFICATION_WORKFLOW)
 class NotificationWorkflow:
     def __init__(self) -> None:
         self._outcomes: dict[str, ChannelOutcome] = {}

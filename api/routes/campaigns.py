@@ -9,12 +9,12 @@ import sqlalchemy as sa
 from fastapi import APIRouter, Query, status
 
 from api.deps import AnyRole, ConnectionDep, ScheduledSender, SettingsDep, TemplateEditor, TemporalDep
-from api.schemas import CampaignAction, CampaignCancel, CampaignCreate, CampaignOut, ScheduledSend
-from core import campaign_control as control
-from core import campaign_store as store
 from core.auth import Principal
 from core.models import CampaignStatus
 from core.queries import recipients
+from core.schemas import CampaignAction, CampaignCancel, CampaignCreate, CampaignOut, ScheduledSend
+from services import campaign_store as store
+from services import campaigns as control
 
 router = APIRouter(prefix="/v1/campaigns", tags=["campaigns"])
 aliases = APIRouter(tags=["campaigns"])

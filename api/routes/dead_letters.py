@@ -17,10 +17,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from api.deps import ConnectionDep, SettingsDep, TemporalDep, require
 from api.problems import InvalidInput, Problem
-from core import dead_letter_ops as ops
 from core.auth import Principal, Role
-from core.dead_letter_ops import DeadLetterFilter, DeadLetterStatus, Outcome
 from core.models import Channel
+from services import dead_letters as ops
+from services.dead_letters import DeadLetterFilter, DeadLetterStatus, Outcome
 
 Operator = Annotated[Principal, Depends(require())]  # admin only
 Viewer = Annotated[Principal, Depends(require(Role.campaign_manager, Role.analyst))]

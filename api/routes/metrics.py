@@ -15,9 +15,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, gen
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from api.deps import ConnectionDep
-from core.breaker import STATE_VALUE, BreakerState
 from core.models import DeadLetter, Delivery
-from core.providers import breakers, providers
+from services.breaker import STATE_VALUE, BreakerState
+from services.providers import breakers, providers
 
 router = APIRouter(tags=["metrics"])
 

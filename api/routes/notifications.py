@@ -23,16 +23,15 @@ from temporalio.service import RPCError
 from activities.notifications import contact_for
 from api.deps import AnyRole, ConnectionDep, Sender, SettingsDep, TemporalDep
 from api.problems import InvalidInput, Problem
-from api.schemas import DeliveryOut, NotificationCreate, NotificationOut, NotificationPage
-from core import template_store
 from core.auth import Principal
 from core.config import Settings
+from core.contracts import NOTIFICATION_WORKFLOW, NotificationInput, RetryOptions, workflow_id_for
 from core.models import DeliveryStatus
 from core.queries import deliveries, notification_row, notifications, recipients
-from core.template_store import TemplateNotFound
+from core.schemas import DeliveryOut, NotificationCreate, NotificationOut, NotificationPage
 from core.templating import coerce_variables
-from workflows.contracts import NotificationInput, RetryOptions, workflow_id_for
-from workflows.notification import NotificationWorkflow
+from services import templates as template_store
+from services.templates import TemplateNotFound
 
 router = APIRouter(prefix="/v1/notifications", tags=["notifications"])
 
@@ -214,7 +213,7 @@ async def _create(
     # caller may retry; if the commit fails after the start, the workflow writes the row.
     try:
         handle = await temporal.start_workflow(
-            NotificationWorkflow.run,
+            NOTIFICATION_WORKFLOW,
             workflow_input,
             id=workflow_id,
             task_queue=settings.temporal_task_queue,

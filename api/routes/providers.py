@@ -23,11 +23,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from api.deps import ConnectionDep, SettingsDep, require
 from api.problems import Problem
 from channels.base import OutboundMessage, SendError
-from core import audit
-from core import breaker as breakers
+from channels.registry import build_provider
 from core.auth import Principal, Role
 from core.config import Settings
-from core.providers import (
+from core.secretbox import SecretsUnreadable, unseal
+from services import audit
+from services import breaker as breakers
+from services.providers import (
     ProviderInvalid,
     ProviderRecord,
     check_provider,
@@ -37,7 +39,6 @@ from core.providers import (
     save_provider,
     task_queue_for,
 )
-from core.secretbox import SecretsUnreadable, unseal
 
 router = APIRouter(prefix="/v1/providers", tags=["providers"])
 
@@ -277,8 +278,6 @@ async def send_test(
 ) -> ProviderTestOutcome:
     """Build the provider from its stored row, send one real message, close it; audited
     (and committed) whatever the outcome. The breaker is left alone: this is out of band."""
-    from channels.registry import build_provider  # channels import core; as core.providers does
-
     record = await get_provider(conn, settings.fernet_key(), name)
     if record is None:
         raise ProviderNotFound(name)

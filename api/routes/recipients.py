@@ -11,7 +11,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from api.deps import AnyRole, ConnectionDep, RecipientWriter
 from api.problems import InvalidInput, Problem
-from api.schemas import (
+from core.queries import recipients
+from core.schemas import (
     BatchResult,
     PreferenceOut,
     PreferencesPut,
@@ -21,8 +22,7 @@ from api.schemas import (
     RecipientUpsert,
     UserId,
 )
-from core.preferences import preferences
-from core.queries import recipients
+from services.preferences import preferences
 
 router = APIRouter(prefix="/v1/recipients", tags=["recipients"])
 

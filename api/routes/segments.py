@@ -13,12 +13,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from api.deps import AnyRole, ConnectionDep, TemplateEditor
 from api.problems import InvalidInput, Problem
-from api.schemas import FilterCount, MembersResult, SegmentCount, SegmentCreate, SegmentOut
-from core import campaign_store as store
-from core.audit import record_action
 from core.models import Channel
 from core.queries import recipients
+from core.schemas import FilterCount, MembersResult, SegmentCount, SegmentCreate, SegmentOut
 from core.segments import compile_filter
+from services import campaign_store as store
+from services.audit import record_action
 
 router = APIRouter(prefix="/v1/segments", tags=["segments"])
 

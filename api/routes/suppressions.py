@@ -14,9 +14,9 @@ from sqlalchemy.dialects.postgresql import insert
 
 from api.deps import ConnectionDep, require
 from api.problems import Problem
-from core import audit
 from core.auth import Principal, Role
-from core.preferences import stored_address, suppressions
+from services import audit
+from services.preferences import stored_address, suppressions
 
 router = APIRouter(prefix="/v1/suppressions", tags=["suppressions"])
 

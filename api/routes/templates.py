@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query, Response, status
 
 from api.deps import AnyRole, ConnectionDep, SettingsDep, TemplateEditor
 from api.problems import Problem
-from api.schemas import (
+from core.schemas import (
     PreviewEmail,
     PreviewOut,
     PreviewPush,
@@ -22,8 +22,8 @@ from api.schemas import (
     TemplateUpdate,
     VersionSummary,
 )
-from core import template_store
-from core.template_store import VersionRecord
+from services import templates as template_store
+from services.templates import VersionRecord
 
 router = APIRouter(prefix="/v1/templates", tags=["templates"])
 

@@ -19,9 +19,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from api.deps import ConnectionDep, SettingsDep
 from api.problems import Problem
-from core import delivery_events, preferences, tracking
+from core import tracking
 from core.queries import recipients
 from core.tracking import InstantDelivery, TrackedDelivery
+from services import delivery_events, preferences
 
 router = APIRouter(tags=["tracking"])
 

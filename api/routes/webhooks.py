@@ -24,11 +24,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from api.deps import ConnectionDep, SettingsDep
 from api.problems import Problem
-from core import delivery_events
 from core.config import Settings
-from core.delivery_events import Outcome, ProviderEvent
-from core.providers import ProviderRecord, get_provider
 from core.secretbox import SecretsUnreadable
+from services import delivery_events
+from services.delivery_events import Outcome, ProviderEvent
+from services.providers import ProviderRecord, get_provider
 
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
 logger = structlog.get_logger("marquee.webhooks")

@@ -19,11 +19,11 @@ from api.app import create_app
 from core.auth import Role, create_token, hash_password
 from core.config import Settings
 from core.db import create_engine
-from core.embedded import EmbeddedPostgres, TemporalDevServer, ensure_database, start_capture_smtp
 from core.logging import configure_logging
 from core.migrate import upgrade_async
 from core.models import AdminUser
 from core.temporal import connect
+from entrypoints.embedded import EmbeddedPostgres, TemporalDevServer, ensure_database, start_capture_smtp
 from worker import create_worker, worker_services
 
 DEV_ADMIN_EMAIL = "admin@marquee.localhost"

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from core.providers import breakers
+from services.providers import breakers
 
 
 class BreakerState(enum.StrEnum):

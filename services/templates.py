@@ -12,7 +12,6 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from core.audit import Actor, record_action
 from core.models import Template, TemplateVersion
 from core.queries import recipients
 from core.templating import (
@@ -27,6 +26,7 @@ from core.templating import (
     render,
     validate,
 )
+from services.audit import Actor, record_action
 
 templates = Template.__table__  # type: ignore[attr-defined]
 versions = TemplateVersion.__table__  # type: ignore[attr-defined]

@@ -10,22 +10,26 @@ import os
 import sys
 from collections.abc import Sequence
 
-from core.auth import Role
+import uvicorn
+from cryptography.fernet import Fernet
+
+from api.app import create_app
+from core.auth import Role, create_token, hash_password
 from core.config import Settings
+from core.db import create_engine
+from core.logging import configure_logging
+from core.migrate import upgrade
+from core.models import AdminUser
+from entrypoints.dev import run_dev
+from worker import run_worker
 
 
 def _cmd_dev(settings: Settings, _: argparse.Namespace) -> int:
-    from core.dev import run_dev
-
     asyncio.run(run_dev(settings))
     return 0
 
 
 def _cmd_api(settings: Settings, args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from api.app import create_app
-    from core.logging import configure_logging
 
     configure_logging(settings)
     uvicorn.run(create_app(settings), host=args.host or settings.api_host, port=args.port or settings.api_port,
@@ -34,9 +38,6 @@ def _cmd_api(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _cmd_worker(settings: Settings, _: argparse.Namespace) -> int:
-    from core.logging import configure_logging
-    from worker import run_worker
-
     configure_logging(settings)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run_worker(settings))
@@ -44,8 +45,6 @@ def _cmd_worker(settings: Settings, _: argparse.Namespace) -> int:
 
 
 def _cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
-    from core.migrate import upgrade
-
     if not settings.database_url:
         raise SystemExit("marquee migrate: MARQUEE_DATABASE_URL is not set")
     upgrade(settings.database_url, args.revision)
@@ -54,8 +53,6 @@ def _cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _cmd_token(settings: Settings, args: argparse.Namespace) -> int:
-    from core.auth import create_token
-
     try:
         secret = settings.resolved_jwt_secret()
     except RuntimeError as err:
@@ -67,10 +64,6 @@ def _cmd_token(settings: Settings, args: argparse.Namespace) -> int:
 
 def _cmd_user(settings: Settings, args: argparse.Namespace) -> int:
     import sqlalchemy as sa
-
-    from core.auth import hash_password
-    from core.db import create_engine
-    from core.models import AdminUser
 
     if not settings.database_url:
         raise SystemExit("marquee user create: MARQUEE_DATABASE_URL is not set")
@@ -99,8 +92,6 @@ def _cmd_user(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _cmd_secrets_key(settings: Settings, _: argparse.Namespace) -> int:
-    from cryptography.fernet import Fernet
-
     print(Fernet.generate_key().decode())
     return 0
 

@@ -15,6 +15,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from channels.registry import KINDS, validate_config
 from core.models import ProviderBreaker, ProviderConfig
 from core.secretbox import seal, unseal
 
@@ -86,7 +87,6 @@ async def get_provider(conn: AsyncConnection, key: bytes, name: str) -> Provider
 
 def validate(values: dict[str, Any]) -> list[str]:
     """Every problem of a provider definition, each naming its field."""
-    from channels.registry import validate_config  # channels import core; keep the edge one-way at import
 
     problems: list[str] = []
     name = values.get("name", "")
@@ -114,7 +114,6 @@ def _definition(existing: ProviderRecord | None, values: dict[str, Any]) -> dict
     """What a save would store: defaults, then `values`. Secrets left out (None) keep the
     stored ones, a field given as "" removes one, and a provider that changes kind drops
     stored secrets the new kind does not have (an sms-json api_key means nothing to twilio)."""
-    from channels.registry import KINDS  # channels import core; keep the edge one-way at import
 
     stored = dict(existing.secrets) if existing is not None else {}
     spec = KINDS.get(str(values.get("kind")))

@@ -32,12 +32,11 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
-from core import audit
 from core.config import Settings
+from core.contracts import NOTIFICATION_WORKFLOW, NotificationInput, workflow_id_for
 from core.models import Channel
 from core.queries import dead_letters, notifications
-from workflows.contracts import NotificationInput, workflow_id_for
-from workflows.notification import NotificationWorkflow
+from services import audit
 
 MAX_BULK = 500
 ENTITY = "dead_letter"
@@ -267,7 +266,7 @@ async def _replay_one(
         workflow_id = replay_workflow_id(row.notification_id, row.id, number)
         try:
             handle = await temporal.start_workflow(
-                NotificationWorkflow.run,
+                NOTIFICATION_WORKFLOW,
                 request,
                 id=workflow_id,
                 task_queue=settings.temporal_task_queue,

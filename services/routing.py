@@ -26,10 +26,10 @@ from channels.base import (
     trips_breaker,
 )
 from channels.sandbox import SandboxProvider
-from core import breaker
-from core.providers import ProviderRecord, provider_record, providers, task_queue_for
+from core.contracts import ProviderRoute
 from core.secretbox import SecretsUnreadable
-from workflows.contracts import ProviderRoute
+from services import breaker
+from services.providers import ProviderRecord, provider_record, providers, task_queue_for
 
 logger = structlog.get_logger("marquee.providers")
 

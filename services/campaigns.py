@@ -27,14 +27,22 @@ from temporalio.client import (
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.service import RPCError
 
-from core import campaign_store as store
-from core import template_store
-from core.audit import Actor, record_action
 from core.config import Settings
-from core.template_store import TemplateNotFound
+from core.contracts import (
+    CAMPAIGN_PAUSE,
+    CAMPAIGN_PROGRESS,
+    CAMPAIGN_RESUME,
+    CAMPAIGN_WORKFLOW,
+    CampaignInput,
+    CampaignProgress,
+    campaign_workflow_id,
+    schedule_id_for,
+)
 from core.templating import coerce_variables
-from workflows.campaign import CampaignWorkflow, campaign_workflow_id
-from workflows.contracts import CampaignInput
+from services import campaign_store as store
+from services import templates as template_store
+from services.audit import Actor, record_action
+from services.templates import TemplateNotFound
 
 
 class CampaignNotFound(Exception):
@@ -65,10 +73,6 @@ class CampaignRequest:
     variables: dict[str, Any]
     schedule: dict[str, Any]  # validated CampaignSchedule, as JSON, plus "cron" resolved
     throttle_per_second: int | None
-
-
-def schedule_id_for(campaign_id: uuid.UUID) -> str:
-    return f"campaign-{campaign_id}"
 
 
 async def create(conn: AsyncConnection, request: CampaignRequest, author: str, actor: Actor | None = None) -> uuid.UUID:
@@ -146,7 +150,7 @@ async def launch(
                 schedule_id_for(row.id),
                 Schedule(
                     action=ScheduleActionStartWorkflow(
-                        CampaignWorkflow.run,
+                        CAMPAIGN_WORKFLOW,
                         _input(row, settings, recurring=True),
                         id=f"{campaign_workflow_id(row.id)}-run",
                         task_queue=settings.temporal_task_queue,
@@ -157,7 +161,7 @@ async def launch(
             )
         else:
             await temporal.start_workflow(
-                CampaignWorkflow.run,
+                CAMPAIGN_WORKFLOW,
                 _input(row, settings, recurring=False),
                 id=campaign_workflow_id(row.id),
                 task_queue=settings.temporal_task_queue,
@@ -193,7 +197,7 @@ async def pause(
     if row.schedule.get("cron"):
         await temporal.get_schedule_handle(schedule_id_for(row.id)).pause(note=reason or "paused")
     for workflow_id in await _running_runs(temporal, row):
-        await temporal.get_workflow_handle(workflow_id).signal(CampaignWorkflow.pause)
+        await temporal.get_workflow_handle(workflow_id).signal(CAMPAIGN_PAUSE)
     await store.set_campaign_status(conn, row.id, "paused", reason)
     await record_action(conn, actor, "campaign.pause", "campaign", row.id, {"reason": reason})
 
@@ -207,7 +211,7 @@ async def resume(
     if recurring:
         await temporal.get_schedule_handle(schedule_id_for(row.id)).unpause(note=reason or "resumed")
     for workflow_id in await _running_runs(temporal, row):
-        await temporal.get_workflow_handle(workflow_id).signal(CampaignWorkflow.resume)
+        await temporal.get_workflow_handle(workflow_id).signal(CAMPAIGN_RESUME)
     started = await conn.scalar(sa.select(sa.func.count()).where(store.campaign_runs.c.campaign_id == row.id))
     # A one-off campaign resumed before its time is still waiting for it.
     await store.set_campaign_status(conn, row.id, "running" if started and not recurring else "scheduled", reason)
@@ -261,7 +265,9 @@ async def describe(
         view["live"] = None
         if run.status == "running":
             try:
-                progress = await temporal.get_workflow_handle(run.id).query(CampaignWorkflow.progress)
+                progress = await temporal.get_workflow_handle(run.id).query(
+                    CAMPAIGN_PROGRESS, result_type=CampaignProgress
+                )
                 view["live"] = progress.model_dump(mode="json")
             except RPCError:
                 pass  # the run just ended, or its worker is down: the counters still hold

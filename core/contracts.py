@@ -12,10 +12,38 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+# Workflow types, signals and queries by name: services start and steer workflows without
+# importing the workflow layer above them. The names are those the classes always had, so
+# running workflows and recorded histories keep matching.
+NOTIFICATION_WORKFLOW = "NotificationWorkflow"
+CAMPAIGN_WORKFLOW = "CampaignWorkflow"
+CAMPAIGN_PAUSE = "pause"
+CAMPAIGN_RESUME = "resume"
+CAMPAIGN_PROGRESS = "progress"
+
+# ApplicationError types that activities raise and workflows branch on.
+PERMANENT_ERROR = "PermanentSendError"
+TRANSIENT_ERROR = "TransientSendError"
+THROTTLED = "Throttled"
+# The notification workflow moves on to the channel's next provider on these.
+CIRCUIT_OPEN = "CircuitOpen"
+PROVIDER_UNAVAILABLE = "ProviderUnavailable"
+FAILURES_EXHAUSTED = "FailuresExhausted"
+CAMPAIGN_NOT_FOUND = "CampaignNotFound"
+
 
 def workflow_id_for(notification_id: object) -> str:
     """The NotificationWorkflow id: the notification id, itself derived from the key."""
     return f"notification-{notification_id}"
+
+
+def campaign_workflow_id(campaign_id: object) -> str:
+    return f"campaign-{campaign_id}"
+
+
+def schedule_id_for(campaign_id: object) -> str:
+    """The Temporal Schedule of a recurring campaign."""
+    return f"campaign-{campaign_id}"
 
 
 class RetryOptions(BaseModel):

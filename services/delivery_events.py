@@ -39,8 +39,8 @@ from core.models import (
     Recipient,
     WebhookEvent,
 )
-from core.preferences import opt_out, suppress
 from core.queries import lock_notification, refresh_notification_status
+from services.preferences import opt_out, suppress
 
 deliveries = Delivery.__table__  # type: ignore[attr-defined]
 campaign_deliveries = CampaignDelivery.__table__  # type: ignore[attr-defined]

@@ -1,0 +1,1 @@
+"""Entry points: the `marquee` CLI, the dev stack and the embedded servers it starts."""
