@@ -320,6 +320,26 @@ def _compiled(source: str, is_html: bool) -> Any:
 _URL = re.compile(r"^https?://[^\s/$.?#][^\s]*$", re.IGNORECASE)
 
 
+def checked_variables(content: TemplateContent, given: Mapping[str, Any]) -> dict[str, Any]:
+    """The values a send renders with; RenderError naming every problem when they do not fit."""
+    values, problems = coerce_variables(content.variables, given)
+    if problems:
+        raise RenderError("; ".join(f"{p.part}: {p.message}" for p in problems))
+    return values
+
+
+def render_for_recipient(
+    content: TemplateContent,
+    recipient: Mapping[str, Any],
+    variables: Mapping[str, Any],
+    channels: list[str] | None = None,
+) -> Rendered:
+    """The one way a template meets a recipient (a recipients row): their fields as
+    {{ recipient.* }}, their locale. `variables` are already checked (checked_variables)."""
+    return render(content, locale_wanted=recipient.get("locale"), variables=variables,
+                  recipient=recipient_context(recipient), channels=channels)  # fmt: skip
+
+
 def coerce_variables(
     specs: list[VariableSpec], given: Mapping[str, Any], *, use_examples: bool = False
 ) -> tuple[dict[str, Any], list[Problem]]:
