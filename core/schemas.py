@@ -510,3 +510,67 @@ class PreferenceOut(BaseModel):
     enabled: bool
     source: str
     updated_at: datetime
+
+
+# --- Providers ------------------------------------------------------------------------------
+
+
+class ProviderWrite(BaseModel):
+    """A provider's whole definition (PUT replaces it); only `secrets` may be left out to keep them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    channel: str = Field(description="email, push or sms")
+    kind: str = Field(description="smtp, fcm, sms-json, twilio or sandbox")
+    priority: int = Field(default=100, description="Lower is tried first within the channel")
+    settings: dict[str, Any] = Field(default_factory=dict, description="The kind's settings (not secret)")
+    secrets: dict[str, Any] | None = Field(
+        default=None,
+        description='Write-only. Left out: the stored secrets stay; a field set to "" is removed; '
+        "other fields given replace the stored ones.",
+    )
+    rate_limit_per_second: float | None = Field(default=None, description="Across all workers; empty = no limit")
+    max_concurrency: int = Field(default=10, description="Sends in flight at once, per worker")
+    cost_per_message: float = Field(default=0.0)
+    enabled: bool = True
+
+
+class BreakerOut(BaseModel):
+    state: str = "closed"
+    consecutive_failures: int = 0
+    last_error: str | None = None
+    opened_at: datetime | None = None
+
+
+class ProviderOut(BaseModel):
+    name: str
+    channel: str
+    kind: str
+    priority: int
+    enabled: bool
+    rate_limit_per_second: float | None
+    max_concurrency: int
+    cost_per_message: float
+    task_queue: str
+    breaker: BreakerOut
+    # Shown to admins only (None for other roles): the settings and the names of the secrets set.
+    settings: dict[str, Any] | None = None
+    secrets_set: list[str] | None = None
+    secrets_unreadable: bool = Field(
+        default=False, description="The stored secrets do not decrypt with MARQUEE_SECRETS_KEY (was it changed?)"
+    )
+    updated_at: datetime
+
+
+class ProviderTestRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    to: str = Field(min_length=1, max_length=4096, description="Email address, E.164 phone number or push token")
+    title: str = Field(default="Marquee test message", max_length=255)
+    body: str = Field(default="This is a test message sent from Marquee.", max_length=4000)
+
+
+class ProviderTestResult(BaseModel):
+    ok: bool
+    provider: str
+    provider_message_id: str
