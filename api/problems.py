@@ -9,6 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from core.errors import Conflict, DomainError, Invalid, NotFound, StillRunning, Unavailable
 from core.templating import TemplateInvalid
 from services.campaign_store import SegmentNotFound
 from services.campaigns import CampaignInvalid, CampaignNotFound, CampaignStateError
@@ -57,7 +58,30 @@ def _dotted(location: list[str | int] | tuple[str | int, ...]) -> str:
     return ".".join(parts) or str(location[0]) if location else ""
 
 
+# Domain errors by kind; a subclass answers as its nearest listed base.
+DOMAIN_STATUS: dict[type[DomainError], int] = {
+    NotFound: 404,
+    Invalid: 422,
+    Conflict: 409,
+    Unavailable: 503,
+    StillRunning: 504,
+}
+
+
+def domain_status(exc: DomainError) -> int:
+    return next((DOMAIN_STATUS[kind] for kind in type(exc).__mro__ if kind in DOMAIN_STATUS), 400)
+
+
 def install(app: FastAPI) -> None:
+    @app.exception_handler(DomainError)
+    async def _domain(_: Request, exc: DomainError) -> JSONResponse:
+        errors = (
+            [{"field": field, "message": message} for field, message in exc.problems]
+            if isinstance(exc, Invalid)
+            else None
+        )
+        return problem_response(domain_status(exc), exc.title, exc.detail, errors)
+
     @app.exception_handler(Problem)
     async def _problem(_: Request, exc: Problem) -> JSONResponse:
         return problem_response(exc.status, exc.title, exc.detail, exc.errors)
