@@ -1,8 +1,8 @@
 """Channel providers in the admin: list with breaker states, create/edit, enable/disable,
 reset breaker, delete, send a test message.
 
-The pages call the API's own provider functions (validation, audit, test send), so the
-admin accepts exactly what `PUT /v1/providers/{name}` accepts and audits alike. Secrets
+The pages call the provider operations the API calls (validation, audit, test send), so
+the admin accepts exactly what `PUT /v1/providers/{name}` accepts and audits alike. Secrets
 are never shown: their inputs are password fields, empty keeps the stored value.
 """
 
@@ -13,24 +13,23 @@ import typing
 from collections.abc import Iterable
 from typing import Any
 
-import sqlalchemy as sa
 from markupsafe import Markup
 from pydantic import BaseModel, ValidationError
 from sqladmin import expose
 from sqladmin.flash import Flash
-from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.requests import Request
 from starlette.responses import Response
 
 from admin.pages import AdminPage, FormErrors, form_text, not_found, parse_json, pretty_json
-from api.routes.providers import (
+from core.models import Channel
+from core.schemas import ProviderOut, ProviderTestRequest, ProviderWrite
+from core.secretbox import SecretsUnreadable
+from services.provider_operations import (
     ProviderNotFound,
-    ProviderOut,
     ProviderTestOutcome,
-    ProviderTestRequest,
-    ProviderWrite,
     check_definition,
     problem_field,
+    provider_exists,
     read_provider,
     read_providers,
     remove,
@@ -39,10 +38,7 @@ from api.routes.providers import (
     send_test,
     set_enabled,
 )
-from channels.registry import KINDS
-from core.models import Channel
-from core.secretbox import SecretsUnreadable
-from services.providers import ProviderInvalid, providers
+from services.providers import KINDS, ProviderInvalid
 
 PROVIDERS = "providers"  # the permission identity: only admins change providers
 
@@ -140,11 +136,6 @@ class ProviderPages(AdminPage):
     icon = "fa-solid fa-plug"
     permission = PROVIDERS
 
-    def _actor(self, request: Request) -> dict[str, str]:
-        """The signed-in user as the provider functions take it (audit actor and role)."""
-        actor = self.actor(request)
-        return {"actor": actor.subject, "role": actor.role.value}
-
     # The first exposed route is the one the menu links to.
     @expose("/providers", identity="providers")
     async def list_page(self, request: Request) -> Response:
@@ -216,13 +207,13 @@ class ProviderPages(AdminPage):
         name = form["name"]
         async with self.connect() as conn:
             try:
-                if record is None and await self._exists(conn, name):
+                if record is None and await provider_exists(conn, name):
                     errors.add("name", f"a provider named {name!r} exists already")
                 if stand_in is not None:
                     add_problems(errors, await check_definition(conn, key, name, stand_in),
                                  skip=[problem.part.split(".")[0] for problem in errors.problems])  # fmt: skip
                 if not errors and body is not None:
-                    await save_audited(conn, key, name, body.model_dump(), **self._actor(request))
+                    await save_audited(conn, key, name, body.model_dump(), self.actor(request))
                     await conn.commit()
                     Flash.success(request, f"Provider {name} {'created' if record is None else 'saved'}.")
                     return self.redirect(request.url_for("admin:view-providers"))
@@ -241,10 +232,6 @@ class ProviderPages(AdminPage):
             return ProviderWrite.model_validate(valid).model_dump()
         except ValidationError:
             return None
-
-    @staticmethod
-    async def _exists(conn: AsyncConnection, name: str) -> bool:
-        return await conn.scalar(sa.select(providers.c.id).where(providers.c.name == name)) is not None
 
     async def _form(
         self,
@@ -272,9 +259,9 @@ class ProviderPages(AdminPage):
         async with self.connect() as conn:
             try:
                 if operation == "reset-breaker":
-                    await reset_breaker(conn, name, **self._actor(request))
+                    await reset_breaker(conn, name, self.actor(request))
                 else:
-                    await set_enabled(conn, name, operation == "enable", **self._actor(request))
+                    await set_enabled(conn, name, operation == "enable", self.actor(request))
             except ProviderNotFound as err:
                 raise not_found(f"provider {name!r}") from err
             await conn.commit()
@@ -290,7 +277,7 @@ class ProviderPages(AdminPage):
             try:
                 record = await read_provider(conn, self.settings(), name)
                 if request.method == "POST":
-                    await remove(conn, name, **self._actor(request))
+                    await remove(conn, name, self.actor(request))
                     await conn.commit()
                     Flash.success(request, f"Provider {name} deleted.")
                     return self.redirect(request.url_for("admin:view-providers"))
@@ -321,7 +308,7 @@ class ProviderPages(AdminPage):
                         errors.add_validation(err, empty={field for field, value in form.items() if not value})
                     else:
                         outcome = await send_test(conn, self._app_state().engine, settings, name, message,
-                                                  **self._actor(request))  # fmt: skip
+                                                  self.actor(request))  # fmt: skip
             except ProviderNotFound as err:
                 raise not_found(f"provider {name!r}") from err
             except SecretsUnreadable:

@@ -15,7 +15,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from channels.registry import KINDS, validate_config
+# KINDS re-exported: the admin's forms show each kind's settings and secrets, through services.
+from channels.registry import KINDS as KINDS
+from channels.registry import validate_config
 from core.models import ProviderBreaker, ProviderConfig
 from core.secretbox import seal, unseal
 
