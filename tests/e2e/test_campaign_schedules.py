@@ -12,8 +12,7 @@ import pytest
 from temporalio.client import Client
 
 from core.clock import next_local_time, window_state
-from tests.conftest import SmtpServer
-from tests.test_campaigns import (  # noqa: F401
+from tests.e2e.test_campaigns import (  # noqa: F401
     create_campaign,
     make_audience,
     manager,
@@ -21,7 +20,8 @@ from tests.test_campaigns import (  # noqa: F401
     template_key,
     wait_campaign,
 )
-from tests.test_replay import assert_replays
+from tests.e2e.test_replay import assert_replays
+from tests.stack import SmtpServer
 
 
 def _utc(values: list[str]) -> list[datetime]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 from temporalio.client import Client
 
-from tests.conftest import SmtpServer, wait_for_status
+from tests.stack import SmtpServer, wait_for_status
 from worker import WorkerServices
 from workflows.notification import NotificationWorkflow
 

@@ -30,7 +30,7 @@ from channels.registry import KINDS, ProviderConfigError, build_provider, valida
 from channels.sandbox import SandboxProvider
 from channels.sms import JsonSmsGatewayProvider, TwilioSmsProvider
 from channels.smtp import SmtpProvider
-from tests.gateways import Gateway
+from tests.e2e.gateways import Gateway
 
 TIMEOUT = 0.3  # client timeout: `fail_next(timeout=True)` hangs longer than this
 

@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from core.auth import Role
 from core.config import Settings
 from services.templates import templates, versions
-from tests.conftest import SmtpServer, token_for, wait_for_status
+from tests.stack import SmtpServer, token_for, wait_for_status
 
 PROBLEM = "application/problem+json"
 

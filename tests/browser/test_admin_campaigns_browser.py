@@ -21,8 +21,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from core.auth import Role
 from core.config import Settings
 from services import campaign_store as store
-from tests import test_admin_browser as admin_browser  # skips this module too without chromium
-from tests.conftest import SmtpServer, token_for
+from tests.browser import test_admin_browser as admin_browser  # skips this module too without chromium
+from tests.stack import SmtpServer, token_for
 
 # The browser fixtures and the sign-in of the admin panel's first tests.
 browser = admin_browser.browser

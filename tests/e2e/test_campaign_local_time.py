@@ -20,8 +20,8 @@ from core.clock import next_local_time
 from core.config import Settings
 from entrypoints.embedded import venv_binary
 from services import campaigns as campaign_control
-from tests.conftest import SmtpServer
-from tests.test_campaigns import create_campaign, manager, tag_segment, template_key  # noqa: F401
+from tests.e2e.test_campaigns import create_campaign, manager, tag_segment, template_key  # noqa: F401
+from tests.stack import SmtpServer
 from worker import WorkerServices, create_worker
 
 

@@ -18,7 +18,7 @@ from core.auth import Role
 from core.config import Settings
 from core.queries import deliveries
 from entrypoints.embedded import TemporalDevServer, free_port
-from tests.conftest import SmtpServer, token_for, wait_for_status
+from tests.stack import SmtpServer, token_for, wait_for_status
 from worker import MarqueeWorker, WorkerServices, create_worker
 
 

@@ -15,7 +15,7 @@ import pytest
 from core.auth import Role
 from core.config import Settings
 from entrypoints.embedded import venv_binary
-from tests.conftest import SmtpServer, token_for
+from tests.stack import SmtpServer, token_for
 
 TEMPLATE = {
     "category": "marketing",

@@ -16,9 +16,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.auth import Role
 from core.config import Settings
-from tests import test_admin_browser as admin_browser  # skips this module too without chromium
-from tests.conftest import SmtpServer, wait_for_status
-from tests.test_dead_letters import POLICY_REFUSAL, _client, audit_rows, fail_for_good, new_recipient
+from tests.browser import test_admin_browser as admin_browser  # skips this module too without chromium
+from tests.e2e.test_dead_letters import POLICY_REFUSAL, _client, audit_rows, fail_for_good, new_recipient
+from tests.stack import SmtpServer, wait_for_status
 
 browser = admin_browser.browser
 context = admin_browser.context

@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from core.auth import Role, create_token
 from core.config import Settings
 from core.queries import notifications, recipients
-from tests.conftest import token_for
+from tests.stack import token_for
 
 PROBLEM = "application/problem+json"
 

@@ -17,8 +17,8 @@ from core.auth import Role
 from core.config import Settings
 from services.audit import audit_log
 from services.preferences import suppressions
-from tests import test_admin_browser as admin_browser
-from tests.conftest import SmtpServer, token_for
+from tests.browser import test_admin_browser as admin_browser
+from tests.stack import SmtpServer, token_for
 
 browser = admin_browser.browser
 context = admin_browser.context

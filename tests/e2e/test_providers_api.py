@@ -23,7 +23,7 @@ from core.secretbox import unseal
 from entrypoints.embedded import free_port
 from services import breaker
 from services.providers import providers
-from tests.conftest import SmtpServer, token_for
+from tests.stack import SmtpServer, token_for
 
 audit_log = AuditEntry.__table__  # type: ignore[attr-defined]
 notifications = Notification.__table__  # type: ignore[attr-defined]

@@ -2,7 +2,7 @@
 
 A change that would break runs already in flight (reordering activities, new timers, ...)
 fails here. To re-record after a deliberate, versioned change:
-    MARQUEE_RECORD_HISTORIES=1 .venv/bin/python -m pytest tests/test_replay.py
+    MARQUEE_RECORD_HISTORIES=1 .venv/bin/python -m pytest tests/e2e/test_replay.py
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
 from services.preferences import suppressions
-from tests.conftest import SmtpServer, wait_for_status
+from tests.stack import SmtpServer, wait_for_status
 from worker import WORKFLOWS
 
 HISTORIES = Path(__file__).parent / "histories"

@@ -25,10 +25,10 @@ from core.queries import deliveries, recipients
 from services import breaker
 from services.preferences import suppressions
 from services.providers import delete_provider, providers, save_provider
-from tests.conftest import SmtpServer, token_for, wait_for_status
-from tests.gateways import Gateway
-from tests.test_campaigns import TEMPLATE, create_campaign, make_audience, tag_segment, wait_campaign
-from tests.test_replay import assert_replays
+from tests.e2e.gateways import Gateway
+from tests.e2e.test_campaigns import TEMPLATE, create_campaign, make_audience, tag_segment, wait_campaign
+from tests.e2e.test_replay import assert_replays
+from tests.stack import SmtpServer, token_for, wait_for_status
 from worker import MarqueeWorker, WorkerServices, create_worker
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")

@@ -14,8 +14,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from core.auth import Role, hash_password
 from core.config import Settings
 from core.models import AdminUser
-from tests.conftest import token_for
-from tests.test_campaigns import TEMPLATE, make_audience, wait_campaign
+from tests.e2e.test_campaigns import TEMPLATE, make_audience, wait_campaign
+from tests.stack import token_for
 
 admin_users = AdminUser.__table__  # type: ignore[attr-defined]
 

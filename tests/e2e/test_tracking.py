@@ -19,7 +19,7 @@ from core import tracking
 from core.config import Settings
 from core.tracking import CampaignSend, InstantDelivery
 from services.preferences import preferences
-from tests.test_webhooks import campaign_row, delivery, make_campaign_delivery, recipient_id, send
+from tests.e2e.test_webhooks import campaign_row, delivery, make_campaign_delivery, recipient_id, send
 
 KEY = b"k" * 32
 BASE = "https://mail.example.org"

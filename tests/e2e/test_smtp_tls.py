@@ -28,7 +28,7 @@ from channels.base import (
 )
 from channels.smtp import SmtpProvider, message_id_for
 from entrypoints.embedded import free_port
-from tests.conftest import ScriptedSmtp
+from tests.stack import ScriptedSmtp
 
 USER, PASSWORD = "marquee", "s3cret"
 

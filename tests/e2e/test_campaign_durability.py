@@ -26,8 +26,8 @@ from activities.campaigns import MAX_UNRECORDED
 from core.config import Settings
 from services import campaigns as campaign_control
 from services.campaign_store import campaign_runs
-from tests.conftest import SmtpServer
-from tests.test_campaigns import create_campaign, make_audience, manager, tag_segment, template_key  # noqa: F401
+from tests.e2e.test_campaigns import create_campaign, make_audience, manager, tag_segment, template_key  # noqa: F401
+from tests.stack import SmtpServer
 
 MARQUEE = Path(sys.executable).parent / "marquee"
 

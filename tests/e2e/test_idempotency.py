@@ -8,7 +8,7 @@ import uuid
 import httpx
 
 from core.auth import Role
-from tests.conftest import SmtpServer, token_for, wait_for_status
+from tests.stack import SmtpServer, token_for, wait_for_status
 
 
 def _request(user_id: str, **extra: object) -> dict[str, object]:

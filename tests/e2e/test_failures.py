@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from core.config import Settings
 from core.queries import dead_letters
 from entrypoints.embedded import venv_binary
-from tests.conftest import SmtpServer, wait_for_status
+from tests.stack import SmtpServer, wait_for_status
 
 
 def _email(user_id: str, title: str = "Hello") -> dict[str, object]:

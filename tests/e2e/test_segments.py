@@ -10,7 +10,7 @@ import pytest
 
 from core.auth import Role
 from core.config import Settings
-from tests.conftest import token_for
+from tests.stack import token_for
 
 
 @pytest.fixture

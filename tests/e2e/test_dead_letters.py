@@ -23,7 +23,7 @@ from core.auth import Role
 from core.config import Settings
 from core.queries import dead_letters
 from services.audit import audit_log
-from tests.conftest import SmtpServer, token_for, wait_for_status
+from tests.stack import SmtpServer, token_for, wait_for_status
 
 # A permanent refusal that says nothing about the address: the address stays usable.
 POLICY_REFUSAL = "550 5.7.1 Message rejected by policy"

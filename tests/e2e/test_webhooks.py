@@ -24,9 +24,9 @@ from channels.smtp import message_id_for
 from core.config import Settings
 from services import delivery_events
 from services.preferences import preferences, suppressions
-from tests.conftest import wait_for_status
-from tests.gateways import Gateway
-from tests.test_campaigns import create_campaign, make_audience, manager, tag_segment, template_key, wait_campaign  # noqa: F401
+from tests.e2e.gateways import Gateway
+from tests.e2e.test_campaigns import create_campaign, make_audience, manager, tag_segment, template_key, wait_campaign  # noqa: F401
+from tests.stack import wait_for_status
 from worker import WorkerServices
 
 deliveries = delivery_events.deliveries

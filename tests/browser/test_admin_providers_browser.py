@@ -25,8 +25,8 @@ from core.models import AuditEntry
 from core.secretbox import unseal
 from services import breaker
 from services.providers import providers
-from tests import test_admin_browser as admin_browser  # skips this module too without chromium
-from tests.conftest import SmtpServer, token_for
+from tests.browser import test_admin_browser as admin_browser  # skips this module too without chromium
+from tests.stack import SmtpServer, token_for
 
 browser = admin_browser.browser
 context = admin_browser.context

@@ -1,0 +1,1 @@
+"""Workflow logic on Temporal's time-skipping test server, with fake activities."""
