@@ -1,8 +1,9 @@
 """Campaigns and segments in the admin (FR-003): list, creation wizard, progress, actions.
 
-The lifecycle is campaign_control's (create, launch, pause, resume, cancel, trigger,
-describe), with the API's Temporal client and settings; the forms validate with the
-API's own request models, so the admin accepts exactly what the API accepts.
+The lifecycle is services.campaigns' (create, launch, pause, resume, cancel, trigger,
+describe, preview), with the API's Temporal client and settings; the forms validate with
+the request models the API validates with (core.schemas), so the admin accepts exactly
+what the API accepts.
 """
 
 from __future__ import annotations
@@ -17,22 +18,31 @@ from typing import Any
 import sqlalchemy as sa
 from markupsafe import Markup
 from pydantic import ValidationError
-from sqladmin import ModelView, expose
+from sqladmin import expose
 from sqladmin.flash import Flash
 from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from temporalio.service import RPCError
 
-from admin.pages import CAMPAIGNS, AdminPage, FormErrors, form_text, not_found, parse_json, pretty_json, when
-from api.routes.campaigns import _request as campaign_request
+from admin.pages import (
+    CAMPAIGNS,
+    AdminPage,
+    FormErrors,
+    ReadOnlyView,
+    form_text,
+    not_found,
+    parse_json,
+    pretty_json,
+    when,
+)
 from core.models import Campaign, Channel, Segment
-from core.queries import recipients
 from core.schemas import CampaignCancel, CampaignCreate
-from core.templating import RenderError, coerce_variables, recipient_context, render
-from services import campaign_store as store
 from services import campaigns as control
+from services import segments
 from services import templates as template_store
+from services.campaign_store import SegmentNotFound
+from services.campaigns import CampaignRequest
 from services.templates import TemplateNotFound
 
 SCHEDULE_KINDS = {
@@ -78,15 +88,7 @@ def progress_link(campaign: Campaign, request: Request) -> Markup:
     return Markup('<a href="{0}">{1}</a>').format(url, campaign.name)
 
 
-class ReadOnlyModelView(ModelView):
-    can_create = False
-    can_edit = False
-    can_delete = False
-    can_export = True
-    page_size = 50
-
-
-class CampaignAdmin(ReadOnlyModelView, model=Campaign):
+class CampaignAdmin(ReadOnlyView, model=Campaign):
     name = "Campaign"
     name_plural = "Campaigns"
     icon = "fa-solid fa-bullhorn"
@@ -105,7 +107,7 @@ class CampaignAdmin(ReadOnlyModelView, model=Campaign):
     column_formatters_detail = {"name": lambda m, a, request: progress_link(m, request)}
 
 
-class SegmentAdmin(ReadOnlyModelView, model=Segment):
+class SegmentAdmin(ReadOnlyView, model=Segment):
     name = "Segment"
     name_plural = "Segments"
     icon = "fa-solid fa-users-viewfinder"
@@ -207,7 +209,7 @@ class CampaignPages(AdminPage):
         if body is not None and not errors:
             async with self.connect() as conn:
                 try:
-                    campaign_id = await control.create(conn, campaign_request(body, body.segment_id, body.name),
+                    campaign_id = await control.create(conn, CampaignRequest.of(body, body.segment_id, body.name),
                                                        self.author(request), self.actor(request))  # fmt: skip
                 except control.CampaignInvalid as err:
                     errors.add(err.field, err.message)
@@ -222,15 +224,9 @@ class CampaignPages(AdminPage):
     ) -> Response:
         async with self.connect() as conn:
             templates = await template_store.list_templates(conn, None, 500)
-            segments = (
-                await conn.execute(
-                    sa.select(store.segments.c.id, store.segments.c.name, store.segments.c.kind).order_by(
-                        store.segments.c.name
-                    )
-                )
-            ).all()
+            choices = await segments.rows_by_name(conn)
         context = {"title": "New campaign", "form": form, "channels": channels, "errors": errors,
-                   "templates": templates, "segments": segments, "all_channels": [c.value for c in Channel],
+                   "templates": templates, "segments": choices, "all_channels": [c.value for c in Channel],
                    "kinds": SCHEDULE_KINDS, "weekdays": WEEKDAYS, "time_zones": time_zones()}  # fmt: skip
         return await self.render(request, "marquee/campaigns/wizard.html", context, status_code)
 
@@ -243,10 +239,9 @@ class CampaignPages(AdminPage):
             return JSONResponse({"error": "choose a segment"}, status_code=400)
         async with self.connect() as conn:
             try:
-                segment = await store.load_segment(conn, int(raw))
-            except store.SegmentNotFound:
+                counted = await segments.count(conn, int(raw), channels)
+            except SegmentNotFound:
                 return JSONResponse({"error": f"no segment {raw}"}, status_code=404)
-            counted = await store.count_segment(conn, segment, channels)
         return JSONResponse({**counted, "summary": count_summary(counted)})
 
     @expose("/campaigns/template-info", identity="campaign-template-info")
@@ -280,8 +275,8 @@ class CampaignPages(AdminPage):
             except control.CampaignNotFound as err:
                 raise not_found(f"campaign {campaign_id}") from err
             try:
-                segment = await store.load_segment(conn, campaign["segment_id"])
-            except store.SegmentNotFound:
+                segment = await segments.get(conn, campaign["segment_id"])
+            except SegmentNotFound:
                 segment = None
         schedule = campaign["schedule"]
         live = campaign["status"] == "running" or any(run["status"] == "running" for run in campaign["runs"])
@@ -355,37 +350,22 @@ class CampaignPages(AdminPage):
     async def preview_page(self, request: Request) -> Response:
         """The campaign's pinned template rendered for the first recipient of its segment."""
         campaign_id: uuid.UUID = request.path_params["campaign_id"]
-        errors = FormErrors()
-        rendered = person = None
         async with self.connect() as conn:
-            row = await self._campaign_row(conn, campaign_id)
-            content = await template_store.load_pinned(conn, row.template_key, row.template_version)
-            segment = await store.load_segment(conn, row.segment_id)
-            person = (
-                await conn.execute(
-                    sa.select(recipients).where(store.segment_condition(segment)).order_by(recipients.c.id).limit(1)
-                )
-            ).first()
-        if person is None:
-            errors.add("segment", f"segment {segment.name!r} matches no recipient yet")
-        else:
-            variables, problems = coerce_variables(content.variables, row.variables)
-            for problem in problems:
-                errors.add(problem.part, problem.message)
-            if not problems:
-                try:
-                    recipient = recipient_context(dict(person._mapping))
-                    rendered = render(content, locale_wanted=person.locale, variables=variables, recipient=recipient,
-                                      channels=list(row.channels))  # fmt: skip
-                except RenderError as err:
-                    errors.add("render", f"rendering failed: {err}")
-        context = {"title": f"Preview of {row.name}", "row": row, "person": person, "segment": segment,
-                   "rendered": rendered, "errors": errors}  # fmt: skip
+            try:
+                preview = await control.preview(conn, campaign_id)
+            except control.CampaignNotFound as err:
+                raise not_found(f"campaign {campaign_id}") from err
+        errors = FormErrors()
+        for problem in preview.problems:
+            errors.add(problem.part, problem.message)
+        context = {"title": f"Preview of {preview.campaign.name}", "row": preview.campaign,
+                   "person": preview.recipient, "segment": preview.segment, "rendered": preview.rendered,
+                   "errors": errors}  # fmt: skip
         return await self.render(request, "marquee/campaigns/preview.html", context)
 
     @staticmethod
     async def _campaign_row(conn: AsyncConnection, campaign_id: uuid.UUID) -> sa.Row[Any]:
-        row = (await conn.execute(sa.select(store.campaigns).where(store.campaigns.c.id == campaign_id))).first()
-        if row is None:
-            raise not_found(f"campaign {campaign_id}")
-        return row
+        try:
+            return await control.load(conn, campaign_id)
+        except control.CampaignNotFound as err:
+            raise not_found(f"campaign {campaign_id}") from err

@@ -13,7 +13,8 @@ from core.errors import Conflict, DomainError, Invalid, NotFound, StillRunning, 
 from core.templating import TemplateInvalid
 from services.campaign_store import SegmentNotFound
 from services.campaigns import CampaignInvalid, CampaignNotFound, CampaignStateError
-from services.templates import TemplateExists, TemplateNotFound, problems_as_errors
+from services.segments import NotStatic, SegmentExists
+from services.templates import PreviewFailed, TemplateExists, TemplateNotFound, problems_as_errors
 
 PROBLEM_JSON = "application/problem+json"
 
@@ -106,6 +107,19 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(SegmentNotFound)
     async def _segment_missing(_: Request, exc: SegmentNotFound) -> JSONResponse:
         return problem_response(404, "Not found", f"no segment {exc}")
+
+    @app.exception_handler(SegmentExists)
+    async def _segment_exists(_: Request, exc: SegmentExists) -> JSONResponse:
+        return problem_response(409, "Segment exists", f"a segment named {str(exc)!r} exists already")
+
+    @app.exception_handler(NotStatic)
+    async def _segment_not_static(_: Request, exc: NotStatic) -> JSONResponse:
+        return problem_response(409, "Not a static segment", "members can be added to static segments only")
+
+    @app.exception_handler(PreviewFailed)
+    async def _preview_failed(_: Request, exc: PreviewFailed) -> JSONResponse:
+        errors = [{"field": problem.part, "message": problem.message} for problem in exc.problems]
+        return problem_response(422, "Preview failed", str(exc), errors)
 
     @app.exception_handler(CampaignStateError)
     async def _campaign_state(_: Request, exc: CampaignStateError) -> JSONResponse:

@@ -1,4 +1,4 @@
-"""Campaign lifecycle: create, launch, pause, resume, cancel, trigger, describe.
+"""Campaign lifecycle: create, launch, pause, resume, cancel, trigger, describe, preview.
 
 Used by the API and the admin alike. One-off campaigns are a CampaignWorkflow run (a
 campaign "at" a time sleeps in its run until then); recurring ones are a Temporal
@@ -38,8 +38,11 @@ from core.contracts import (
     campaign_workflow_id,
     schedule_id_for,
 )
-from core.templating import coerce_variables
+from core.queries import recipients
+from core.schemas import CampaignCreate, ScheduledSend
+from core.templating import Problem, Rendered, RenderError, checked_variables, coerce_variables, render_for_recipient
 from services import campaign_store as store
+from services import segments
 from services import templates as template_store
 from services.audit import Actor, record_action
 from services.templates import TemplateNotFound
@@ -73,6 +76,23 @@ class CampaignRequest:
     variables: dict[str, Any]
     schedule: dict[str, Any]  # validated CampaignSchedule, as JSON, plus "cron" resolved
     throttle_per_second: int | None
+
+    @classmethod
+    def of(cls, body: CampaignCreate | ScheduledSend, segment_id: int, name: str) -> CampaignRequest:
+        """The request an API body or the admin's wizard (both validated by the same model) makes."""
+        schedule = body.schedule.model_dump(mode="json")
+        schedule["cron"] = body.schedule.cron_expression()
+        return cls(
+            name=name,
+            category=body.category,
+            template=body.template,
+            template_version=body.template_version,
+            segment_id=segment_id,
+            channels=[channel.value for channel in body.channels],
+            variables=body.variables,
+            schedule=schedule,
+            throttle_per_second=getattr(body, "throttle_per_second", None),
+        )
 
 
 async def create(conn: AsyncConnection, request: CampaignRequest, author: str, actor: Actor | None = None) -> uuid.UUID:
@@ -114,7 +134,7 @@ async def create(conn: AsyncConnection, request: CampaignRequest, author: str, a
     return campaign_id
 
 
-async def _load(conn: AsyncConnection, campaign_id: uuid.UUID, *, lock: bool = False) -> sa.Row[Any]:
+async def load(conn: AsyncConnection, campaign_id: uuid.UUID, *, lock: bool = False) -> sa.Row[Any]:
     query = sa.select(store.campaigns).where(store.campaigns.c.id == campaign_id)
     row = (await conn.execute(query.with_for_update() if lock else query)).first()
     if row is None:
@@ -141,7 +161,7 @@ def _require(row: sa.Row[Any], action: str, *allowed: str) -> None:
 async def launch(
     conn: AsyncConnection, temporal: Client, settings: Settings, campaign_id: uuid.UUID, actor: Actor | None = None
 ) -> None:
-    row = await _load(conn, campaign_id, lock=True)
+    row = await load(conn, campaign_id, lock=True)
     _require(row, "launch", "draft")
     cron = row.schedule.get("cron")
     try:
@@ -177,6 +197,29 @@ async def launch(
     await record_action(conn, actor, "campaign.launch", "campaign", row.id, {"schedule": row.schedule})
 
 
+async def create_and_launch(
+    conn: AsyncConnection, temporal: Client, settings: Settings, request: CampaignRequest, actor: Actor
+) -> uuid.UUID:
+    campaign_id = await create(conn, request, actor.subject, actor)
+    await launch(conn, temporal, settings, campaign_id, actor)
+    return campaign_id
+
+
+async def schedule_send(
+    conn: AsyncConnection, temporal: Client, settings: Settings, body: ScheduledSend, actor: Actor
+) -> uuid.UUID:
+    """A one-off or recurring send of a template to a segment, or to user_ids listed in a
+    static segment made for it."""
+    name = body.name or f"scheduled {body.template} {uuid.uuid4().hex[:8]}"
+    segment_id = body.segment_id
+    if body.user_ids is not None:
+        listed = await segments.create(conn, actor, name=f"{name} (recipients {uuid.uuid4().hex[:8]})",
+                                       user_ids=body.user_ids)  # fmt: skip
+        segment_id = listed.id
+    assert segment_id is not None  # ScheduledSend requires user_ids or a segment_id
+    return await create_and_launch(conn, temporal, settings, CampaignRequest.of(body, segment_id, name), actor)
+
+
 async def _running_runs(temporal: Client, row: sa.Row[Any]) -> list[str]:
     """Workflow ids of this campaign's runs that are open now."""
     if row.schedule.get("cron"):
@@ -192,7 +235,7 @@ async def _running_runs(temporal: Client, row: sa.Row[Any]) -> list[str]:
 async def pause(
     conn: AsyncConnection, temporal: Client, campaign_id: uuid.UUID, reason: str | None, actor: Actor | None = None
 ) -> None:
-    row = await _load(conn, campaign_id, lock=True)
+    row = await load(conn, campaign_id, lock=True)
     _require(row, "pause", "running", "scheduled")
     if row.schedule.get("cron"):
         await temporal.get_schedule_handle(schedule_id_for(row.id)).pause(note=reason or "paused")
@@ -205,7 +248,7 @@ async def pause(
 async def resume(
     conn: AsyncConnection, temporal: Client, campaign_id: uuid.UUID, reason: str | None, actor: Actor | None = None
 ) -> None:
-    row = await _load(conn, campaign_id, lock=True)
+    row = await load(conn, campaign_id, lock=True)
     _require(row, "resume", "paused")
     recurring = bool(row.schedule.get("cron"))
     if recurring:
@@ -222,7 +265,7 @@ async def cancel(
     conn: AsyncConnection, temporal: Client, campaign_id: uuid.UUID, reason: str, actor: Actor | None = None
 ) -> None:
     """Stop new batches, let in-flight ones record what they sent, keep the counts."""
-    row = await _load(conn, campaign_id, lock=True)
+    row = await load(conn, campaign_id, lock=True)
     _require(row, "cancel", "draft", "scheduled", "running", "paused")
     if row.status != "draft":
         runs = await _running_runs(temporal, row)
@@ -238,7 +281,7 @@ async def cancel(
 
 async def trigger(conn: AsyncConnection, temporal: Client, campaign_id: uuid.UUID, actor: Actor | None = None) -> None:
     """Run a recurring campaign now, outside its schedule."""
-    row = await _load(conn, campaign_id)
+    row = await load(conn, campaign_id)
     if not row.schedule.get("cron"):
         raise CampaignStateError("only a recurring campaign can be triggered")
     _require(row, "trigger", "scheduled", "paused")
@@ -250,7 +293,7 @@ async def describe(
     conn: AsyncConnection, temporal: Client, settings: Settings, campaign_id: uuid.UUID
 ) -> dict[str, Any]:
     """The campaign with its runs' counters (exact, from PostgreSQL) and live progress."""
-    row = await _load(conn, campaign_id)
+    row = await load(conn, campaign_id)
     runs = (
         await conn.execute(
             sa.select(store.campaign_runs)
@@ -285,6 +328,49 @@ async def describe(
         "next_run_times": next_runs,
         "links": {"temporal_ui": f"{ui}/namespaces/{settings.temporal_namespace}/{kind}/{workflow_id}"},
     }
+
+
+async def list_campaigns(
+    conn: AsyncConnection, temporal: Client, settings: Settings, status: str | None, limit: int
+) -> list[dict[str, Any]]:
+    """The newest first, each described."""
+    query = sa.select(store.campaigns.c.id).order_by(store.campaigns.c.created_at.desc()).limit(limit)
+    if status:
+        query = query.where(store.campaigns.c.status == status)
+    ids = (await conn.scalars(query)).all()
+    return [await describe(conn, temporal, settings, campaign_id) for campaign_id in ids]
+
+
+@dataclass(frozen=True)
+class Preview:
+    """The campaign's pinned template rendered for the first recipient of its segment."""
+
+    campaign: sa.Row[Any]
+    segment: sa.Row[Any]
+    recipient: sa.Row[Any] | None
+    rendered: Rendered | None
+    problems: list[Problem]
+
+
+async def preview(conn: AsyncConnection, campaign_id: uuid.UUID) -> Preview:
+    row = await load(conn, campaign_id)
+    content = await template_store.load_pinned(conn, row.template_key, row.template_version)
+    segment = await store.load_segment(conn, row.segment_id)
+    person = (
+        await conn.execute(
+            sa.select(recipients).where(store.segment_condition(segment)).order_by(recipients.c.id).limit(1)
+        )
+    ).first()
+    if person is None:
+        return Preview(
+            row, segment, None, None, [Problem("segment", f"segment {segment.name!r} matches no recipient yet")]
+        )
+    try:
+        variables = checked_variables(content, row.variables)
+        rendered = render_for_recipient(content, dict(person._mapping), variables, list(row.channels))
+    except RenderError as err:
+        return Preview(row, segment, person, None, [Problem("render", f"rendering failed: {err}")])
+    return Preview(row, segment, person, rendered, [])
 
 
 async def next_run_times(handle: ScheduleHandle) -> list[datetime]:

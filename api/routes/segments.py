@@ -6,19 +6,13 @@ import csv
 import io
 from typing import Annotated, Any
 
-import sqlalchemy as sa
 from fastapi import APIRouter, Query, Request, status
-from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from api.deps import AnyRole, ConnectionDep, TemplateEditor
 from api.problems import InvalidInput, Problem
 from core.models import Channel
-from core.queries import recipients
 from core.schemas import FilterCount, MembersResult, SegmentCount, SegmentCreate, SegmentOut
-from core.segments import compile_filter
-from services import campaign_store as store
-from services.audit import record_action
+from services import segments
 
 router = APIRouter(prefix="/v1/segments", tags=["segments"])
 
@@ -32,86 +26,31 @@ def _summary(counted: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-async def _add_members(conn: AsyncConnection, segment_id: int, user_ids: list[str]) -> MembersResult:
-    wanted = list(dict.fromkeys(user_ids))
-    found = {
-        row.user_id: row.id
-        for row in await conn.execute(
-            sa.select(recipients.c.user_id, recipients.c.id).where(recipients.c.user_id.in_(wanted))
-        )
-    }
-    added = 0
-    if found:
-        result = await conn.execute(
-            insert(store.segment_members)
-            .values([{"segment_id": segment_id, "recipient_id": rid} for rid in found.values()])
-            .on_conflict_do_nothing()
-            .returning(store.segment_members.c.recipient_id)
-        )
-        added = len(result.all())
-    unknown = [user_id for user_id in wanted if user_id not in found]
-    return MembersResult(added=added, already_members=len(found) - added, unknown_user_ids=unknown)
-
-
-async def _out(conn: AsyncConnection, row: sa.Row[Any], unknown: list[str] | None = None) -> SegmentOut:
-    members = None
-    if row.kind == "static":
-        members = await conn.scalar(
-            sa.select(sa.func.count())
-            .select_from(store.segment_members)
-            .where(store.segment_members.c.segment_id == row.id)
-        )
-    return SegmentOut(**row._mapping, members=members, unknown_user_ids=unknown or [])
-
-
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=SegmentOut)
 async def create_segment(body: SegmentCreate, conn: ConnectionDep, editor: TemplateEditor) -> Any:
     """A filter segment, or a static list of user_ids (unknown ids are reported, not fatal)."""
-    exists = await conn.scalar(sa.select(store.segments.c.id).where(store.segments.c.name == body.name))
-    if exists is not None:
-        raise Problem(409, "Segment exists", f"a segment named {body.name!r} exists already")
-    kind = "filter" if body.filter is not None else "static"
-    segment_id = await conn.scalar(
-        store.segments.insert()
-        .values(
-            name=body.name,
-            description=body.description,
-            kind=kind,
-            filter=body.filter.model_dump(mode="json", by_alias=True) if body.filter is not None else None,
-            created_by=editor.subject,
-        )
-        .returning(store.segments.c.id)
-    )
-    unknown: list[str] = []
-    if body.user_ids is not None:
-        unknown = (await _add_members(conn, segment_id, body.user_ids)).unknown_user_ids
-    await record_action(conn, editor, "segment.create", "segment", segment_id,
-                        {"name": body.name, "kind": kind, "members": len(body.user_ids or [])})  # fmt: skip
+    created = await segments.create(conn, editor, name=body.name, description=body.description, filter=body.filter,
+                                    user_ids=body.user_ids)  # fmt: skip
     await conn.commit()
-    return await _out(conn, await store.load_segment(conn, segment_id), unknown)
+    return created
 
 
 @router.get("", response_model=list[SegmentOut])
 async def list_segments(conn: ConnectionDep, _: AnyRole) -> Any:
-    rows = (await conn.execute(sa.select(store.segments).order_by(store.segments.c.name))).all()
-    return [await _out(conn, row) for row in rows]
+    return await segments.list_segments(conn)
 
 
 @router.get("/{segment_id}", response_model=SegmentOut)
 async def get_segment(segment_id: int, conn: ConnectionDep, _: AnyRole) -> Any:
-    return await _out(conn, await store.load_segment(conn, segment_id))
+    return await segments.get(conn, segment_id)
 
 
 @router.post("/{segment_id}/members", response_model=MembersResult)
 async def add_members(segment_id: int, request: Request, conn: ConnectionDep, editor: TemplateEditor) -> Any:
     """Add user_ids to a static segment: JSON {"user_ids": [...]} or a CSV upload
     (text/csv, one user_id per line or a `user_id` column)."""
-    segment = await store.load_segment(conn, segment_id)
-    if segment.kind != "static":
-        raise Problem(409, "Not a static segment", "members can be added to static segments only")
-    user_ids = await _read_user_ids(request)
-    result = await _add_members(conn, segment_id, user_ids)
-    await record_action(conn, editor, "segment.add_members", "segment", segment_id, {"given": len(user_ids)})
+    await segments.load_static(conn, segment_id)  # a missing or filter segment is refused before the body is read
+    result = await segments.add_members(conn, editor, segment_id, await _read_user_ids(request))
     await conn.commit()
     return result
 
@@ -155,13 +94,12 @@ async def count_segment(
     channels: Annotated[list[Channel], Query()] = [Channel.email],  # noqa: B006 - FastAPI reads, never mutates
 ) -> Any:
     """E.g. "matches 12,345 recipients, 340 opted out of email"."""
-    segment = await store.load_segment(conn, segment_id)
-    counted = await store.count_segment(conn, segment, [channel.value for channel in channels])
+    counted = await segments.count(conn, segment_id, [channel.value for channel in channels])
     return SegmentCount(**counted, summary=_summary(counted))
 
 
 @router.post("/count", response_model=SegmentCount)
 async def count_filter(body: FilterCount, conn: ConnectionDep, _: AnyRole) -> Any:
     """Count a filter before saving it (the admin's live count)."""
-    counted = await store.count_matching(conn, compile_filter(body.filter), [c.value for c in body.channels])
+    counted = await segments.count_filter(conn, body.filter, [c.value for c in body.channels])
     return SegmentCount(**counted, summary=_summary(counted))
