@@ -9,7 +9,6 @@ from __future__ import annotations
 import difflib
 from typing import Any
 
-import sqlalchemy as sa
 from markupsafe import Markup
 from pydantic import ValidationError
 from sqladmin import expose
@@ -160,7 +159,7 @@ class TemplatePages(AdminPage):
                     )  # fmt: skip
                 except TemplateInvalid as err:
                     add_template_problems(errors, err)
-                except (TemplateExists, sa.exc.IntegrityError):
+                except TemplateExists:
                     errors.add("key", f"a template with the key {body.key!r} exists already (perhaps archived)")
                 else:
                     await conn.commit()

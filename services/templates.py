@@ -98,11 +98,14 @@ async def create(
     exists = await conn.scalar(sa.select(templates.c.archived_at.is_(None)).where(templates.c.key == key))
     if exists is not None:
         raise TemplateExists(key)
-    template_id = await conn.scalar(
-        templates.insert()
-        .values(key=key, category=category, description=description, active_version=1)
-        .returning(templates.c.id)
-    )
+    try:
+        template_id = await conn.scalar(
+            templates.insert()
+            .values(key=key, category=category, description=description, active_version=1)
+            .returning(templates.c.id)
+        )
+    except sa.exc.IntegrityError as err:
+        raise TemplateExists(key) from err  # created by another request since the check
     await conn.execute(
         versions.insert().values(
             template_id=template_id,

@@ -7,7 +7,6 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Response, status
 
 from api.deps import AnyRole, ConnectionDep, SettingsDep, TemplateEditor
-from api.problems import Problem
 from core.schemas import (
     PreviewEmail,
     PreviewOut,
@@ -155,13 +154,9 @@ async def preview_template(key: str, body: PreviewRequest, conn: ConnectionDep, 
     """Render every channel part, with the given variables (examples fill the rest) and
     either a real recipient's data or an example recipient."""
     record = await template_store.get(conn, key, body.version)
-    try:
-        rendered = await template_store.preview(
-            conn, record.content, variables=body.variables, user_id=body.user_id, locale=body.locale
-        )
-    except template_store.PreviewFailed as err:
-        errors = [{"field": problem.part, "message": problem.message} for problem in err.problems]
-        raise Problem(422, "Preview failed", str(err), errors=errors) from err
+    rendered = await template_store.preview(
+        conn, record.content, variables=body.variables, user_id=body.user_id, locale=body.locale
+    )
     return PreviewOut(
         key=key,
         version=record.version,
