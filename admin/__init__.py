@@ -3,27 +3,28 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
 from fastapi import FastAPI
-from sqladmin import Admin, ModelView
+from sqladmin import Admin
 from sqladmin.authentication import AuthenticationBackend
 from sqladmin.authorization import Action, AuthorizationBackend
+from sqladmin.helpers import object_identifier_values
 from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlalchemy.orm import object_session
 from starlette.requests import Request
 
 from admin.campaign_views import CampaignAdmin, CampaignPages, SegmentAdmin
-from admin.dead_letter_views import AuditLogPage, DeadLetterPages
-from admin.pages import CHANGED_BY_CAMPAIGN_MANAGERS, TEMPLATES_DIR
-from admin.provider_views import ProviderPages
+from admin.dead_letter_views import AUDIT_LOG, DEAD_LETTERS, AuditLogPage, DeadLetterPages
+from admin.pages import CAMPAIGNS, TEMPLATES, TEMPLATES_DIR, ReadOnlyView, signed_in
+from admin.provider_views import PROVIDERS, ProviderPages
 from admin.template_views import TemplatePages
 from core.auth import Role, verify_password
 from core.config import Settings
-from core.models import AdminUser, AuditEntry, Delivery, Notification, Recipient, Suppression
-
-READ_ACTIONS = {Action.LIST.value, Action.DETAILS.value, Action.EXPORT.value}
+from core.models import AdminUser, Delivery, Notification, Recipient, Suppression
+from core.permissions import allowed
+from services import suppressions as suppression_ops
 
 
 class PasswordLogin(AuthenticationBackend):
@@ -52,29 +53,6 @@ class PasswordLogin(AuthenticationBackend):
         return "user_id" in request.session
 
 
-class RolePermissions(AuthorizationBackend):
-    """Admin may do everything; campaign managers also change templates and campaigns;
-    campaign managers and analysts read these tables."""
-
-    def has_permission(self, request: Request, identity: str, action: str, obj: Any | None = None) -> bool:
-        role = request.session.get("role")
-        if role == Role.admin.value:
-            return True
-        if identity == "admin-user":
-            return False
-        if role == Role.campaign_manager.value and identity in CHANGED_BY_CAMPAIGN_MANAGERS:
-            return True
-        return role in (Role.campaign_manager.value, Role.analyst.value) and action in READ_ACTIONS
-
-
-class ReadOnlyView(ModelView):
-    can_create = False
-    can_edit = False
-    can_delete = False
-    can_export = True
-    page_size = 50
-
-
 class RecipientAdmin(ReadOnlyView, model=Recipient):
     name_plural = "Recipients"
     icon = "fa-solid fa-user"
@@ -95,20 +73,13 @@ class SuppressionAdmin(ReadOnlyView, model=Suppression):
     column_default_sort = ("created_at", True)
     can_delete = True
 
-    async def on_model_delete(self, model: Any, request: Request) -> None:
-        # Added to the session that deletes the row: the audit entry commits with it.
-        session = object_session(model)
-        assert session is not None
-        session.add(
-            AuditEntry(
-                actor=str(request.session.get("email", "?")),
-                role=str(request.session.get("role", "?")),
-                action="suppression.lift",
-                entity="suppression",
-                entity_id=f"{model.channel}:{model.address}",
-                details={"reason": model.reason, "source": model.source},
-            )
-        )
+    async def delete_model(self, request: Request, pk: Any) -> None:
+        # Lifted as the API lifts one, audit row included, in one transaction.
+        channel, address = object_identifier_values(str(pk), Suppression)
+        engine = self._admin_ref.engine
+        assert isinstance(engine, AsyncEngine)  # mount_admin's
+        async with engine.begin() as conn:
+            await suppression_ops.lift(conn, signed_in(request), channel, address)
 
 
 class NotificationAdmin(ReadOnlyView, model=Notification):
@@ -137,6 +108,49 @@ class AdminUserAdmin(ReadOnlyView, model=AdminUser):
     column_list = ["email", "role", "is_active", "created_at"]
     column_details_exclude_list = ["password_hash"]
     column_export_exclude_list = ["password_hash"]
+
+
+@dataclass(frozen=True)
+class ViewActions:
+    """The permission table's actions (core.permissions) behind one admin view."""
+
+    read: str  # list, details, export
+    change: str | None = None  # anything else; None: nothing here is changed by hand but by admins
+
+
+VIEW_ACTIONS: dict[str, ViewActions] = {
+    NotificationAdmin.identity: ViewActions("notifications.read"),
+    DeliveryAdmin.identity: ViewActions("notifications.read"),
+    RecipientAdmin.identity: ViewActions("recipients.read", "recipients.write"),
+    SuppressionAdmin.identity: ViewActions("suppressions.read", "suppressions.write"),
+    AdminUserAdmin.identity: ViewActions("admin_users.manage", "admin_users.manage"),
+    CAMPAIGNS: ViewActions("campaigns.read", "campaigns.write"),  # the list and the pages
+    SegmentAdmin.identity: ViewActions("segments.read", "segments.write"),
+    TEMPLATES: ViewActions("templates.read", "templates.write"),
+    PROVIDERS: ViewActions("providers.read", "providers.manage"),
+    DEAD_LETTERS: ViewActions("dead_letters.read", "dead_letters.resolve"),
+    AUDIT_LOG: ViewActions("audit.read"),
+}
+READ_ACTIONS = {Action.LIST.value, Action.DETAILS.value, Action.EXPORT.value}
+
+
+def view_action(identity: str, action: str) -> str | None:
+    """The table's action for an admin action on a view; None if only admins may do it."""
+    actions = VIEW_ACTIONS.get(identity)
+    if actions is None:
+        return None  # a view nobody mapped is for admins
+    return actions.read if action in READ_ACTIONS else actions.change
+
+
+class RolePermissions(AuthorizationBackend):
+    """The permission table's answer for the signed-in user's role (kept in the session)."""
+
+    def has_permission(self, request: Request, identity: str, action: str, obj: Any | None = None) -> bool:
+        role = str(request.session.get("role"))
+        named = view_action(identity, action)
+        if named is None:
+            return role == Role.admin.value
+        return allowed(role, "admin_panel.use") and allowed(role, named)
 
 
 def session_secret(settings: Settings, jwt_secret: str) -> str:

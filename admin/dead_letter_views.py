@@ -18,12 +18,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from admin.pages import AdminPage, FormErrors, form_text, not_found
-from core.auth import Role
 from core.models import Channel
 from services import dead_letters as ops
 from services.dead_letters import DeadLetterFilter, DeadLetterStatus, Outcome
 
-# Permission identities (what RolePermissions is asked about).
+# Permission identities: RolePermissions maps them to the permission table's actions.
 DEAD_LETTERS = "dead-letters"
 AUDIT_LOG = "audit-log"
 
@@ -180,11 +179,6 @@ class AuditLogPage(AdminPage):
     name = "Audit log"
     icon = "fa-solid fa-clipboard-list"
     permission = AUDIT_LOG
-
-    def is_accessible(self, request: Request) -> bool:
-        # As in the API: admins and analysts read the audit log.
-        role = request.session.get("role")
-        return role in (Role.admin.value, Role.analyst.value) and super().is_accessible(request)
 
     @expose("/audit", identity="audit-log")
     async def list_page(self, request: Request) -> Response:

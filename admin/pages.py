@@ -1,4 +1,5 @@
-"""What the admin's own pages (templates, campaigns) share: roles, rendering, form errors.
+"""What the admin's views share: the read-only table view, the signed-in user, and for its
+own pages (templates, campaigns...) permissions, rendering and form errors.
 
 The pages are SQLAdmin BaseViews whose routes call the domain modules (template_store,
 campaign_control, campaign_store); nothing here knows about templates or campaigns.
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from pydantic import ValidationError
-from sqladmin import BaseView
+from sqladmin import BaseView, ModelView
 from sqladmin.authorization import Action
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from starlette import status
@@ -33,8 +34,6 @@ TEMPLATES_DIR = Path(__file__).parent / "templates"
 # Permission identities (what RolePermissions is asked about) of the pages.
 TEMPLATES = "templates"
 CAMPAIGNS = "campaign"  # the same as the campaigns list (a ModelView of Campaign)
-# Admins change everything; campaign managers change these too; analysts only look.
-CHANGED_BY_CAMPAIGN_MANAGERS = frozenset({TEMPLATES, CAMPAIGNS})
 
 READ_ONLY_MESSAGE = "Your role may look at this page but not change anything."
 
@@ -129,6 +128,22 @@ def form_text(form: Any, name: str) -> str:
     return value.strip() if isinstance(value, str) else ""
 
 
+class ReadOnlyView(ModelView):
+    """A table listed, searched and exported; a view allows a change by setting its flag."""
+
+    can_create = False
+    can_edit = False
+    can_delete = False
+    can_export = True
+    page_size = 50
+
+
+def signed_in(request: Request) -> Principal:
+    """The signed-in user, as the audit log records them."""
+    author = str(request.session.get("email") or request.session.get("user_id") or "admin")
+    return Principal(subject=author, role=Role(request.session.get("role", Role.admin.value)))
+
+
 class AdminPage(BaseView):
     """A page of our own in the admin: its routes are @expose'd methods.
 
@@ -174,12 +189,11 @@ class AdminPage(BaseView):
 
     @staticmethod
     def author(request: Request) -> str:
-        return str(request.session.get("email") or request.session.get("user_id") or "admin")
+        return signed_in(request).subject
 
-    @classmethod
-    def actor(cls, request: Request) -> Principal:
-        """The signed-in user, as the audit log records them."""
-        return Principal(subject=cls.author(request), role=Role(request.session.get("role", Role.admin.value)))
+    @staticmethod
+    def actor(request: Request) -> Principal:
+        return signed_in(request)
 
     async def render(self, request: Request, name: str, context: dict[str, Any], status_code: int = 200) -> Response:
         context = {

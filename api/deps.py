@@ -10,6 +10,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncConnection
 from temporalio.client import Client
 
+from core import permissions
 from core.auth import InvalidToken, Principal, Role, decode_token
 from core.config import Settings
 
@@ -44,25 +45,36 @@ def get_principal(
         raise HTTPException(401, f"invalid token: {err}", headers=challenge) from err
 
 
-def require(*roles: Role) -> Callable[[Principal], Principal]:
-    """Allow only these roles (admin is always allowed)."""
-    allowed = {Role.admin, *roles}
+def _only(roles: frozenset[Role]) -> Callable[[Principal], Principal]:
+    """A dependency: the signed-in principal, refused (403) unless its role is one of these."""
 
     def check(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
-        if principal.role not in allowed:
-            names = ", ".join(sorted(role.value for role in allowed))
+        if principal.role not in roles:
+            names = ", ".join(sorted(role.value for role in roles))
             raise HTTPException(403, f"role {principal.role.value!r} may not do this (allowed: {names})")
         return principal
 
     return check
 
 
+def permit(action: str) -> Callable[[Principal], Principal]:
+    """Allow the roles the permission table (core.permissions) allows `action`."""
+    return _only(permissions.roles(action))
+
+
+def require(*roles: Role) -> Callable[[Principal], Principal]:
+    """Allow only these roles (admin is always allowed); prefer permit("action")."""
+    return _only(frozenset({Role.admin, *roles}))
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 ConnectionDep = Annotated[AsyncConnection, Depends(get_connection)]
 TemporalDep = Annotated[Client, Depends(get_temporal)]
-AnyRole = Annotated[Principal, Depends(require(Role.service, Role.campaign_manager, Role.analyst))]
-Sender = Annotated[Principal, Depends(require(Role.service))]
-RecipientWriter = Annotated[Principal, Depends(require(Role.service))]
-TemplateEditor = Annotated[Principal, Depends(require(Role.campaign_manager))]
-# Scheduled sends sit under /v1/notifications: services may book them as well as managers.
-ScheduledSender = Annotated[Principal, Depends(require(Role.service, Role.campaign_manager))]
+# The aliases the routes use; each is one action of the table. Reading notifications,
+# recipients, templates, segments and campaigns is open to every role alike.
+AnyRole = Annotated[Principal, Depends(permit("notifications.read"))]
+Sender = Annotated[Principal, Depends(permit("notifications.send"))]
+RecipientWriter = Annotated[Principal, Depends(permit("recipients.write"))]
+# Templates, segments and campaigns are changed by the same roles.
+TemplateEditor = Annotated[Principal, Depends(permit("templates.write"))]
+ScheduledSender = Annotated[Principal, Depends(permit("notifications.schedule"))]

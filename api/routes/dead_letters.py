@@ -15,16 +15,16 @@ from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from api.deps import ConnectionDep, SettingsDep, TemporalDep, require
+from api.deps import ConnectionDep, SettingsDep, TemporalDep, permit
 from api.problems import InvalidInput, Problem
-from core.auth import Principal, Role
+from core.auth import Principal
 from core.models import Channel
 from services import dead_letters as ops
 from services.dead_letters import DeadLetterFilter, DeadLetterStatus, Outcome
 
-Operator = Annotated[Principal, Depends(require())]  # admin only
-Viewer = Annotated[Principal, Depends(require(Role.campaign_manager, Role.analyst))]
-AuditReader = Annotated[Principal, Depends(require(Role.analyst))]
+Operator = Annotated[Principal, Depends(permit("dead_letters.resolve"))]
+Viewer = Annotated[Principal, Depends(permit("dead_letters.read"))]
+AuditReader = Annotated[Principal, Depends(permit("audit.read"))]
 
 Reason = Annotated[str, StringConstraints(min_length=3, max_length=1000, strip_whitespace=True)]
 Ids = Annotated[list[int], Field(min_length=1, max_length=ops.MAX_BULK)]
