@@ -98,6 +98,7 @@ class Settings(BaseSettings):
     send_retry_initial_seconds: float = 1.0
     send_retry_max_seconds: float = 60.0
     send_retry_max_attempts: int = 8
+    send_failover_after: int = Field(default=3, ge=1)  # failures on a provider before its channel's next one
     send_timeout_seconds: float = 30.0
     # How long a send waits on a stored provider's queue (rate limit, or a provider just
     # disabled) before the channel's next provider is tried.

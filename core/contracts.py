@@ -12,6 +12,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from core.config import Settings
+
 # Workflow types, signals and queries by name: services start and steer workflows without
 # importing the workflow layer above them. The names are those the classes always had, so
 # running workflows and recorded histories keep matching.
@@ -46,16 +48,25 @@ def schedule_id_for(campaign_id: object) -> str:
     return f"campaign-{campaign_id}"
 
 
+def _setting(name: str) -> Any:
+    """A Settings default: a workflow input recorded before one of these fields existed
+    decodes with it, so the defaults are declared once, in Settings."""
+    return Settings.model_fields[name].default
+
+
 class RetryOptions(BaseModel):
-    initial_seconds: float = 1.0
-    max_seconds: float = 60.0
-    max_attempts: int = 8
-    timeout_seconds: float = 30.0
+    """How a notification retries, taken from Settings when it is accepted
+    (services.notifications.retry_options) and carried in its workflow input."""
+
+    initial_seconds: float = _setting("send_retry_initial_seconds")
+    max_seconds: float = _setting("send_retry_max_seconds")
+    max_attempts: int = _setting("send_retry_max_attempts")
+    timeout_seconds: float = _setting("send_timeout_seconds")
     # Failures on a provider before the channel moves to the next one (when there is one).
-    failover_after: int = 3
+    failover_after: int = _setting("send_failover_after")
     # How long a send may wait on a provider's task queue (its rate limit, or no worker
     # polling it because the provider was disabled) before the next provider is tried.
-    queue_timeout_seconds: float = 600.0
+    queue_timeout_seconds: float = _setting("provider_queue_timeout_seconds")
 
 
 class NotificationInput(BaseModel):
@@ -93,6 +104,7 @@ class ChannelPlan(BaseModel):
     address: str | None
     skip_reason: str | None = None  # set when the channel is not sent (opt-out, no contact, render error)
     suppress: bool = False  # skipped by the recipient's choice or a suppressed address, not a failure
+    unreachable: bool = False  # no such recipient, or no contact for the channel: recorded, not a failure
     # The rendered content when the notification uses a template.
     title: str | None = None
     body: str | None = None
@@ -243,6 +255,7 @@ class BatchResult(BaseModel):
     sent: int = 0
     failed: int = 0
     suppressed: int = 0
+    unreachable: int = 0
     skipped_duplicate: int = 0
     # Left for later: the recipients' quiet hours; the earliest moment one of them ends.
     deferred: int = 0

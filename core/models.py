@@ -29,6 +29,7 @@ class DeliveryStatus(enum.StrEnum):
     failed = "failed"
     bounced = "bounced"  # the provider took it, then reported it undeliverable
     suppressed = "suppressed"  # the recipient opted out, or the address is suppressed
+    unreachable = "unreachable"  # no such recipient, or no contact for the channel
     cancelled = "cancelled"
 
 
@@ -482,6 +483,7 @@ class CampaignRun(SQLModel, table=True):
     sent: int = Field(default=0, sa_column=sa.Column(sa.Integer, nullable=False, server_default="0"))
     failed: int = Field(default=0, sa_column=sa.Column(sa.Integer, nullable=False, server_default="0"))
     suppressed: int = Field(default=0, sa_column=sa.Column(sa.Integer, nullable=False, server_default="0"))
+    unreachable: int = Field(default=0, sa_column=sa.Column(sa.Integer, nullable=False, server_default="0"))
     skipped_duplicate: int = Field(default=0, sa_column=sa.Column(sa.Integer, nullable=False, server_default="0"))
     started_at: datetime | None = Field(
         default=None, sa_column=sa.Column(_tz(), nullable=False, server_default=sa.func.now())

@@ -52,6 +52,7 @@ REFRESH_NOTIFICATION_STATUS = sa.text(
             WHEN bool_or(d.status = 'sent') THEN 'sent'
             WHEN bool_or(d.status = 'bounced') THEN 'bounced'
             WHEN bool_or(d.status = 'failed') THEN 'failed'
+            WHEN bool_or(d.status = 'unreachable') THEN 'unreachable'
             WHEN bool_or(d.status = 'cancelled') THEN 'cancelled'
             ELSE 'suppressed'
         END

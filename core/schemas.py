@@ -428,6 +428,7 @@ class RunOut(BaseModel):
     sent: int
     failed: int
     suppressed: int
+    unreachable: int  # no contact for the channel
     skipped_duplicate: int
     started_at: datetime
     finished_at: datetime | None

@@ -98,8 +98,11 @@ async def segment_time_zones(conn: AsyncConnection, segment: sa.Row[Any]) -> lis
 async def run_counters(conn: AsyncConnection, run_id: str) -> dict[str, int]:
     row = (await conn.execute(sa.select(campaign_runs).where(campaign_runs.c.id == run_id))).first()
     if row is None:
-        return {"targeted": 0, "sent": 0, "failed": 0, "suppressed": 0, "skipped_duplicate": 0}
-    return {name: getattr(row, name) for name in ("targeted", "sent", "failed", "suppressed", "skipped_duplicate")}
+        return {"targeted": 0, "sent": 0, "failed": 0, "suppressed": 0, "unreachable": 0, "skipped_duplicate": 0}
+    return {
+        name: getattr(row, name)
+        for name in ("targeted", "sent", "failed", "suppressed", "unreachable", "skipped_duplicate")
+    }
 
 
 async def set_campaign_status(

@@ -28,15 +28,15 @@ import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from sqlalchemy.ext.asyncio import AsyncConnection
 from temporalio.client import Client
-from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
 from core.config import Settings
-from core.contracts import NOTIFICATION_WORKFLOW, NotificationInput, workflow_id_for
+from core.contracts import NotificationInput, workflow_id_for
 from core.models import Channel
 from core.queries import dead_letters, notifications
 from services import audit
+from services import notifications as notification_service
 
 MAX_BULK = 500
 ENTITY = "dead_letter"
@@ -265,14 +265,7 @@ async def _replay_one(
     for _ in range(_START_TRIES):
         workflow_id = replay_workflow_id(row.notification_id, row.id, number)
         try:
-            handle = await temporal.start_workflow(
-                NOTIFICATION_WORKFLOW,
-                request,
-                id=workflow_id,
-                task_queue=settings.temporal_task_queue,
-                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-                id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
-            )
+            run_id = await notification_service.start_workflow(temporal, settings, request, workflow_id)
             break
         except WorkflowAlreadyStartedError:
             number += 1  # that run finished, but the request that started it was not committed
@@ -280,7 +273,7 @@ async def _replay_one(
             raise ReplayUnavailable(f"could not start the replay of dead letter {row.id}: {err.message}") from err
     else:
         raise ReplayUnavailable(f"replay runs of dead letter {row.id} exist up to number {number - 1}")
-    details = {"workflow_id": workflow_id, "run_id": handle.result_run_id, "replay": number}
+    details = {"workflow_id": workflow_id, "run_id": run_id, "replay": number}
     await _resolve(conn, row, DeadLetterStatus.replayed, actor, details, replays=number)
     return ActionResult(row.id, Outcome.replayed, DeadLetterStatus.replayed.value, workflow_id)
 

@@ -77,6 +77,24 @@ class HistoryRow:
         return row
 
 
+@dataclass(frozen=True)
+class HistorySubject:
+    """Whose history rows these are: the one place a notification's or campaign send's
+    history event is put together."""
+
+    notification_id: str
+    user_id: str
+    category: str
+    campaign_id: str = ""
+
+    def event(self, channel: str, status: str, **details: Any) -> HistoryRow:
+        """details: provider, attempt, error (cut to 1,000 characters), event_time."""
+        if "error" in details:
+            details["error"] = (details["error"] or "")[:1000]
+        return HistoryRow(notification_id=self.notification_id, channel=channel, status=status, user_id=self.user_id,
+                          category=self.category, campaign_id=self.campaign_id, **details)  # fmt: skip
+
+
 class HistoryStore(Protocol):
     def ensure_schema(self) -> None: ...
 

@@ -219,6 +219,7 @@ class CampaignWorkflow:
             sent=self._totals.sent + result.sent,
             failed=self._totals.failed + result.failed,
             suppressed=self._totals.suppressed + result.suppressed,
+            unreachable=self._totals.unreachable + result.unreachable,
             skipped_duplicate=self._totals.skipped_duplicate + result.skipped_duplicate,
         )
 

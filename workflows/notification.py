@@ -71,6 +71,10 @@ class NotificationWorkflow:
         if plan.suppress or plan.skip_reason == "opted_out":
             self._outcomes[plan.channel] = ChannelOutcome(channel=plan.channel, status="suppressed")
             return
+        if plan.unreachable:  # recorded by prepare; runs planned before it existed fail below, as they did
+            self._outcomes[plan.channel] = ChannelOutcome(channel=plan.channel, status="unreachable",
+                                                          error=plan.skip_reason)  # fmt: skip
+            return
         if plan.skip_reason is not None or plan.address is None:
             await self._fail(request, plan.channel, plan.skip_reason or "no address", "undeliverable")
             return

@@ -22,9 +22,9 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.client import Client
 
-from activities.campaigns import MAX_UNRECORDED
 from core.config import Settings
 from services import campaigns as campaign_control
+from services.campaign_batches import MAX_UNRECORDED
 from services.campaign_store import campaign_runs
 from tests.e2e.test_campaigns import create_campaign, make_audience, manager, tag_segment, template_key  # noqa: F401
 from tests.stack import SmtpServer

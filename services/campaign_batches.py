@@ -1,0 +1,458 @@
+"""The worker's side of a campaign run: keyset pages of the segment, batch sends, run bookkeeping.
+
+A batch is a keyset range of recipient ids. Its activity skips what this run already
+recorded for the range, sends the rest concurrently over the pooled providers and records
+results in small chunks right after the provider accepted them, with the run's counters
+updated in the same transaction. A retried batch, a restarted worker or a resumed campaign
+therefore sends only what was not recorded; what can be sent twice is at most the messages
+in flight when a worker dies, and those carry the same Message-ID.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from aiolimiter import AsyncLimiter
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from channels.base import InvalidAddressError, OutboundMessage, PermanentSendError, TransientSendError
+from core.clock import next_local_time, window_state
+from core.config import Settings
+from core.contracts import (
+    BatchInput,
+    BatchResult,
+    ChannelLane,
+    FinishRunInput,
+    RangeInput,
+    RunPlan,
+    StartRunInput,
+    WindowInput,
+    WindowState,
+    ZoneStart,
+)
+from core.errors import NotFound
+from core.queries import recipients
+from core.templating import RenderError, TemplateContent, checked_variables, render_for_recipient
+from core.tracking import CampaignSend
+from services import campaign_store as store
+from services import delivery
+from services.delivery_events import apply_early_events_for
+from services.history import HistoryRow, HistorySubject, HistoryWriter
+from services.providers import bulk_queue_for
+from services.routing import ChannelRouter, ProviderDirectory
+from services.sending import retire_address
+from services.templates import PinnedVersions
+
+HEARTBEAT_SECONDS = 1.0  # liveness for Temporal, independent of how fast sends go
+FLUSH_EVERY = 50  # write a chunk once this many outcomes wait
+MAX_UNRECORDED = 200  # senders wait beyond this: bounds what a crash can leave unrecorded
+RUN_COUNTERS = ("sent", "failed", "suppressed", "unreachable")  # the statuses a delivery row is recorded with
+
+
+class CampaignMissing(NotFound):
+    """The run's campaign row is gone (deleted while it ran)."""
+
+
+class BatchInterrupted(Exception):
+    """A provider or channel is in trouble: what was sent is recorded, the rest waits for
+    the batch's retry."""
+
+    def __init__(self, message: str, retry_after: float | None) -> None:
+        super().__init__(message)
+        self.retry_delay = timedelta(seconds=retry_after) if retry_after else None
+
+
+@dataclass(frozen=True)
+class CampaignSpec:
+    """What every batch of a campaign needs; campaigns are immutable once launched."""
+
+    campaign_id: uuid.UUID
+    category: str
+    channels: list[str]
+    variables: dict[str, Any]
+    content: TemplateContent
+    template_key: str
+    template_version: int
+    segment: sa.Row[Any]
+    schedule: dict[str, Any]
+
+
+class _Recorder:
+    """Records send outcomes in small chunks without holding the senders up.
+
+    Senders only append; a chunk is written to PostgreSQL (rows and run counters in one
+    transaction) as soon as FLUSH_EVERY outcomes wait, one chunk at a time, and senders
+    pause only if MAX_UNRECORDED outcomes are waiting. ClickHouse history follows each
+    chunk through the group-commit writer; `close()` waits for all of it.
+    """
+
+    def __init__(self, engine: AsyncEngine, history: HistoryWriter, spec: CampaignSpec, run_id: str) -> None:
+        self._engine = engine
+        self._history = history
+        self._spec = spec
+        self._run_id = run_id
+        self._rows: list[dict[str, Any]] = []
+        self._lock = asyncio.Lock()
+        self._flushing: asyncio.Task[None] | None = None
+        self._history_writes: list[asyncio.Task[None]] = []
+        self.totals: Counter[str] = Counter()
+
+    async def add(self, recipient: sa.Row[Any], channel: str, status: str, *, message_id: str | None = None,
+                  error: str | None = None) -> None:  # fmt: skip
+        self._rows.append(
+            {
+                "run_id": self._run_id,
+                "recipient_id": recipient.id,
+                "user_id": recipient.user_id,
+                "channel": channel,
+                "status": status,
+                "provider_message_id": message_id,
+                "error": error,
+            }
+        )
+        if len(self._rows) >= FLUSH_EVERY and (self._flushing is None or self._flushing.done()):
+            self._flushing = asyncio.create_task(self._write_chunk())
+        if len(self._rows) >= MAX_UNRECORDED:
+            await self.flush()
+
+    async def flush(self) -> None:
+        # Shielded: a cancelled sender or activity must not abandon a chunk it took from
+        # the buffer half-written; the write finishes and close() waits for it.
+        await asyncio.shield(self._write_chunk())
+
+    async def _write_chunk(self) -> None:
+        async with self._lock:
+            rows, self._rows = self._rows, []
+            if not rows:
+                return
+            try:
+                counts = await self._insert(rows)
+            except BaseException:
+                # Not recorded: back to the buffer, so the next write (or close()) retries them
+                # and a failure that persists fails the batch instead of losing its records.
+                self._rows[:0] = rows
+                raise
+            self.totals.update(counts)
+            self._history_writes.append(asyncio.create_task(self._history.record(self._history_rows(rows))))
+
+    async def _insert(self, rows: list[dict[str, Any]]) -> Counter[str]:
+        """Delivery rows and the run's counters, in one transaction."""
+        table = store.campaign_deliveries
+        async with self._engine.begin() as conn:
+            # executemany of one cached statement: no per-chunk SQL compilation.
+            inserted = await conn.execute(
+                insert(table).on_conflict_do_nothing(constraint="uq_campaign_delivery").returning(table.c.status),
+                [{key: value for key, value in row.items() if key != "user_id"} for row in rows],
+            )
+            counts = Counter(row.status for row in inserted)
+            if counts:
+                run = store.campaign_runs
+                await conn.execute(
+                    run.update()
+                    .where(run.c.id == self._run_id)
+                    .values({name: run.c[name] + counts[name] for name in RUN_COUNTERS})
+                )
+            # A fast provider may have reported on some of these before this commit.
+            await apply_early_events_for(
+                conn, [row["provider_message_id"] for row in rows if row["provider_message_id"]]
+            )
+        return counts
+
+    def _history_rows(self, rows: list[dict[str, Any]]) -> list[HistoryRow]:
+        campaign = self._spec.campaign_id
+        return [
+            HistorySubject(
+                str(uuid.uuid5(campaign, _delivery_key(row))), row["user_id"], self._spec.category, str(campaign)
+            ).event(row["channel"], row["status"], error=row["error"])
+            for row in rows
+        ]
+
+    async def close(self) -> None:
+        """Record everything still buffered, and wait until its history is stored too."""
+        if self._flushing is not None:
+            await asyncio.gather(self._flushing, return_exceptions=True)
+        await self.flush()
+        await asyncio.gather(*self._history_writes)
+
+
+class CampaignSender:
+    """Built once per worker with its clients; a campaign's spec is read once per worker."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        directory: ProviderDirectory,
+        history: HistoryWriter,
+        settings: Settings,
+        send_concurrency: int = 20,
+        templates: PinnedVersions | None = None,
+    ) -> None:
+        self._engine = engine
+        self._directory = directory
+        self._router = ChannelRouter(directory)
+        self._settings = settings
+        self._history = history
+        self._send_concurrency = send_concurrency
+        self._templates = templates or PinnedVersions()
+        self._specs: dict[uuid.UUID, CampaignSpec] = {}
+
+    async def _spec(self, campaign_id: uuid.UUID) -> CampaignSpec:
+        if campaign_id in self._specs:
+            return self._specs[campaign_id]
+        async with self._engine.connect() as conn:
+            row = (await conn.execute(sa.select(store.campaigns).where(store.campaigns.c.id == campaign_id))).first()
+            if row is None:
+                raise CampaignMissing(f"no campaign {campaign_id}")
+            segment = await store.load_segment(conn, row.segment_id)
+            content = await self._templates.get(conn, row.template_key, row.template_version)
+        spec = CampaignSpec(
+            campaign_id=campaign_id,
+            category=row.category,
+            channels=list(row.channels),
+            variables=dict(row.variables),
+            content=content,
+            template_key=row.template_key,
+            template_version=row.template_version,
+            segment=segment,
+            schedule=dict(row.schedule),
+        )
+        self._specs[campaign_id] = spec
+        return spec
+
+    async def start_run(self, request: StartRunInput) -> RunPlan:
+        """Open the run (once), count its audience and say how it is paced."""
+        spec = await self._spec(request.campaign_id)
+        async with self._engine.begin() as conn:
+            created = await conn.scalar(
+                insert(store.campaign_runs)
+                .values(id=request.run_id, campaign_id=request.campaign_id, status="running")
+                .on_conflict_do_nothing()
+                .returning(store.campaign_runs.c.id)
+            )
+            if created is not None:
+                counted = await store.count_segment(conn, spec.segment, spec.channels)
+                await conn.execute(
+                    store.campaign_runs.update()
+                    .where(store.campaign_runs.c.id == request.run_id)
+                    .values(targeted=counted["matches"])
+                )
+            if not spec.schedule.get("cron"):
+                # Only a scheduled campaign becomes running: one paused while it waited for
+                # its time stays paused (its workflow is paused too) until it is resumed.
+                await conn.execute(
+                    store.campaigns.update()
+                    .where(store.campaigns.c.id == request.campaign_id, store.campaigns.c.status == "scheduled")
+                    .values(status="running", updated_at=sa.func.now())
+                )
+            zones: list[ZoneStart] = []
+            local_time = spec.schedule.get("local_time")
+            if local_time:
+                for zone in await store.segment_time_zones(conn, spec.segment):
+                    zones.append(ZoneStart(time_zone=zone, fire_at=next_local_time(request.now, zone, local_time)))
+                zones.sort(key=lambda zone: (zone.fire_at, zone.time_zone))
+            throttle = await conn.scalar(
+                sa.select(store.campaigns.c.throttle_per_second).where(store.campaigns.c.id == request.campaign_id)
+            )
+        plan = RunPlan(throttle_per_second=throttle, zones=zones, has_window=bool(spec.schedule.get("window")))
+        lanes = [self._lane(channel) for channel in spec.channels]
+        if len(lanes) == 1:
+            plan.batch_queue, plan.provider_rate = lanes[0].queue, lanes[0].provider_rate
+        elif any(lane.queue for lane in lanes):
+            plan.channel_lanes = lanes
+        return plan
+
+    def _lane(self, channel: str) -> ChannelLane:
+        """Where a channel's campaign batches run. If its first stored provider has a rate
+        limit: that provider's bulk queue, paced by the Temporal server for all workers."""
+        routes = self._directory.routes(channel)
+        loaded = self._directory.loaded.get(routes[0].provider) if routes else None
+        if loaded is None or not loaded.record.rate_limit_per_second:
+            return ChannelLane(channel=channel)
+        return ChannelLane(channel=channel, queue=bulk_queue_for(routes[0].task_queue),
+                           provider_rate=loaded.record.rate_limit_per_second)  # fmt: skip
+
+    async def next_range(self, request: RangeInput) -> int | None:
+        spec = await self._spec(request.campaign_id)
+        async with self._engine.connect() as conn:
+            return await store.next_range_end(conn, spec.segment, request.after_id, request.limit, request.time_zone)
+
+    async def send_window(self, request: WindowInput) -> WindowState:
+        spec = await self._spec(request.campaign_id)
+        window = spec.schedule["window"]
+        return window_state(request.now, window["start"], window["end"], window.get("timezone", "UTC"))
+
+    async def send_batch(self, batch: BatchInput, heartbeat: Callable[[dict[str, int]], None]) -> BatchResult:
+        """Send a keyset range; `heartbeat` is called every second with the totals so far."""
+        spec = await self._spec(batch.campaign_id)
+        channels = [batch.channel] if batch.channel else spec.channels
+        async with self._engine.connect() as conn:
+            query = sa.select(recipients).where(
+                store.segment_condition(spec.segment),
+                recipients.c.id > batch.after_id,
+                recipients.c.id <= batch.upto_id,
+            )
+            if batch.time_zone is not None:
+                query = query.where(recipients.c.timezone == batch.time_zone)
+            audience = (await conn.execute(query.order_by(recipients.c.id))).all()
+            done = {
+                (row.recipient_id, row.channel)
+                for row in await conn.execute(
+                    sa.select(store.campaign_deliveries.c.recipient_id, store.campaign_deliveries.c.channel).where(
+                        store.campaign_deliveries.c.run_id == batch.run_id,
+                        store.campaign_deliveries.c.recipient_id > batch.after_id,
+                        store.campaign_deliveries.c.recipient_id <= batch.upto_id,
+                    )
+                )
+            }
+            choices = await delivery.load_choices(conn, audience, channels)
+        now = batch.now or datetime.now(UTC)
+        deferred = 0
+        deferred_until: datetime | None = None
+        waiting: str | None = None  # why a channel waits for a provider
+        recorder = _Recorder(self._engine, self._history, spec, batch.run_id)
+        jobs: list[tuple[sa.Row[Any], str, OutboundMessage]] = []
+        skipped = 0
+        ticker = asyncio.create_task(_heartbeat_every(HEARTBEAT_SECONDS, recorder, heartbeat))
+        try:
+            variables: dict[str, Any] | RenderError
+            try:
+                variables = checked_variables(spec.content, spec.variables)
+            except RenderError as err:
+                variables = err
+            for person in audience:
+                unsent = [channel for channel in channels if (person.id, channel) not in done]
+                decisions = {
+                    channel: delivery.decide(person, channel, category=spec.category, choices=choices,
+                                             directory=self._directory, settings=self._settings, now=now)
+                    for channel in unsent
+                }  # fmt: skip
+                quiet = [decision.until for decision in decisions.values() if decision.until is not None]
+                if quiet:
+                    # Not recorded: the workflow's next pass over the segment, once their quiet
+                    # hours are over, sends them (and skips everyone recorded by then).
+                    deferred += len(quiet)
+                    deferred_until = min(*quiet, *([deferred_until] if deferred_until else []))
+                else:
+                    skipped += (len(channels) - len(unsent)) * batch.count_duplicates
+                for channel, decision in decisions.items():
+                    if decision.final:
+                        await recorder.add(person, channel, decision.status, error=decision.reason)
+                    elif decision.outcome is delivery.Outcome.no_provider:
+                        waiting = decision.reason
+                    elif decision.outcome is delivery.Outcome.send:
+                        job = await self._message(spec, batch.run_id, person, channel, decision, variables, recorder)
+                        if job is not None:
+                            jobs.append((person, channel, job))
+            transient = await self._send_all(jobs, recorder, batch.rate_per_second)
+        finally:
+            ticker.cancel()
+            # Cancelled or not, what was sent is recorded before the activity ends
+            # (the cancellation was delivered once; this await runs to completion).
+            await recorder.close()
+        if skipped:
+            async with self._engine.begin() as conn:
+                run = store.campaign_runs
+                await conn.execute(
+                    run.update()
+                    .where(run.c.id == batch.run_id)
+                    .values(skipped_duplicate=run.c.skipped_duplicate + skipped)
+                )
+        if transient is not None:
+            # The sent part is recorded; the retry of this batch sends only the rest.
+            raise BatchInterrupted(f"batch interrupted: {transient}", transient.retry_after)
+        if waiting is not None:
+            raise BatchInterrupted(f"batch waits: {waiting}", None)
+        totals = recorder.totals
+        return BatchResult(sent=totals["sent"], failed=totals["failed"], suppressed=totals["suppressed"],
+                           unreachable=totals["unreachable"], skipped_duplicate=skipped, deferred=deferred,
+                           deferred_until=deferred_until)  # fmt: skip
+
+    async def _message(
+        self,
+        spec: CampaignSpec,
+        run_id: str,
+        person: sa.Row[Any],
+        channel: str,
+        decision: delivery.ChannelDecision,
+        variables: dict[str, Any] | RenderError,
+        recorder: _Recorder,
+    ) -> OutboundMessage | None:
+        """The finished message for one recipient and channel; a render failure is recorded."""
+        assert decision.address is not None
+        try:
+            if isinstance(variables, RenderError):
+                raise variables
+            rendered = render_for_recipient(spec.content, dict(person._mapping), variables, [channel])
+            content = delivery.rendered_content(rendered, channel)
+        except (RenderError, ValueError) as err:
+            await recorder.add(person, channel, "failed", error=f"render failed: {err}")
+            return None
+        tracked = CampaignSend(run_id, person.id, channel)
+        finished = delivery.compose(self._settings, content, channel=channel, user_id=person.user_id,
+                                    category=spec.category, delivery=tracked)  # fmt: skip
+        key = f"campaign:{run_id}:{person.id}:{channel}"
+        return OutboundMessage(channel, decision.address, finished.title, finished.body, key, finished.data)
+
+    async def _send_all(
+        self, jobs: list[tuple[sa.Row[Any], str, OutboundMessage]], recorder: _Recorder, rate: float | None
+    ) -> TransientSendError | None:
+        """Send with bounded concurrency (and rate); stop taking new jobs on a transient error."""
+        # One message per 1/rate seconds also covers rates below one a second.
+        limiter = AsyncLimiter(1, 1 / rate) if rate else None
+        queue = list(reversed(jobs))
+        interrupted: list[TransientSendError] = []
+
+        async def sender() -> None:
+            while queue and not interrupted:
+                person, channel, message = queue.pop()
+                if limiter is not None:
+                    await limiter.acquire()
+                try:
+                    receipt = await self._router.send(message)
+                except InvalidAddressError as err:
+                    await recorder.add(person, channel, "failed", error=str(err))
+                    await retire_address(
+                        self._engine, channel, person.user_id, err.address or message.address, str(err)
+                    )
+                    continue
+                except PermanentSendError as err:
+                    await recorder.add(person, channel, "failed", error=str(err))
+                    continue
+                except TransientSendError as err:
+                    interrupted.append(err)
+                    return
+                await recorder.add(person, channel, "sent", message_id=receipt.message_id)
+
+        await asyncio.gather(*(sender() for _ in range(min(self._send_concurrency, len(jobs)) or 1)))
+        return interrupted[0] if interrupted else None
+
+    async def finish_run(self, request: FinishRunInput) -> None:
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                store.campaign_runs.update()
+                .where(store.campaign_runs.c.id == request.run_id)
+                .values(status=request.status, finished_at=sa.func.now())
+            )
+            if not request.recurring:
+                await store.set_campaign_status(conn, request.campaign_id, request.status)
+        self._specs.pop(request.campaign_id, None)
+
+
+async def _heartbeat_every(seconds: float, recorder: _Recorder, heartbeat: Callable[[dict[str, int]], None]) -> None:
+    """Heartbeat (Temporal's liveness check and a cancellation point) and record stragglers."""
+    while True:
+        heartbeat(dict(recorder.totals))
+        await asyncio.sleep(seconds)
+        await recorder.flush()
+
+
+def _delivery_key(row: dict[str, Any]) -> str:
+    return f"{row['run_id']}:{row['recipient_id']}:{row['channel']}"

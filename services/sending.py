@@ -1,0 +1,454 @@
+"""The worker's side of an instant notification: plan its channels, send one channel
+through one provider, record a failure or a cancellation. NotificationWorkflow's
+activities call these; what goes wrong comes back as a SendFailure naming its kind."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from channels.base import (
+    InvalidAddressError,
+    OutboundMessage,
+    PermanentSendError,
+    ProviderUnavailableError,
+    ThrottledError,
+    TransientSendError,
+)
+from core.config import Settings
+from core.contracts import (
+    CIRCUIT_OPEN,
+    FAILURES_EXHAUSTED,
+    PERMANENT_ERROR,
+    PROVIDER_UNAVAILABLE,
+    THROTTLED,
+    TRANSIENT_ERROR,
+    CancelInput,
+    ChannelPlan,
+    DeliveryPlan,
+    FailureInput,
+    NotificationInput,
+    SendInput,
+    SendResult,
+    workflow_id_for,
+)
+from core.models import DeliveryStatus
+from core.queries import (
+    dead_letters,
+    deliveries,
+    lock_notification,
+    notification_row,
+    notifications,
+    recipients,
+    refresh_notification_status,
+)
+from core.templating import RenderError, checked_variables, render_for_recipient
+from core.tracking import InstantDelivery
+from services import breaker, delivery
+from services import preferences as prefs
+from services.delivery_events import apply_early_events
+from services.history import HistorySubject, HistoryWriter
+from services.routing import ProviderDirectory
+from services.templates import PinnedVersions, TemplateNotFound
+
+
+class SendFailure(Exception):
+    """A send that did not go through. `kind` is one of core.contracts' error types, which
+    the workflow branches on; `final` sends are not retried on this provider."""
+
+    def __init__(self, message: str, kind: str, *, final: bool, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.final = final
+        self.retry_after = retry_after
+
+    @property
+    def retry_delay(self) -> timedelta | None:
+        return timedelta(seconds=self.retry_after) if self.retry_after else None
+
+
+SENT_OR_LATER = (
+    DeliveryStatus.sent.value,
+    DeliveryStatus.delivered.value,
+    DeliveryStatus.opened.value,
+    DeliveryStatus.clicked.value,
+    DeliveryStatus.bounced.value,
+)
+
+
+class InstantSender:
+    """Built once per worker with its clients."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        directory: ProviderDirectory,
+        history: HistoryWriter,
+        settings: Settings,
+        templates: PinnedVersions | None = None,
+    ) -> None:
+        self._engine = engine
+        self._directory = directory
+        self._history = history
+        self._settings = settings
+        self._templates = templates or PinnedVersions()
+
+    async def prepare(self, request: NotificationInput, workflow_run_id: str) -> DeliveryPlan:
+        """Ensure the rows exist, and decide per channel where to send or why not."""
+        async with self._engine.begin() as conn:
+            # The API wrote this row before starting the workflow; the upsert makes the
+            # workflow whole even if that transaction was lost after the start.
+            await conn.execute(
+                insert(notifications)
+                .values(
+                    {**notification_row(request, workflow_id_for(request.notification_id)), "run_id": workflow_run_id}
+                )
+                .on_conflict_do_update(index_elements=["id"], set_={"run_id": workflow_run_id})
+            )
+            if request.replay_of is not None:
+                # An operator replays a dead letter: the failed channel starts over.
+                await conn.execute(
+                    deliveries.update()
+                    .where(deliveries.c.notification_id == request.notification_id)
+                    .where(deliveries.c.channel.in_(request.channels))
+                    .where(deliveries.c.status == DeliveryStatus.failed.value)
+                    .values(
+                        status=DeliveryStatus.pending.value,
+                        failures=0,
+                        error=None,
+                        failed_at=None,
+                        updated_at=sa.func.now(),
+                    )
+                )
+            recipient = (
+                await conn.execute(sa.select(recipients).where(recipients.c.user_id == request.user_id))
+            ).first()
+            choices = await delivery.load_choices(conn, [recipient] if recipient else [], request.channels)
+            decisions = [
+                delivery.decide(
+                    recipient,
+                    channel,
+                    category=request.category,
+                    choices=choices,
+                    directory=self._directory,
+                    settings=self._settings,
+                    now=datetime.now(UTC),
+                    urgent=request.priority == "urgent",
+                )
+                for channel in request.channels
+            ]
+            plans = [_plan(channel, decision) for channel, decision in zip(request.channels, decisions, strict=True)]
+            if recipient is not None:
+                plans = await self._content(conn, request, recipient, plans)
+            for plan in plans:
+                status = _recorded_status(plan)
+                final = status != DeliveryStatus.pending.value
+                await conn.execute(
+                    insert(deliveries)
+                    .values(
+                        notification_id=request.notification_id,
+                        channel=plan.channel,
+                        address=plan.address,
+                        status=status,
+                        error=plan.skip_reason if final else None,
+                    )
+                    # A replay (or a retried prepare) finds the row pending; a channel the
+                    # recipient no longer wants (or can no longer be reached on) must not
+                    # stay pending forever.
+                    .on_conflict_do_update(
+                        constraint="uq_delivery_channel",
+                        set_={"status": status, "error": plan.skip_reason, "updated_at": sa.func.now()},
+                        where=sa.and_(deliveries.c.status == DeliveryStatus.pending.value, sa.literal(final)),
+                    )
+                )
+            await refresh_notification_status(conn, request.notification_id)
+        subject = _subject(request)
+        await self._history.record([subject.event(plan.channel, _recorded_status(plan)) for plan in plans])
+        quiet = [decision.until for decision in decisions if decision.until is not None]
+        return DeliveryPlan(locale=recipient.locale if recipient else "en", channels=plans,
+                            defer_until=min(quiet) if quiet else None)  # fmt: skip
+
+    async def _content(
+        self, conn: AsyncConnection, request: NotificationInput, recipient: sa.Row[Any], plans: list[ChannelPlan]
+    ) -> list[ChannelPlan]:
+        """Each sendable channel's finished message: the pinned template version rendered for
+        this recipient, or the request's own title and body."""
+        sendable = [plan.channel for plan in plans if plan.skip_reason is None]
+        contents: dict[str, delivery.Content] = {}
+        if request.template_key is not None and sendable:
+            assert request.template_version is not None
+            try:
+                template = await self._templates.get(conn, request.template_key, request.template_version)
+                variables = checked_variables(template, request.variables)
+                rendered = render_for_recipient(template, dict(recipient._mapping), variables, sendable)
+                contents = {channel: delivery.rendered_content(rendered, channel) for channel in sendable}
+            except (RenderError, TemplateNotFound, ValueError) as err:
+                reason = f"template {request.template_key} v{request.template_version} failed to render: {err}"
+                return [plan if plan.skip_reason else plan.model_copy(update={"skip_reason": reason}) for plan in plans]
+        else:
+            raw = delivery.Content(request.title or "", request.body or "", dict(request.data))
+            contents = dict.fromkeys(sendable, raw)
+        finished = []
+        for plan in plans:
+            if plan.channel in contents:
+                content = delivery.compose(self._settings, contents[plan.channel], channel=plan.channel,
+                                           user_id=request.user_id, category=request.category,
+                                           delivery=InstantDelivery(request.notification_id, plan.channel))  # fmt: skip
+                plan = plan.model_copy(update={"title": content.title, "body": content.body, "data": content.data})
+            finished.append(plan)
+        return finished
+
+    async def send(self, request: SendInput, attempt: int) -> SendResult:
+        """Send one channel through one provider and record it right after acceptance.
+
+        Runs on the provider's own task queue (its rate limit) or, for the channel's
+        default provider, on the main one. Failures count against `max_failures` on this
+        provider; throttling only delays; an open circuit or an unavailable provider makes
+        the workflow move to the next provider."""
+        default = self._directory.defaults.get(request.channel)
+        name = request.provider or (default.name if default else request.channel)
+        async with self._engine.begin() as conn:
+            row = (
+                await conn.execute(
+                    deliveries.update()
+                    .where(deliveries.c.notification_id == request.notification_id)
+                    .where(deliveries.c.channel == request.channel)
+                    .values(
+                        attempts=deliveries.c.attempts + 1,
+                        # The failure budget is per provider: a new provider starts afresh.
+                        failures=sa.case(
+                            (deliveries.c.provider.is_distinct_from(name), 0), else_=deliveries.c.failures
+                        ),
+                        provider=sa.case(
+                            (deliveries.c.status.in_(SENT_OR_LATER), deliveries.c.provider), else_=sa.literal(name)
+                        ),
+                        updated_at=sa.func.now(),
+                    )
+                    .returning(
+                        deliveries.c.status,
+                        deliveries.c.provider,
+                        deliveries.c.provider_message_id,
+                        deliveries.c.attempts,
+                    )
+                )
+            ).first()
+        attempt = row.attempts if row is not None else attempt
+        if row is not None and row.status in SENT_OR_LATER:
+            # A retry after the provider took it but before the activity completed.
+            await self._record_history(request, "sent", row.provider or "", attempt)
+            return SendResult(
+                provider=row.provider or "", provider_message_id=row.provider_message_id or "", already_sent=True
+            )
+
+        if request.provider is None and self._directory.no_provider(request.channel):
+            # Every stored provider of the channel is disabled: wait for one, as a campaign does.
+            reason = delivery.no_provider_reason(request.channel)
+            failures = await self._note_error(request, reason, failed=True)
+            raise self._transient(reason, None, failures, request, None)
+        provider = self._directory.provider(request.channel, request.provider)
+        if provider is None:
+            if request.provider is None:
+                raise SendFailure(
+                    f"no provider configured for channel {request.channel!r}", PERMANENT_ERROR, final=True
+                )
+            # Removed or disabled since the plan was made, or not loaded here yet.
+            raise SendFailure(f"provider {name!r} is not available", PROVIDER_UNAVAILABLE, final=True)
+        if request.may_skip and not await breaker.allow(self._engine, name, self._directory.breaker_cooldown):
+            raise SendFailure(f"circuit of provider {name!r} is open", CIRCUIT_OPEN, final=True)
+        message = OutboundMessage(
+            channel=request.channel,
+            address=request.address,
+            title=request.title,
+            body=request.body,
+            idempotency_key=f"{request.idempotency_key}:{request.channel}",
+            data=request.data,
+        )
+        try:
+            receipt = await provider.send(message)
+        except InvalidAddressError as err:
+            await retire_address(
+                self._engine, request.channel, request.user_id, err.address or request.address, str(err)
+            )
+            raise SendFailure(str(err), PERMANENT_ERROR, final=True) from err
+        except PermanentSendError as err:
+            raise SendFailure(str(err), PERMANENT_ERROR, final=True) from err
+        except ThrottledError as err:
+            # The provider is fine but busy: wait as asked, without spending the budget.
+            await self._note_error(request, str(err), failed=False)
+            raise SendFailure(str(err), THROTTLED, final=False, retry_after=err.retry_after) from err
+        except (TransientSendError, ProviderUnavailableError) as err:
+            await self._directory.failed(name, err)
+            failures = await self._note_error(request, str(err), failed=True)
+            if isinstance(err, ProviderUnavailableError):
+                raise SendFailure(str(err), PROVIDER_UNAVAILABLE, final=True) from err
+            raise self._transient(str(err), name, failures, request, err.retry_after) from err
+        await self._directory.succeeded(name, was_open=True)
+
+        async with self._engine.begin() as conn:
+            await lock_notification(conn, request.notification_id)
+            await conn.execute(
+                deliveries.update()
+                .where(deliveries.c.notification_id == request.notification_id)
+                .where(deliveries.c.channel == request.channel)
+                # A send that was already under way when the run was cancelled did go out:
+                # the record says so rather than "cancelled".
+                .where(deliveries.c.status.in_([DeliveryStatus.pending.value, DeliveryStatus.cancelled.value]))
+                .values(
+                    status=DeliveryStatus.sent.value,
+                    provider=receipt.provider,
+                    provider_message_id=receipt.message_id,
+                    sent_at=sa.func.now(),
+                    updated_at=sa.func.now(),
+                    error=None,
+                )
+            )
+            # A fast provider may have reported on this message before this commit.
+            await apply_early_events(conn, receipt.message_id)
+            await refresh_notification_status(conn, request.notification_id)
+        await self._record_history(request, "sent", receipt.provider, attempt)
+        return SendResult(provider=receipt.provider, provider_message_id=receipt.message_id)
+
+    @staticmethod
+    def _transient(
+        error: str, provider: str | None, failures: int, request: SendInput, retry_after: float | None
+    ) -> SendFailure:
+        """Retried on this provider (None: waiting for one) until the route's failure budget is spent."""
+        if failures >= request.max_failures:
+            summary = f"{failures} failures on provider {provider!r}, the last: {error}" if provider else error
+            return SendFailure(summary, FAILURES_EXHAUSTED, final=True)
+        return SendFailure(error, TRANSIENT_ERROR, final=False, retry_after=retry_after)
+
+    async def record_failure(self, failure: FailureInput) -> None:
+        """Mark a channel failed for good and keep a dead letter for replay."""
+        async with self._engine.begin() as conn:
+            await lock_notification(conn, failure.notification_id)
+            attempts = await conn.scalar(
+                deliveries.update()
+                .where(deliveries.c.notification_id == failure.notification_id)
+                .where(deliveries.c.channel == failure.channel)
+                .where(deliveries.c.status == DeliveryStatus.pending.value)
+                .values(
+                    status=DeliveryStatus.failed.value,
+                    error=failure.error,
+                    failed_at=sa.func.now(),
+                    updated_at=sa.func.now(),
+                )
+                .returning(deliveries.c.attempts)
+            )
+            if attempts is None:  # already recorded by an earlier attempt of this activity
+                return
+            await conn.execute(
+                insert(dead_letters)
+                .values(
+                    notification_id=failure.notification_id,
+                    channel=failure.channel,
+                    reason=failure.reason,
+                    last_error=failure.error,
+                    attempts=attempts,
+                    request=failure.request.model_dump(mode="json"),
+                )
+                # A replay that failed again reopens its dead letter.
+                .on_conflict_do_update(
+                    constraint="uq_dead_letter_channel",
+                    set_={
+                        "status": "open",
+                        "reason": failure.reason,
+                        "last_error": failure.error,
+                        "attempts": attempts,
+                        "updated_at": sa.func.now(),
+                    },
+                )
+            )
+            await refresh_notification_status(conn, failure.notification_id)
+        subject = _subject(failure.request)
+        await self._history.record([subject.event(failure.channel, "failed", attempt=attempts, error=failure.error)])
+
+    async def record_cancelled(self, cancel: CancelInput) -> None:
+        """A cancelled run leaves its unsent channels `cancelled`, not pending forever."""
+        async with self._engine.begin() as conn:
+            await lock_notification(conn, cancel.notification_id)
+            result = await conn.execute(
+                deliveries.update()
+                .where(deliveries.c.notification_id == cancel.notification_id)
+                .where(deliveries.c.status == DeliveryStatus.pending.value)
+                .values(status=DeliveryStatus.cancelled.value, updated_at=sa.func.now())
+                .returning(deliveries.c.channel)
+            )
+            channels = [row.channel for row in result]
+            await refresh_notification_status(conn, cancel.notification_id)
+            # Cancelled before any channel was planned: nothing to summarise, say cancelled.
+            await conn.execute(
+                notifications.update()
+                .where(notifications.c.id == cancel.notification_id)
+                .where(~sa.exists().where(deliveries.c.notification_id == cancel.notification_id))
+                .values(status=DeliveryStatus.cancelled.value, updated_at=sa.func.now())
+            )
+        if channels:
+            subject = HistorySubject(str(cancel.notification_id), cancel.user_id, cancel.category)
+            await self._history.record([subject.event(channel, "cancelled") for channel in channels])
+
+    async def _note_error(self, request: SendInput, error: str, *, failed: bool) -> int:
+        """Keep the last error on the delivery; count it when it is the provider's failure."""
+        async with self._engine.begin() as conn:
+            failures = await conn.scalar(
+                deliveries.update()
+                .where(deliveries.c.notification_id == request.notification_id)
+                .where(deliveries.c.channel == request.channel)
+                .values(
+                    error=error,
+                    failures=deliveries.c.failures + (1 if failed else 0),
+                    updated_at=sa.func.now(),
+                )
+                .returning(deliveries.c.failures)
+            )
+        return int(failures or 0)
+
+    async def _record_history(self, request: SendInput, status: str, provider: str, attempt: int) -> None:
+        subject = HistorySubject(str(request.notification_id), request.user_id, request.category)
+        await self._history.record([subject.event(request.channel, status, provider=provider, attempt=attempt)])
+
+
+def _subject(request: NotificationInput) -> HistorySubject:
+    return HistorySubject(str(request.notification_id), request.user_id, request.category)
+
+
+def _plan(channel: str, decision: delivery.ChannelDecision) -> ChannelPlan:
+    """The workflow's view of a decision: quiet hours are the plan's defer_until, and a
+    channel with no enabled provider is sent and waits in its retries."""
+    if decision.final:
+        return ChannelPlan(channel=channel, address=decision.address, skip_reason=decision.reason,
+                           suppress=decision.status == DeliveryStatus.suppressed.value,
+                           unreachable=decision.outcome is delivery.Outcome.unreachable)  # fmt: skip
+    return ChannelPlan(channel=channel, address=decision.address, routes=decision.routes)
+
+
+def _recorded_status(plan: ChannelPlan) -> str:
+    if plan.suppress:
+        return DeliveryStatus.suppressed.value
+    if plan.unreachable:
+        return DeliveryStatus.unreachable.value
+    return DeliveryStatus.pending.value
+
+
+async def retire_address(engine: AsyncEngine, channel: str, user_id: str, address: str, reason: str) -> None:
+    """A dead push token leaves the recipient's tokens; a dead email or number is
+    suppressed, so no later notification or campaign tries it again."""
+    async with engine.begin() as conn:
+        if channel == "push":
+            await conn.execute(
+                recipients.update()
+                .where(recipients.c.user_id == user_id)
+                .values(
+                    push_tokens=sa.func.array_remove(recipients.c.push_tokens, address),
+                    dead_push_tokens=sa.func.array_append(
+                        sa.func.array_remove(recipients.c.dead_push_tokens, address), address
+                    ),
+                    updated_at=sa.func.now(),
+                )
+            )
+        else:
+            await prefs.suppress(conn, channel, address, reason, source="provider")
