@@ -29,7 +29,7 @@ import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -39,7 +39,6 @@ from core.templating import Rendered
 from core.tracking import TrackedDelivery
 from services import preferences as prefs
 from services.outbound import finish_email
-from services.routing import ProviderDirectory
 
 CONTACT_FIELD = {"email": "email", "sms": "phone", "push": "push_tokens"}
 
@@ -79,6 +78,14 @@ class ChannelDecision:
         return RECORDED_STATUS.get(self.outcome, "pending")
 
 
+class ChannelProviders(Protocol):
+    """What the decision asks of the worker's providers (services.routing.ProviderDirectory)."""
+
+    def no_provider(self, channel: str) -> bool: ...
+
+    def routes(self, channel: str) -> list[ProviderRoute]: ...
+
+
 @dataclass(frozen=True)
 class Choices:
     """What the decision reads about a set of recipients, loaded in two queries."""
@@ -111,7 +118,7 @@ def decide(
     *,
     category: str,
     choices: Choices,
-    directory: ProviderDirectory,
+    directory: ChannelProviders,
     settings: Settings,
     now: datetime,
     urgent: bool = False,
