@@ -24,6 +24,7 @@ from channels.base import OutboundMessage, SendError
 from channels.registry import build_provider
 from core.auth import Principal
 from core.config import Settings
+from core.errors import Conflict, NotFound
 from core.schemas import BreakerOut, ProviderOut, ProviderTestRequest
 from core.secretbox import SecretsUnreadable, unseal
 from services import breaker as breakers
@@ -52,12 +53,16 @@ class ProviderTestOutcome:
     error: str | None = None
 
 
-class ProviderNotFound(Exception):
-    pass
+class ProviderNotFound(NotFound):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"no provider {name!r}")
 
 
-class ProviderConflict(Exception):
-    """The same name was created by someone else at the same moment: retry."""
+class ProviderConflict(Conflict):
+    """The same name was created by someone else at the same moment."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"provider {name!r} was created concurrently; retry")
 
 
 # --- reading ---------------------------------------------------------------------------

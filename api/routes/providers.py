@@ -1,7 +1,7 @@
 """Channel providers over HTTP: configuration, circuit breakers and test sends (admin
 only to change). The operations live in services.provider_operations, which the admin
-panel's provider pages call too; here each route authorises, calls one and maps its
-domain errors to problems.
+panel's provider pages call too; here each route authorises and calls one. Not found and
+conflict answer through the API's domain error handler; the provider's own problems here.
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ from core.config import Settings
 from core.schemas import BreakerOut, ProviderOut, ProviderTestRequest, ProviderTestResult, ProviderWrite
 from core.secretbox import SecretsUnreadable
 from services.provider_operations import (
-    ProviderConflict,
-    ProviderNotFound,
     problem_fields,
     read_breaker,
     read_provider,
@@ -36,10 +34,6 @@ router = APIRouter(prefix="/v1/providers", tags=["providers"])
 
 ProviderAdmin = Annotated[Principal, Depends(require())]  # admin is always allowed, and only admin here
 ProviderReader = Annotated[Principal, Depends(require(Role.campaign_manager, Role.analyst))]
-
-
-def _not_found(name: str) -> Problem:
-    return Problem(404, "Not found", f"no provider {name!r}")
 
 
 def _invalid(err: ProviderInvalid) -> Problem:
@@ -61,10 +55,7 @@ async def list_all(conn: ConnectionDep, settings: SettingsDep, reader: ProviderR
 
 @router.get("/{name}", response_model=ProviderOut)
 async def get_one(name: str, conn: ConnectionDep, settings: SettingsDep, _: ProviderAdmin) -> Any:
-    try:
-        return await read_provider(conn, settings, name)
-    except ProviderNotFound as err:
-        raise _not_found(name) from err
+    return await read_provider(conn, settings, name)
 
 
 @router.put("/{name}", response_model=ProviderOut, responses={201: {"model": ProviderOut}})
@@ -78,8 +69,6 @@ async def put_provider(
         raise _invalid(err) from None
     except SecretsUnreadable as err:
         raise _unreadable(name) from err
-    except ProviderConflict as err:
-        raise Problem(409, "Conflict", f"provider {name!r} was created concurrently; retry") from err
     await conn.commit()
     if created:
         response.status_code = status.HTTP_201_CREATED
@@ -87,10 +76,7 @@ async def put_provider(
 
 
 async def _toggle(name: str, enabled: bool, conn: AsyncConnection, settings: Settings, admin: Principal) -> Any:
-    try:
-        await set_enabled(conn, name, enabled, admin)
-    except ProviderNotFound as err:
-        raise _not_found(name) from err
+    await set_enabled(conn, name, enabled, admin)
     await conn.commit()
     return await read_provider(conn, settings, name)
 
@@ -108,10 +94,7 @@ async def disable(name: str, conn: ConnectionDep, settings: SettingsDep, admin: 
 
 @router.delete("/{name}", status_code=status.HTTP_204_NO_CONTENT)
 async def delete(name: str, conn: ConnectionDep, admin: ProviderAdmin) -> Response:
-    try:
-        await remove(conn, name, admin)
-    except ProviderNotFound as err:
-        raise _not_found(name) from err
+    await remove(conn, name, admin)
     await conn.commit()
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
@@ -119,10 +102,7 @@ async def delete(name: str, conn: ConnectionDep, admin: ProviderAdmin) -> Respon
 @router.post("/{name}/breaker/reset", response_model=BreakerOut)
 async def breaker_reset(name: str, conn: ConnectionDep, admin: ProviderAdmin) -> Any:
     """Close the circuit now (e.g. after fixing the provider's credentials)."""
-    try:
-        await reset_breaker(conn, name, admin)
-    except ProviderNotFound as err:
-        raise _not_found(name) from err
+    await reset_breaker(conn, name, admin)
     await conn.commit()
     return await read_breaker(conn, name)
 
@@ -139,8 +119,6 @@ async def test_send(
     """Send one real message through the stored provider (enabled or not); 502 names its error."""
     try:
         outcome = await send_test(conn, request.app.state.engine, settings, name, body, admin)
-    except ProviderNotFound as err:
-        raise _not_found(name) from err
     except SecretsUnreadable as err:
         raise _unreadable(name) from err
     if not outcome.ok:
