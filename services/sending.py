@@ -388,8 +388,7 @@ class InstantSender:
                 .values(status=DeliveryStatus.cancelled.value, updated_at=sa.func.now())
             )
         if channels:
-            subject = HistorySubject(str(cancel.notification_id), cancel.user_id, cancel.category)
-            await self._history.record([subject.event(channel, "cancelled") for channel in channels])
+            await self._history.record([_subject(cancel).event(channel, "cancelled") for channel in channels])
 
     async def _note_error(self, request: SendInput, error: str, *, failed: bool) -> int:
         """Keep the last error on the delivery; count it when it is the provider's failure."""
@@ -408,11 +407,11 @@ class InstantSender:
         return int(failures or 0)
 
     async def _record_history(self, request: SendInput, status: str, provider: str, attempt: int) -> None:
-        subject = HistorySubject(str(request.notification_id), request.user_id, request.category)
-        await self._history.record([subject.event(request.channel, status, provider=provider, attempt=attempt)])
+        event = _subject(request).event(request.channel, status, provider=provider, attempt=attempt)
+        await self._history.record([event])
 
 
-def _subject(request: NotificationInput) -> HistorySubject:
+def _subject(request: NotificationInput | SendInput | CancelInput) -> HistorySubject:
     return HistorySubject(str(request.notification_id), request.user_id, request.category)
 
 
