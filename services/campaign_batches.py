@@ -45,7 +45,7 @@ from core.tracking import CampaignSend
 from services import campaign_store as store
 from services import delivery
 from services.delivery_events import apply_early_events_for
-from services.history import HistoryRow, HistorySubject, HistoryWriter
+from services.history import HistoryRow, HistorySubject, HistoryWriter, campaign_send_id
 from services.providers import bulk_queue_for
 from services.routing import ChannelRouter, ProviderDirectory
 from services.sending import retire_address
@@ -170,7 +170,10 @@ class _Recorder:
         campaign = self._spec.campaign_id
         return [
             HistorySubject(
-                str(uuid.uuid5(campaign, _delivery_key(row))), row["user_id"], self._spec.category, str(campaign)
+                campaign_send_id(campaign, row["run_id"], row["recipient_id"], row["channel"]),
+                row["user_id"],
+                self._spec.category,
+                str(campaign),
             ).event(row["channel"], row["status"], error=row["error"])
             for row in rows
         ]
@@ -452,7 +455,3 @@ async def _heartbeat_every(seconds: float, recorder: _Recorder, heartbeat: Calla
         heartbeat(dict(recorder.totals))
         await asyncio.sleep(seconds)
         await recorder.flush()
-
-
-def _delivery_key(row: dict[str, Any]) -> str:
-    return f"{row['run_id']}:{row['recipient_id']}:{row['channel']}"

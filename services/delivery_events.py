@@ -40,6 +40,7 @@ from core.models import (
     WebhookEvent,
 )
 from core.queries import lock_notification, refresh_notification_status
+from services.history import HistorySubject, campaign_send_id
 from services.preferences import opt_out, suppress
 
 deliveries = Delivery.__table__  # type: ignore[attr-defined]
@@ -287,8 +288,8 @@ async def _queue_history(conn: AsyncConnection, target: DeliveryRef, status: str
                 .where(deliveries.c.id == target.id)
             )
         ).one()
-        row = {"notification_id": str(found.id), "user_id": found.user_id, "category": found.category,
-               "provider": found.provider or "", "campaign_id": ""}  # fmt: skip
+        subject = HistorySubject(str(found.id), found.user_id, found.category)
+        provider = found.provider or ""
     else:
         found = (
             await conn.execute(
@@ -300,11 +301,10 @@ async def _queue_history(conn: AsyncConnection, target: DeliveryRef, status: str
                 .where(campaign_deliveries.c.id == target.id)
             )
         ).one()  # fmt: skip
-        # The same id the campaign batch gave this send's history rows.
-        key = f"{found.run_id}:{found.recipient_id}:{target.channel}"
-        row = {"notification_id": str(uuid.uuid5(found.campaign_id, key)), "user_id": found.user_id or "",
-               "category": found.category, "provider": "", "campaign_id": str(found.campaign_id)}  # fmt: skip
-    row.update(channel=target.channel, status=status, event_time=at.isoformat())
+        send_id = campaign_send_id(found.campaign_id, found.run_id, found.recipient_id, target.channel)
+        subject = HistorySubject(send_id, found.user_id or "", found.category, str(found.campaign_id))
+        provider = ""
+    row = subject.outbox_row(target.channel, status, at, provider)
     await conn.execute(sa.insert(history_outbox).values(row=row))
 
 

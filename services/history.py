@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import threading
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -77,6 +78,12 @@ class HistoryRow:
         return row
 
 
+def campaign_send_id(campaign_id: uuid.UUID, run_id: str, recipient_id: int, channel: str) -> str:
+    """The notification id a campaign send's history rows carry (campaign sends have no
+    notifications row): the same for the batch that sent it and the events that follow."""
+    return str(uuid.uuid5(campaign_id, f"{run_id}:{recipient_id}:{channel}"))
+
+
 @dataclass(frozen=True)
 class HistorySubject:
     """Whose history rows these are: the one place a notification's or campaign send's
@@ -86,6 +93,10 @@ class HistorySubject:
     user_id: str
     category: str
     campaign_id: str = ""
+
+    def outbox_row(self, channel: str, status: str, at: datetime, provider: str = "") -> dict[str, Any]:
+        """The event as the API queues it in the history outbox (JSON), for workers to ship."""
+        return {**asdict(self.event(channel, status, provider=provider)), "event_time": at.isoformat()}
 
     def event(self, channel: str, status: str, **details: Any) -> HistoryRow:
         """details: provider, attempt, error (cut to 1,000 characters), event_time."""
