@@ -342,7 +342,7 @@ class CampaignSender:
                     # Not recorded: the workflow's next pass over the segment, once their quiet
                     # hours are over, sends them (and skips everyone recorded by then).
                     deferred += len(quiet)
-                    deferred_until = min(*quiet, *([deferred_until] if deferred_until else []))
+                    deferred_until = min(quiet) if deferred_until is None else min(*quiet, deferred_until)
                 else:
                     skipped += (len(channels) - len(unsent)) * batch.count_duplicates
                 for channel, decision in decisions.items():

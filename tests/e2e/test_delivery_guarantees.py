@@ -367,8 +367,10 @@ async def test_campaign_email_is_tracked_and_unsubscribe_is_honoured(
 
 
 async def test_a_channel_whose_providers_are_all_disabled_does_not_fall_back_to_the_sandbox(
-    api: httpx.AsyncClient, recipient: dict, stored: Any, gateways: Any, engine: AsyncEngine
+    api: httpx.AsyncClient, recipient: dict, stored: Any, gateways: Any, engine: AsyncEngine, settings: Settings
 ) -> None:
+    """The send waits for a provider, as a campaign batch does: retried within its budget,
+    then dead-lettered for a replay once one is enabled."""
     gateway = gateways()
     await stored(**_sms_provider(f"sms-off-{uuid.uuid4().hex[:6]}", gateway, 10, enabled=False))
     body = (await api.post("/v1/notifications?wait=true", json=_sms(recipient["user_id"]))).json()
@@ -382,6 +384,8 @@ async def test_a_channel_whose_providers_are_all_disabled_does_not_fall_back_to_
             sa.text("SELECT count(*) FROM dead_letters WHERE notification_id = :id"), {"id": uuid.UUID(body["id"])}
         )
     assert letters == 1
+    row = await _delivery(engine, body["id"])
+    assert row.attempts == settings.send_retry_max_attempts
 
 
 async def test_a_send_no_worker_picks_up_moves_to_the_next_provider(
@@ -489,3 +493,37 @@ async def test_a_multi_channel_campaign_paces_each_channel_on_its_own_lane(
     # about 2 s after the first: about 4 s in all, where two unpaced batches would take 2 s.
     assert times[-1] - times[0] >= 3.0
     await assert_replays(history, "campaign_channel_lanes")
+
+
+async def test_a_recipient_without_the_channels_contact_is_unreachable_not_failed(
+    api: httpx.AsyncClient, settings: Settings, temporal_client: Client, engine: AsyncEngine, smtp_server: SmtpServer
+) -> None:
+    """The API refuses such a request up front; a run that meets it anyway (the phone removed
+    since) records the channel unreachable, as a campaign does: no failure, no dead letter."""
+    from core.contracts import NotificationInput, workflow_id_for
+    from services.notifications import retry_options
+    from workflows.notification import NotificationWorkflow
+
+    user_id = f"no-phone-{uuid.uuid4().hex[:8]}"
+    email = f"{user_id}@example.com"
+    assert (await api.post("/v1/recipients", json={"user_id": user_id, "email": email})).status_code in (200, 201)
+    notification_id = uuid.uuid4()
+    request = NotificationInput(
+        notification_id=notification_id, idempotency_key=f"unreachable-{notification_id}", request_hash="-",
+        requested_by="test", user_id=user_id, category="premiere", channels=["email", "sms"], title="Dune",
+        body="Dune at 20:00", retry=retry_options(settings),
+    )  # fmt: skip
+    outcome = await temporal_client.execute_workflow(
+        NotificationWorkflow.run, request, id=workflow_id_for(notification_id), task_queue=settings.temporal_task_queue
+    )
+    assert {(c.channel, c.status) for c in outcome.channels} == {("email", "sent"), ("sms", "unreachable")}
+    body = (await api.get(f"/v1/notifications/{notification_id}")).json()
+    assert body["status"] == "sent"
+    sms = next(channel for channel in body["channels"] if channel["channel"] == "sms")
+    assert (sms["status"], sms["error"]) == ("unreachable", "recipient has no phone for sms")
+    assert len(smtp_server.handler.to(email)) == 1
+    async with engine.connect() as conn:
+        letters = await conn.scalar(
+            sa.text("SELECT count(*) FROM dead_letters WHERE notification_id = :id"), {"id": notification_id}
+        )
+    assert letters == 0
