@@ -62,11 +62,6 @@ def permit(action: str) -> Callable[[Principal], Principal]:
     return _only(permissions.roles(action))
 
 
-def require(*roles: Role) -> Callable[[Principal], Principal]:
-    """Allow only these roles (admin is always allowed); prefer permit("action")."""
-    return _only(frozenset({Role.admin, *roles}))
-
-
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 ConnectionDep = Annotated[AsyncConnection, Depends(get_connection)]
 TemporalDep = Annotated[Client, Depends(get_temporal)]

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request, Response, status
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from api.deps import ConnectionDep, SettingsDep, require
+from api.deps import ConnectionDep, SettingsDep, permit
 from api.problems import Problem
 from core.auth import Principal, Role
 from core.config import Settings
@@ -32,8 +32,8 @@ from services.providers import ProviderInvalid
 
 router = APIRouter(prefix="/v1/providers", tags=["providers"])
 
-ProviderAdmin = Annotated[Principal, Depends(require())]  # admin is always allowed, and only admin here
-ProviderReader = Annotated[Principal, Depends(require(Role.campaign_manager, Role.analyst))]
+ProviderAdmin = Annotated[Principal, Depends(permit("providers.manage"))]
+ProviderReader = Annotated[Principal, Depends(permit("providers.read"))]
 
 
 def _invalid(err: ProviderInvalid) -> Problem:

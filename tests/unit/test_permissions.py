@@ -20,7 +20,7 @@ from admin import VIEW_ACTIONS, RolePermissions, mount_admin
 from admin.campaign_views import SegmentAdmin
 from admin.pages import AdminPage
 from api.app import create_app
-from api.deps import get_principal, permit, require
+from api.deps import get_principal, permit
 from core.auth import Principal, Role
 from core.config import Settings
 from core.permissions import PERMISSIONS, allowed, roles
@@ -164,9 +164,8 @@ def _roles_let_through(guard: Callable[[Principal], Principal]) -> set[Role]:
     return let_through
 
 
-def test_permit_and_require_refuse_with_403() -> None:
+def test_permit_refuses_with_403() -> None:
     assert _roles_let_through(permit("templates.write")) == {Role.admin, M}
-    assert _roles_let_through(require(A)) == {Role.admin, A}
     with pytest.raises(HTTPException, match="'analyst' may not do this"):
         permit("notifications.send")(Principal("a", A))
 
