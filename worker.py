@@ -23,9 +23,11 @@ from channels.sandbox import SandboxProvider
 from core.config import Settings
 from core.db import create_engine
 from core.temporal import connect
+from services.campaign_batches import CampaignSender
 from services.history import HistoryWriter, open_store, ship_outbox
 from services.providers import bulk_queue_for, task_queue_for
 from services.routing import ProviderDirectory
+from services.sending import InstantSender
 from services.templates import PinnedVersions
 from workflows.campaign import CampaignWorkflow
 from workflows.notification import NotificationWorkflow
@@ -76,15 +78,17 @@ class WorkerServices:
 
     def __post_init__(self) -> None:
         self.notifications = NotificationActivities(
-            self.engine, self.directory, self.history, self.settings, self.templates
+            InstantSender(self.engine, self.directory, self.history, self.settings, self.templates)
         )
         self.campaigns = CampaignActivities(
-            self.engine,
-            self.directory,
-            self.history,
-            self.settings,
-            self.settings.campaign_send_concurrency,
-            templates=self.templates,
+            CampaignSender(
+                self.engine,
+                self.directory,
+                self.history,
+                self.settings,
+                self.settings.campaign_send_concurrency,
+                templates=self.templates,
+            )
         )
 
     def activities(self) -> list[Callable[..., Any]]:

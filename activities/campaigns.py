@@ -5,11 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from core.config import Settings
 from core.contracts import (
     CAMPAIGN_NOT_FOUND,
     TRANSIENT_ERROR,
@@ -23,9 +21,6 @@ from core.contracts import (
     WindowState,
 )
 from services.campaign_batches import BatchInterrupted, CampaignMissing, CampaignSender
-from services.history import HistoryWriter
-from services.routing import ProviderDirectory
-from services.templates import PinnedVersions
 
 
 @contextmanager
@@ -40,16 +35,8 @@ def _domain_errors() -> Iterator[None]:
 
 
 class CampaignActivities:
-    def __init__(
-        self,
-        engine: AsyncEngine,
-        directory: ProviderDirectory,
-        history: HistoryWriter,
-        settings: Settings,
-        send_concurrency: int = 20,
-        templates: PinnedVersions | None = None,
-    ) -> None:
-        self._sender = CampaignSender(engine, directory, history, settings, send_concurrency, templates)
+    def __init__(self, sender: CampaignSender) -> None:
+        self._sender = sender
 
     @activity.defn(name="start_campaign_run")
     async def start_run(self, request: StartRunInput) -> RunPlan:

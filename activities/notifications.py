@@ -2,30 +2,18 @@
 
 from __future__ import annotations
 
-from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from core.config import Settings
 from core.contracts import CancelInput, DeliveryPlan, FailureInput, NotificationInput, SendInput, SendResult
-from services.history import HistoryWriter
-from services.routing import ProviderDirectory
 from services.sending import InstantSender, SendFailure
-from services.templates import PinnedVersions
 
 
 class NotificationActivities:
     """Built once per worker with its clients; Temporal calls the decorated methods."""
 
-    def __init__(
-        self,
-        engine: AsyncEngine,
-        directory: ProviderDirectory,
-        history: HistoryWriter,
-        settings: Settings,
-        templates: PinnedVersions | None = None,
-    ) -> None:
-        self._sender = InstantSender(engine, directory, history, settings, templates)
+    def __init__(self, sender: InstantSender) -> None:
+        self._sender = sender
 
     @activity.defn(name="prepare_notification")
     async def prepare(self, request: NotificationInput) -> DeliveryPlan:
