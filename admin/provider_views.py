@@ -146,7 +146,11 @@ class ProviderPages(AdminPage):
         fallback = {"email": f"SMTP at {settings.smtp_host}:{settings.smtp_port} (MARQUEE_SMTP_*)",
                     "push": f"{settings.push_provider} (MARQUEE_PUSH_PROVIDER)",
                     "sms": f"{settings.sms_provider} (MARQUEE_SMS_PROVIDER)"}  # fmt: skip
-        context = {"title": "Providers", "groups": groups, "fallback": fallback, "breaker_badge": breaker_badge,
+        # Stored providers all disabled and only the sandbox behind them: sends wait for one
+        # (services.delivery), rather than report sandbox messages as sent.
+        waits = {"email": False, "push": settings.push_provider == "sandbox", "sms": settings.sms_provider == "sandbox"}
+        context = {"title": "Providers", "groups": groups, "fallback": fallback, "waits": waits,
+                   "breaker_badge": breaker_badge,
                    "threshold": settings.breaker_failure_threshold,
                    "cooldown": settings.breaker_cooldown_seconds}  # fmt: skip
         return await self.render(request, "marquee/providers/list.html", context)
