@@ -12,16 +12,14 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-import sqlalchemy as sa
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, PlainTextResponse
 
 from api.deps import ConnectionDep, SettingsDep
 from api.problems import Problem
-from core.models import SandboxMessage
+from services import sandbox
 
 router = APIRouter(prefix="/dev", tags=["development"])
-sandbox = SandboxMessage.__table__  # type: ignore[attr-defined]
 
 
 def _summary(path: Path) -> dict[str, Any]:
@@ -60,10 +58,7 @@ def raw_mail(message_id: str, settings: SettingsDep) -> str:
 @router.get("/outbox")
 async def list_sandbox(conn: ConnectionDep, channel: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
     """Push and SMS messages the sandbox providers would have sent, newest first."""
-    query = sa.select(sandbox).order_by(sandbox.c.id.desc()).limit(limit)
-    if channel:
-        query = query.where(sandbox.c.channel == channel)
-    return [dict(row._mapping) for row in await conn.execute(query)]
+    return [dict(row) for row in await sandbox.recent_messages(conn, channel=channel, limit=limit)]
 
 
 @router.get("", response_class=HTMLResponse, include_in_schema=False)
@@ -76,9 +71,9 @@ async def outbox_page(request: Request, settings: SettingsDep, conn: ConnectionD
         for m in mail
     )
     sandbox_rows = "".join(
-        f"<tr><td>{escape(str(r.created_at))}</td><td>{escape(r.channel)}</td><td>{escape(r.address)}</td>"
-        f"<td>{escape(str(r.payload.get('title', '')))}: {escape(str(r.payload.get('body', '')))}</td></tr>"
-        for r in await conn.execute(sa.select(sandbox).order_by(sandbox.c.id.desc()).limit(50))
+        f"<tr><td>{escape(str(r['created_at']))}</td><td>{escape(r['channel'])}</td><td>{escape(r['address'])}</td>"
+        f"<td>{escape(str(r['payload'].get('title', '')))}: {escape(str(r['payload'].get('body', '')))}</td></tr>"
+        for r in await sandbox.recent_messages(conn, limit=50)
     )
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>Marquee dev outbox</title>
 <meta http-equiv="refresh" content="5"><style>body{{font-family:sans-serif;margin:2em}}
