@@ -6,7 +6,6 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-import sqlalchemy as sa
 from fastapi import FastAPI
 from sqladmin import Admin
 from sqladmin.authentication import AuthenticationBackend
@@ -20,10 +19,11 @@ from admin.dead_letter_views import AUDIT_LOG, DEAD_LETTERS, AuditLogPage, DeadL
 from admin.pages import CAMPAIGNS, TEMPLATES, TEMPLATES_DIR, ReadOnlyView, signed_in
 from admin.provider_views import PROVIDERS, ProviderPages
 from admin.template_views import TemplatePages
-from core.auth import Role, verify_password
+from core.auth import Role
 from core.config import Settings
 from core.models import AdminUser, Delivery, Notification, Recipient, Suppression
 from core.permissions import allowed
+from services import admin_users
 from services import suppressions as suppression_ops
 
 
@@ -36,11 +36,10 @@ class PasswordLogin(AuthenticationBackend):
 
     async def login(self, request: Request) -> bool:
         form = await request.form()
-        email, password = str(form.get("username", "")).strip().lower(), str(form.get("password", ""))
-        table = AdminUser.__table__  # type: ignore[attr-defined]
+        email, password = str(form.get("username", "")), str(form.get("password", ""))
         async with self._engine.connect() as conn:
-            user = (await conn.execute(sa.select(table).where(table.c.email == email))).first()
-        if user is None or not user.is_active or not verify_password(password, user.password_hash):
+            user = await admin_users.authenticate(conn, email, password)
+        if user is None:
             return False
         request.session.update({"user_id": user.id, "email": user.email, "role": user.role})
         return True

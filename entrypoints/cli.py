@@ -14,13 +14,14 @@ import uvicorn
 from cryptography.fernet import Fernet
 
 from api.app import create_app
-from core.auth import Role, create_token, hash_password
+from core.auth import Role, create_token
 from core.config import Settings
 from core.db import create_engine
+from core.errors import Conflict, Invalid
 from core.logging import configure_logging
 from core.migrate import upgrade
-from core.models import AdminUser
 from entrypoints.dev import run_dev
+from services import admin_users
 from worker import run_worker
 
 
@@ -63,30 +64,24 @@ def _cmd_token(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _cmd_user(settings: Settings, args: argparse.Namespace) -> int:
-    import sqlalchemy as sa
-
     if not settings.database_url:
         raise SystemExit("marquee user create: MARQUEE_DATABASE_URL is not set")
     password = sys.stdin.readline().rstrip("\n") if args.password_stdin else getpass.getpass("Password: ")
-    if len(password) < 10:
-        raise SystemExit("marquee user create: the password must have at least 10 characters")
-    table = AdminUser.__table__  # type: ignore[attr-defined]
 
-    async def create() -> bool:
+    async def create() -> None:
         engine = create_engine(settings.database_url or "", pool_size=1)
         try:
             async with engine.begin() as conn:
-                result = await conn.execute(
-                    sa.dialects.postgresql.insert(table)
-                    .values(email=args.email.lower(), password_hash=hash_password(password), role=args.role)
-                    .on_conflict_do_nothing(index_elements=["email"])
-                )
-                return bool(result.rowcount)
+                await admin_users.create(conn, args.email, password, Role(args.role))
         finally:
             await engine.dispose()
 
-    if not asyncio.run(create()):
-        raise SystemExit(f"marquee user create: a user {args.email!r} exists already")
+    try:
+        asyncio.run(create())
+    except Invalid as err:
+        raise SystemExit(f"marquee user create: {'; '.join(message for _, message in err.problems)}") from err
+    except Conflict as err:
+        raise SystemExit(f"marquee user create: {err.detail}") from err
     print(f"created {args.role} {args.email}")
     return 0
 
