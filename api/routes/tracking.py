@@ -12,7 +12,6 @@ import html
 from datetime import UTC, datetime
 from typing import Any
 
-import sqlalchemy as sa
 from fastapi import APIRouter, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -20,9 +19,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from api.deps import ConnectionDep, SettingsDep
 from api.problems import Problem
 from core import tracking
-from core.queries import recipients
+from core.errors import NotFound
 from core.tracking import InstantDelivery, TrackedDelivery
-from services import delivery_events, preferences
+from services import delivery_events, preferences, recipients
 
 router = APIRouter(tags=["tracking"])
 
@@ -112,9 +111,11 @@ async def unsubscribe(token: str, conn: ConnectionDep, settings: SettingsDep) ->
     if found is None:
         return _bad_unsubscribe_link()
     user_id, category = found
-    recipient_id = await conn.scalar(sa.select(recipients.c.id).where(recipients.c.user_id == user_id))
-    # A recipient deleted since the mail was sent gets nothing anyway: confirm all the same.
-    if recipient_id is not None:
+    try:
+        recipient_id = await recipients.recipient_id(conn, user_id)
+    except NotFound:
+        pass  # a recipient deleted since the mail was sent gets nothing anyway: confirm all the same
+    else:
         await preferences.opt_out(
             conn, recipient_id=recipient_id, category=category, channel="email", source="unsubscribe"
         )
