@@ -11,6 +11,9 @@ run: install ## start API, admin, worker, Temporal dev server, PostgreSQL and ca
 test: install browser lint typecheck ## ruff, mypy, then the whole suite with coverage
 	$(BIN)/python -m pytest --cov --cov-report=term-missing:skip-covered
 
+unit: install ## the tests that need no servers: unit tests, and workflows on Temporal's time-skipping server
+	$(BIN)/python -m pytest -q tests/unit tests/workflows
+
 install: $(VENV)/.installed
 
 # The venv is rebuilt from the hash-pinned lock whenever the lock or the project changes.
