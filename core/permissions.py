@@ -37,6 +37,8 @@ _OTHERS: Mapping[str, frozenset[Role]] = {
     "dead_letters.read": _STAFF,
     "dead_letters.resolve": _NO_ONE_BUT_ADMINS,  # replay or discard
     "audit.read": frozenset({Role.analyst}),
+    # Analytics (the /v1/analytics API and the admin's dashboard and campaign report) only look.
+    "analytics.read": _STAFF,
     "admin_users.manage": _NO_ONE_BUT_ADMINS,
     # Signing in to the admin panel is for people; a service account has nothing to do there.
     "admin_panel.use": _STAFF,

@@ -48,6 +48,7 @@ EXPECTED: dict[str, set[Role]] = {
     "dead_letters.read": {M, A},
     "dead_letters.resolve": set(),
     "audit.read": {A},
+    "analytics.read": {M, A},
     "admin_users.manage": set(),
     "admin_panel.use": {M, A},
 }
