@@ -111,7 +111,7 @@ async def worker_services(settings: Settings, engine: AsyncEngine | None = None)
     """Database, history store and providers for a worker; closed on exit."""
     own_engine = engine is None
     engine = engine or create_engine(_database_url(settings), settings.database_pool_size)
-    store = open_store(settings.clickhouse_url, settings.chdb_path)
+    store = open_store(settings.clickhouse_url, settings.chdb_path, settings.history_retention_days)
     await asyncio.to_thread(store.ensure_schema)
     history = HistoryWriter(store, settings.history_flush_seconds, settings.history_flush_rows)
     directory = ProviderDirectory(

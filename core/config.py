@@ -41,6 +41,8 @@ class Settings(BaseSettings):
     history_flush_seconds: float = 0.2
     history_flush_rows: int = 5000
     history_outbox_seconds: float = Field(default=1.0, gt=0)  # how often workers ship the API's status changes
+    history_retention_days: int = Field(default=400, ge=1)  # raw events and their hourly stats (a TTL)
+    analytics_max_days: int = Field(default=400, ge=1)  # the longest period an analytics query may ask for
 
     # API
     api_host: str = "127.0.0.1"

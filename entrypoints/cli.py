@@ -22,6 +22,7 @@ from core.logging import configure_logging
 from core.migrate import upgrade
 from entrypoints.dev import run_dev
 from services import admin_users
+from services.history import open_store
 from worker import run_worker
 
 
@@ -50,6 +51,13 @@ def _cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
         raise SystemExit("marquee migrate: MARQUEE_DATABASE_URL is not set")
     upgrade(settings.database_url, args.revision)
     print(f"database migrated to {args.revision}")
+    # The history store's own versioned migrations (chDB under data_dir, or the server by URL).
+    store = open_store(settings.clickhouse_url, settings.chdb_path, settings.history_retention_days)
+    try:
+        store.ensure_schema()
+    finally:
+        store.close()
+    print(f"history store migrated ({'ClickHouse server' if settings.clickhouse_url else settings.chdb_path})")
     return 0
 
 
@@ -103,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--port", type=int)
     api.set_defaults(handler=_cmd_api)
     commands.add_parser("worker", help="run a Temporal worker").set_defaults(handler=_cmd_worker)
-    migrate = commands.add_parser("migrate", help="apply database migrations")
+    migrate = commands.add_parser("migrate", help="apply database and history store (ClickHouse) migrations")
     migrate.add_argument("--revision", default="head")
     migrate.set_defaults(handler=_cmd_migrate)
 

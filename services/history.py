@@ -3,6 +3,23 @@
 Rows are written in batches by a group-commit writer: each caller waits until the batch
 holding its rows is stored, so an activity completes only after its history is durable,
 yet ClickHouse sees few large inserts instead of many small ones.
+
+Schema. `notification_history` holds one row per status event; `notification_stats` is an
+AggregatingMergeTree fed by a materialized view, which every dashboard query reads (see
+services.analytics). Both are created and upgraded in place by MIGRATIONS, applied in
+order and recorded in `marquee_migrations` (`marquee migrate`, and every worker start);
+the retention TTL follows Settings on each run.
+
+Deduplication. Writes are at least once (a retried activity, a re-shipped outbox row, a
+replayed batch), so every event has a deterministic id: uuid5 of notification id, channel,
+status and an occurrence ("" unless one status legitimately repeats: a dead-letter
+replay's run). Before each insert the store drops rows whose event_id is already stored
+(one SELECT through a bloom-filter skip index, limited to the batch's days), so the
+materialized view never counts an event twice. Two processes inserting the same new event
+at the same instant could both miss the other's row; that needs the same event written by
+two workers within one insert's duration, which a Temporal activity (one attempt at a
+time) or the outbox (rows locked with SKIP LOCKED) never does, so the window is accepted
+rather than paying for a Replacing design whose queries would have to FINAL every read.
 """
 
 from __future__ import annotations
@@ -12,9 +29,11 @@ import contextlib
 import json
 import threading
 import uuid
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, date, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
@@ -24,7 +43,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.models import HistoryOutbox
 
+# Event ids are uuid5 in this namespace (fixed forever: changing it would re-count history).
+EVENT_NAMESPACE = uuid.UUID("8f1c7a52-4f0e-4d0b-9a51-6a0e3d2c9b17")
+DEFAULT_RETENTION_DAYS = 400
+
 HISTORY_COLUMNS = (
+    "event_id",
     "event_time",
     "notification_id",
     "channel",
@@ -35,11 +59,21 @@ HISTORY_COLUMNS = (
     "attempt",
     "error",
     "campaign_id",
+    "run_id",
+    "template_key",
+    "template_version",
+    "country",
+    "timezone",
+    "error_class",
+    "cost",
+    "currency",
+    "latency_ms",
 )
+# Statuses whose latency_ms is meaningful (ms since the provider accepted the message).
+LATENCY_STATUSES = ("delivered", "opened", "clicked")
 
-# Columns added after the first release, for tables created before them.
-UPGRADES = ["ALTER TABLE notification_history ADD COLUMN IF NOT EXISTS campaign_id String DEFAULT ''"]
-
+# The first release's table, kept verbatim: migration 1 creates it, later ones upgrade it,
+# so a new install and an old one end in the same schema.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS notification_history (
     event_time DateTime64(3, 'UTC'),
@@ -58,6 +92,109 @@ ORDER BY (channel, status, event_time)
 """
 
 
+def _uuid5_sql(name: str) -> str:
+    """uuid.uuid5(EVENT_NAMESPACE, name) in ClickHouse SQL: SHA-1 of namespace and name, the
+    version and variant bits set (RFC 4122 section 4.3)."""
+    digest = f"SHA1(concat(unhex('{EVENT_NAMESPACE.hex}'), {name}))"
+    return (
+        f"toUUID(UUIDNumToString(toFixedString(concat(substring({digest}, 1, 6), "
+        f"char(bitOr(bitAnd(reinterpretAsUInt8(substring({digest}, 7, 1)), 15), 80)), substring({digest}, 8, 1), "
+        f"char(bitOr(bitAnd(reinterpretAsUInt8(substring({digest}, 9, 1)), 63), 128)), "
+        f"substring({digest}, 10, 7)), 16)))"
+    )
+
+
+# Rows written before event ids existed get the id the writer would give them (occurrence "").
+EVENT_ID_DEFAULT = _uuid5_sql("concat(toString(notification_id), ':', channel, ':', status, ':')")
+
+STATS_KEY = ("hour", "channel", "provider", "campaign_id", "template_key", "category", "country", "timezone",
+             "status", "currency")  # fmt: skip
+# The view's query, also used once to fill the stats from rows stored before the view existed.
+STATS_SELECT = f"""
+SELECT toStartOfHour(event_time) AS hour, channel, provider, campaign_id, template_key, category, country, timezone,
+       status, currency, toUInt64(count()) AS events, sum(cost) AS cost,
+       quantilesStateIf(0.5, 0.9, 0.99)(latency_ms, status IN {LATENCY_STATUSES}) AS latency
+FROM notification_history
+GROUP BY {", ".join(STATS_KEY)}
+"""
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    statements: tuple[str, ...]
+
+
+MIGRATIONS = (
+    Migration(1, "notification history", (
+        SCHEMA,
+        "ALTER TABLE notification_history ADD COLUMN IF NOT EXISTS campaign_id String DEFAULT ''",
+    )),
+    Migration(2, "analytics columns, event ids and skip indexes", (
+        f"""ALTER TABLE notification_history
+            ADD COLUMN IF NOT EXISTS event_id UUID DEFAULT {EVENT_ID_DEFAULT},
+            ADD COLUMN IF NOT EXISTS run_id String DEFAULT '',
+            ADD COLUMN IF NOT EXISTS template_key LowCardinality(String) DEFAULT '',
+            ADD COLUMN IF NOT EXISTS template_version UInt32 DEFAULT 0,
+            ADD COLUMN IF NOT EXISTS country LowCardinality(String) DEFAULT '',
+            ADD COLUMN IF NOT EXISTS timezone LowCardinality(String) DEFAULT '',
+            ADD COLUMN IF NOT EXISTS error_class LowCardinality(String) DEFAULT '',
+            ADD COLUMN IF NOT EXISTS cost Decimal(18, 6) DEFAULT 0,
+            ADD COLUMN IF NOT EXISTS currency LowCardinality(String) DEFAULT '',
+            ADD COLUMN IF NOT EXISTS latency_ms UInt32 DEFAULT 0,
+            ADD INDEX IF NOT EXISTS event_id_bloom event_id TYPE bloom_filter(0.001) GRANULARITY 1,
+            ADD INDEX IF NOT EXISTS campaign_bloom campaign_id TYPE bloom_filter(0.01) GRANULARITY 1""",
+        # Old rows keep the computed id on disk, and the indexes cover old parts too.
+        "ALTER TABLE notification_history MATERIALIZE COLUMN event_id SETTINGS mutations_sync = 2",
+        "ALTER TABLE notification_history MATERIALIZE INDEX event_id_bloom SETTINGS mutations_sync = 2",
+        "ALTER TABLE notification_history MATERIALIZE INDEX campaign_bloom SETTINGS mutations_sync = 2",
+    )),
+    Migration(3, "notification_stats and its materialized view", (
+        """CREATE TABLE IF NOT EXISTS notification_stats (
+            hour DateTime('UTC'),
+            channel LowCardinality(String),
+            provider LowCardinality(String),
+            campaign_id String,
+            template_key LowCardinality(String),
+            category LowCardinality(String),
+            country LowCardinality(String),
+            timezone LowCardinality(String),
+            status LowCardinality(String),
+            currency LowCardinality(String),
+            events SimpleAggregateFunction(sum, UInt64),
+            cost SimpleAggregateFunction(sum, Decimal(38, 6)),  -- what sum() of Decimal(18, 6) returns
+            -- quantiles keeps every sample up to 8,192 per group (exact), a reservoir beyond
+            latency AggregateFunction(quantiles(0.5, 0.9, 0.99), UInt32)
+        ) ENGINE = AggregatingMergeTree
+        PARTITION BY toYYYYMM(hour)
+        ORDER BY (hour, channel, provider, campaign_id, template_key, category, country, timezone, status, currency)""",
+        f"CREATE MATERIALIZED VIEW IF NOT EXISTS notification_stats_mv TO notification_stats AS {STATS_SELECT}",
+        # Rows stored before the view: counted once whether or not a run stopped half-way
+        # (a writer inserting between these two statements would be counted twice: run
+        # `marquee migrate` before starting upgraded workers).
+        "TRUNCATE TABLE notification_stats",
+        f"INSERT INTO notification_stats {STATS_SELECT}",
+    )),
+)  # fmt: skip
+
+MIGRATIONS_TABLE = """
+CREATE TABLE IF NOT EXISTS marquee_migrations (
+    version UInt32,
+    name String,
+    applied_at DateTime64(3, 'UTC') DEFAULT now64(3)
+) ENGINE = MergeTree
+ORDER BY version
+"""
+
+# Raw rows and their aggregates age out together, so both answer the same questions.
+RETENTION = {"notification_history": "toDateTime(event_time)", "notification_stats": "hour"}
+
+
+def event_id(notification_id: str, channel: str, status: str, occurrence: str = "") -> uuid.UUID:
+    return uuid.uuid5(EVENT_NAMESPACE, f"{notification_id}:{channel}:{status}:{occurrence}")
+
+
 @dataclass(frozen=True)
 class HistoryRow:
     notification_id: str
@@ -70,12 +207,46 @@ class HistoryRow:
     error: str = ""
     campaign_id: str = ""
     event_time: datetime | None = None
+    run_id: str = ""
+    template_key: str = ""
+    template_version: int = 0
+    country: str = ""
+    timezone: str = ""
+    error_class: str = ""
+    cost: Decimal = Decimal(0)
+    currency: str = ""
+    latency_ms: int = 0
+    # "" unless the status repeats for this channel legitimately (a dead-letter replay's run).
+    occurrence: str = ""
+
+    @property
+    def event_id(self) -> uuid.UUID:
+        return event_id(self.notification_id, self.channel, self.status, self.occurrence)
+
+    def stamped(self) -> HistoryRow:
+        """The row with its event time fixed (now, if the caller gave none)."""
+        return self if self.event_time is not None else replace(self, event_time=datetime.now(UTC))
 
     def as_json(self) -> dict[str, Any]:
+        """The row as JSON (outbox queue and chDB's JSONEachRow)."""
         row = asdict(self)
-        when = self.event_time or datetime.now(UTC)
-        row["event_time"] = when.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+        row["cost"] = str(self.cost)
+        row["event_time"] = (self.event_time or datetime.now(UTC)).isoformat()
         return row
+
+    @classmethod
+    def from_json(cls, row: dict[str, Any]) -> HistoryRow:
+        """as_json's inverse; rows queued before a field existed take its default."""
+        known = {name: value for name, value in row.items() if name in cls.__dataclass_fields__}
+        known["event_time"] = datetime.fromisoformat(row["event_time"])
+        if "cost" in known:
+            known["cost"] = Decimal(str(known["cost"]))
+        return cls(**known)
+
+    def values(self) -> list[Any]:
+        """HISTORY_COLUMNS' values, event_time as stored (UTC, milliseconds)."""
+        row = {**asdict(self), "event_id": self.event_id, "event_time": self.stamped().event_time}
+        return [row[column] for column in HISTORY_COLUMNS]
 
 
 def campaign_send_id(campaign_id: uuid.UUID, run_id: str, recipient_id: int, channel: str) -> str:
@@ -87,23 +258,37 @@ def campaign_send_id(campaign_id: uuid.UUID, run_id: str, recipient_id: int, cha
 @dataclass(frozen=True)
 class HistorySubject:
     """Whose history rows these are: the one place a notification's or campaign send's
-    history event is put together."""
+    history event is put together, with what analytics groups it by."""
 
     notification_id: str
     user_id: str
     category: str
     campaign_id: str = ""
+    run_id: str = ""
+    template_key: str = ""
+    template_version: int = 0
+    country: str = ""
+    timezone: str = ""
+    occurrence: str = ""
 
-    def outbox_row(self, channel: str, status: str, at: datetime, provider: str = "") -> dict[str, Any]:
+    def outbox_row(self, channel: str, status: str, at: datetime, **details: Any) -> dict[str, Any]:
         """The event as the API queues it in the history outbox (JSON), for workers to ship."""
-        return {**asdict(self.event(channel, status, provider=provider)), "event_time": at.isoformat()}
+        return self.event(channel, status, event_time=at, **details).as_json()
 
     def event(self, channel: str, status: str, **details: Any) -> HistoryRow:
-        """details: provider, attempt, error (cut to 1,000 characters), event_time."""
+        """details: provider, attempt, error (cut to 1,000 characters), error_class, cost,
+        currency, latency_ms, event_time."""
         if "error" in details:
             details["error"] = (details["error"] or "")[:1000]
-        return HistoryRow(notification_id=self.notification_id, channel=channel, status=status, user_id=self.user_id,
-                          category=self.category, campaign_id=self.campaign_id, **details)  # fmt: skip
+        return HistoryRow(channel=channel, status=status, **asdict(self), **details)
+
+
+def _utc(at: datetime) -> datetime:
+    return at.astimezone(UTC) if at.tzinfo is not None else at.replace(tzinfo=UTC)
+
+
+def _stored_time(at: datetime) -> str:
+    return _utc(at).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
 
 
 class HistoryStore(Protocol):
@@ -111,35 +296,110 @@ class HistoryStore(Protocol):
 
     def insert(self, rows: list[HistoryRow]) -> None: ...
 
-    def query(self, sql: str) -> list[dict[str, Any]]: ...
+    def query(self, sql: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]: ...
 
     def close(self) -> None: ...
 
 
-class ChdbStore:
+class _ClickHouse:
+    """What both stores share: migrations, retention and the deduplicating insert. A
+    subclass runs statements (`_command`, `query`) and inserts rows as they are (`_insert`)."""
+
+    retention_days: int
+
+    def _command(self, sql: str) -> None:
+        raise NotImplementedError
+
+    def _insert(self, rows: list[HistoryRow]) -> None:
+        raise NotImplementedError
+
+    def query(self, sql: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def ensure_schema(self) -> None:
+        """Apply the migrations not yet recorded, in order, then the retention TTL; idempotent."""
+        self._command(MIGRATIONS_TABLE)
+        applied = {int(row["version"]) for row in self.query("SELECT version FROM marquee_migrations")}
+        for migration in MIGRATIONS:
+            if migration.version in applied:
+                continue
+            for statement in migration.statements:
+                self._command(statement)
+            self.query(
+                "INSERT INTO marquee_migrations (version, name) VALUES ({version:UInt32}, {name:String})",
+                {"version": migration.version, "name": migration.name},
+            )
+        self._apply_retention()
+
+    def _apply_retention(self) -> None:
+        for table, column in RETENTION.items():
+            ttl = f"TTL {column} + toIntervalDay({int(self.retention_days)})"
+            [row] = self.query(
+                "SELECT engine_full FROM system.tables WHERE database = currentDatabase() AND name = {table:String}",
+                {"table": table},
+            )
+            if ttl not in row["engine_full"]:  # MODIFY TTL rewrites every part: only on a change
+                self._command(f"ALTER TABLE {table} MODIFY {ttl}")
+
+    def insert(self, rows: list[HistoryRow]) -> None:
+        """Insert the rows not stored yet (by event_id); see the module's note on the race."""
+        unique: dict[uuid.UUID, HistoryRow] = {}
+        for row in rows:
+            unique.setdefault(row.event_id, row.stamped())  # a batch repeating an event keeps its first
+        if not unique:
+            return
+        days = sorted({_utc(row.event_time).date() for row in unique.values() if row.event_time is not None})
+        # Literals from uuid.UUID and date objects only (hex digits, dashes): no outside text.
+        stored = self.query(
+            f"SELECT DISTINCT toString(event_id) AS id FROM notification_history "
+            f"WHERE toDate(event_time) IN ({_listed(days)}) AND event_id IN ({_listed(unique)})"
+        )
+        for found in stored:
+            unique.pop(uuid.UUID(found["id"]), None)
+        if unique:
+            self._insert(list(unique.values()))
+
+
+def _json_value(value: Any) -> str:
+    return _stored_time(value) if isinstance(value, datetime) else str(value)  # UUID, Decimal
+
+
+def _bound(params: Mapping[str, Any] | None) -> dict[str, str]:
+    """Query parameters as ClickHouse reads them in text: datetimes in UTC with milliseconds."""
+    return {name: _stored_time(value) if isinstance(value, datetime) else str(value)
+            for name, value in (params or {}).items()}  # fmt: skip
+
+
+def _listed(values: Any) -> str:
+    return ", ".join(f"'{value}'" for value in values if isinstance(value, uuid.UUID | date))
+
+
+class ChdbStore(_ClickHouse):
     """chDB: ClickHouse's engine inside this process. A path may be open in one process only."""
 
     _lock = threading.Lock()
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, retention_days: int = DEFAULT_RETENTION_DAYS) -> None:
         from chdb import session
 
         path.mkdir(parents=True, exist_ok=True)
+        self.retention_days = retention_days
         self._session = session.Session(str(path))
 
-    def ensure_schema(self) -> None:
+    def _command(self, sql: str) -> None:
         with self._lock:
-            for statement in (SCHEMA, *UPGRADES):
-                self._session.query(statement)
+            self._session.query(sql)
 
-    def insert(self, rows: list[HistoryRow]) -> None:
-        body = "\n".join(json.dumps(row.as_json()) for row in rows)
+    def _insert(self, rows: list[HistoryRow]) -> None:
+        body = "\n".join(json.dumps(dict(zip(HISTORY_COLUMNS, row.values(), strict=True)), default=_json_value)
+                         for row in rows)  # fmt: skip
+        columns = ", ".join(HISTORY_COLUMNS)
         with self._lock:
-            self._session.query(f"INSERT INTO notification_history FORMAT JSONEachRow\n{body}")
+            self._session.query(f"INSERT INTO notification_history ({columns}) FORMAT JSONEachRow\n{body}")
 
-    def query(self, sql: str) -> list[dict[str, Any]]:
+    def query(self, sql: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
         with self._lock:
-            result = self._session.query(sql, "JSONEachRow")
+            result = self._session.query(sql, "JSONEachRow", params=_bound(params) or None)
         text = result.bytes().decode()
         return [json.loads(line) for line in text.splitlines() if line.strip()]
 
@@ -148,13 +408,14 @@ class ChdbStore:
             self._session.close()
 
 
-class ClickHouseServerStore:
+class ClickHouseServerStore(_ClickHouse):
     """A ClickHouse server through clickhouse-connect (production)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, retention_days: int = DEFAULT_RETENTION_DAYS) -> None:
         import clickhouse_connect
 
         parsed = urlparse(url)
+        self.retention_days = retention_days
         self._client = clickhouse_connect.get_client(
             host=parsed.hostname or "127.0.0.1",
             port=parsed.port or 8123,
@@ -164,29 +425,26 @@ class ClickHouseServerStore:
             secure=parsed.scheme == "https",
         )
 
-    def ensure_schema(self) -> None:
-        for statement in (SCHEMA, *UPGRADES):
-            self._client.command(statement)
+    def _command(self, sql: str) -> None:
+        self._client.command(sql)
 
-    def insert(self, rows: list[HistoryRow]) -> None:
-        now = datetime.now(UTC)
-        data = [
-            [(row.event_time or now) if column == "event_time" else getattr(row, column) for column in HISTORY_COLUMNS]
-            for row in rows
-        ]
+    def _insert(self, rows: list[HistoryRow]) -> None:
+        data = [row.values() for row in rows]
         self._client.insert("notification_history", data, column_names=list(HISTORY_COLUMNS))
 
-    def query(self, sql: str) -> list[dict[str, Any]]:
-        return list(self._client.query(sql).named_results())
+    def query(self, sql: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+        return list(self._client.query(sql, parameters=_bound(params)).named_results())
 
     def close(self) -> None:
         self._client.close()
 
 
-def open_store(clickhouse_url: str | None, chdb_path: Path) -> HistoryStore:
+def open_store(
+    clickhouse_url: str | None, chdb_path: Path, retention_days: int = DEFAULT_RETENTION_DAYS
+) -> HistoryStore:
     if clickhouse_url:
-        return ClickHouseServerStore(clickhouse_url)
-    return ChdbStore(chdb_path)
+        return ClickHouseServerStore(clickhouse_url, retention_days)
+    return ChdbStore(chdb_path, retention_days)
 
 
 class HistoryWriter:
@@ -237,8 +495,9 @@ class HistoryWriter:
             # Rows that arrived during the insert found this task running: flush them next.
             self._flusher = asyncio.create_task(self._flush_soon())
 
-    async def query(self, sql: str) -> list[dict[str, Any]]:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self.store.query, sql)
+    async def query(self, sql: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+        """Run a query on the store's thread; params bind `{name:Type}` placeholders."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self.store.query, sql, params)
 
     async def close(self) -> None:
         if self._flusher is not None:
@@ -258,7 +517,5 @@ async def ship_outbox(engine: AsyncEngine, history: HistoryWriter, limit: int = 
         taken = sa.delete(outbox).where(outbox.c.id.in_(batch.scalar_subquery())).returning(outbox.c.row)
         queued = (await conn.execute(taken)).scalars().all()
         if queued:
-            await history.record(
-                [HistoryRow(**{**row, "event_time": datetime.fromisoformat(row["event_time"])}) for row in queued]
-            )
+            await history.record([HistoryRow.from_json(row) for row in queued])
     return len(queued)
