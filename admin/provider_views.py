@@ -43,7 +43,7 @@ from services.providers import KINDS, ProviderInvalid
 PROVIDERS = "providers"  # the permission identity: only admins change providers
 
 NUMBER_FIELDS = ("priority", "rate_limit_per_second", "max_concurrency", "cost_per_message")
-FORM_FIELDS = ("name", "channel", "kind", *NUMBER_FIELDS, "settings")
+FORM_FIELDS = ("name", "channel", "kind", *NUMBER_FIELDS, "currency", "settings")
 STORED_PLACEHOLDER = "stored — leave empty to keep"
 BREAKER_COLOURS = {"closed": "green", "half_open": "yellow", "open": "red"}
 # What a new provider's settings start from, per kind (the secrets go in their own fields).
@@ -162,7 +162,7 @@ class ProviderPages(AdminPage):
             channel = request.query_params.get("channel", "email")
             kind = DEFAULT_KIND.get(channel, "smtp")
             form = {"name": "", "channel": channel, "kind": kind, "priority": "100", "rate_limit_per_second": "",
-                    "max_concurrency": "10", "cost_per_message": "0",
+                    "max_concurrency": "10", "cost_per_message": "0", "currency": "USD",
                     "settings": pretty_json(EXAMPLES[kind])}  # fmt: skip
             return await self._form(request, None, form, True, FormErrors())
         return await self._save(request, None)
@@ -182,7 +182,7 @@ class ProviderPages(AdminPage):
                     "rate_limit_per_second": "" if record.rate_limit_per_second is None
                     else f"{record.rate_limit_per_second:g}",
                     "max_concurrency": str(record.max_concurrency), "cost_per_message": f"{record.cost_per_message:g}",
-                    "settings": pretty_json(record.settings or {})}  # fmt: skip
+                    "currency": record.currency, "settings": pretty_json(record.settings or {})}  # fmt: skip
             return await self._form(request, record, form, record.enabled, FormErrors())
         return await self._save(request, record)
 
@@ -198,7 +198,8 @@ class ProviderPages(AdminPage):
         secrets = read_secrets(submitted, form["kind"], errors)
         payload: dict[str, Any] = {"channel": form["channel"], "kind": form["kind"],
                                    "settings": settings_value if settings_value is not None else {},
-                                   "secrets": secrets, "enabled": enabled}  # fmt: skip
+                                   "secrets": secrets, "enabled": enabled,
+                                   "currency": form["currency"].strip().upper() or "USD"}  # fmt: skip
         payload.update({field: _number(form[field]) for field in NUMBER_FIELDS if _number(form[field]) is not None})
         body: ProviderWrite | None = None
         try:

@@ -246,6 +246,8 @@ class ProviderConfig(SQLModel, table=True):
     rate_limit_per_second: float | None = Field(default=None, sa_column=sa.Column(sa.Float))
     max_concurrency: int = Field(default=10, sa_column=sa.Column(sa.Integer, nullable=False, server_default="10"))
     cost_per_message: float = Field(default=0.0, sa_column=sa.Column(sa.Float, nullable=False, server_default="0"))
+    # ISO 4217 code of cost_per_message; spend is summed per currency, never converted.
+    currency: str = Field(default="USD", sa_column=sa.Column(sa.Text, nullable=False, server_default="USD"))
     enabled: bool = Field(default=True, sa_column=sa.Column(sa.Boolean, nullable=False, server_default="true"))
     created_at: datetime | None = Field(
         default=None, sa_column=sa.Column(_tz(), nullable=False, server_default=sa.func.now())

@@ -533,6 +533,7 @@ class ProviderWrite(BaseModel):
     rate_limit_per_second: float | None = Field(default=None, description="Across all workers; empty = no limit")
     max_concurrency: int = Field(default=10, description="Sends in flight at once, per worker")
     cost_per_message: float = Field(default=0.0)
+    currency: str = Field(default="USD", description="ISO 4217 code of cost_per_message, such as USD or EUR")
     enabled: bool = True
 
 
@@ -552,6 +553,7 @@ class ProviderOut(BaseModel):
     rate_limit_per_second: float | None
     max_concurrency: int
     cost_per_message: float
+    currency: str = "USD"
     task_queue: str
     breaker: BreakerOut
     # Shown to admins only (None for other roles): the settings and the names of the secrets set.

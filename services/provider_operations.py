@@ -41,7 +41,7 @@ from services.providers import (
 
 ENTITY = "provider"
 COMPARED_FIELDS = ("channel", "kind", "priority", "rate_limit_per_second", "max_concurrency", "cost_per_message",
-                   "enabled")  # fmt: skip
+                   "currency", "enabled")  # fmt: skip
 TOP_LEVEL_FIELDS = frozenset({*COMPARED_FIELDS, "name", "settings", "secrets"})
 FIELD_PREFIX = re.compile(r"^([a-z_][\w.-]*): (.+)$", re.DOTALL)
 
@@ -92,6 +92,7 @@ def _public(row: sa.Row[Any], key: bytes, breaker: breakers.Breaker | None, base
         rate_limit_per_second=row.rate_limit_per_second,
         max_concurrency=row.max_concurrency,
         cost_per_message=row.cost_per_message,
+        currency=row.currency,
         task_queue=task_queue_for(base_queue, row.name),
         breaker=_breaker_out(breaker),
         settings=dict(row.settings) if full else None,

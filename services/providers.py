@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 import sqlalchemy as sa
@@ -25,6 +26,7 @@ providers = ProviderConfig.__table__  # type: ignore[attr-defined]
 breakers = ProviderBreaker.__table__  # type: ignore[attr-defined]
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+CURRENCY_PATTERN = re.compile(r"^[A-Z]{3}$")
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ class ProviderRecord:
     cost_per_message: float
     enabled: bool
     updated_at: datetime
+    currency: str = "USD"
 
     @property
     def version(self) -> tuple[Any, ...]:
@@ -79,7 +82,15 @@ def provider_record(row: sa.Row[Any], key: bytes) -> ProviderRecord:
         cost_per_message=row.cost_per_message,
         enabled=row.enabled,
         updated_at=row.updated_at,
+        currency=row.currency,
     )
+
+
+def message_cost(record: ProviderRecord | None) -> dict[str, Any]:
+    """The cost and currency a `sent` history event carries (none for built-in providers)."""
+    if record is None:
+        return {}
+    return {"cost": Decimal(str(record.cost_per_message)), "currency": record.currency}
 
 
 async def get_provider(conn: AsyncConnection, key: bytes, name: str) -> ProviderRecord | None:
@@ -103,6 +114,8 @@ def validate(values: dict[str, Any]) -> list[str]:
         problems.append("max_concurrency: must be at least 1")
     if values.get("cost_per_message", 0) < 0:
         problems.append("cost_per_message: must not be negative")
+    if not CURRENCY_PATTERN.match(str(values.get("currency", "USD"))):
+        problems.append("currency: must be a three-letter ISO 4217 code in capitals, such as USD or EUR")
     if values.get("channel") in ("email", "push", "sms"):
         # The kind's own checks too, so that one answer lists everything to fix.
         kind_problems = validate_config(
@@ -123,7 +136,8 @@ def _definition(existing: ProviderRecord | None, values: dict[str, Any]) -> dict
         stored = {name: value for name, value in stored.items() if name in spec.secrets.model_fields}
     given = values.get("secrets")
     secrets = stored if given is None else {**stored, **given}
-    merged = {"max_concurrency": 10, "cost_per_message": 0.0, "priority": 100, "enabled": True, **values}
+    merged = {"max_concurrency": 10, "cost_per_message": 0.0, "currency": "USD", "priority": 100, "enabled": True,
+              **values}  # fmt: skip
     merged["secrets"] = {name: value for name, value in secrets.items() if value not in ("", None)}
     return merged
 
@@ -153,6 +167,7 @@ async def save_provider(conn: AsyncConnection, key: bytes, values: dict[str, Any
         "rate_limit_per_second": merged.get("rate_limit_per_second"),
         "max_concurrency": merged["max_concurrency"],
         "cost_per_message": merged["cost_per_message"],
+        "currency": merged["currency"],
         "enabled": merged["enabled"],
         "updated_at": sa.func.clock_timestamp(),
     }
