@@ -113,11 +113,24 @@ class ChannelPlan(BaseModel):
     routes: list[ProviderRoute] = Field(default_factory=list)
 
 
+class HistoryTags(BaseModel):
+    """What a notification's history events are grouped by in analytics, decided by prepare
+    and carried to each later step. Empty in runs recorded before it existed."""
+
+    run_id: str = ""
+    template_key: str = ""
+    template_version: int = 0
+    country: str = ""
+    timezone: str = ""
+    occurrence: str = ""  # a dead-letter replay's run: its events repeat the original's statuses
+
+
 class DeliveryPlan(BaseModel):
     locale: str
     channels: list[ChannelPlan]
     # Quiet hours: sends wait until then (in UTC); None sends now.
     defer_until: datetime | None = None
+    tags: HistoryTags = Field(default_factory=HistoryTags)
 
 
 class SendInput(BaseModel):
@@ -135,6 +148,7 @@ class SendInput(BaseModel):
     max_failures: int = 8
     # True when a later route exists: an open circuit then skips this provider.
     may_skip: bool = False
+    tags: HistoryTags = Field(default_factory=HistoryTags)
 
 
 class SendResult(BaseModel):
@@ -149,12 +163,14 @@ class FailureInput(BaseModel):
     reason: str
     error: str
     request: NotificationInput
+    tags: HistoryTags = Field(default_factory=HistoryTags)
 
 
 class CancelInput(BaseModel):
     notification_id: uuid.UUID
     user_id: str
     category: str
+    tags: HistoryTags = Field(default_factory=HistoryTags)
 
 
 class ChannelOutcome(BaseModel):

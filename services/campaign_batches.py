@@ -46,7 +46,7 @@ from services import campaign_store as store
 from services import delivery
 from services.delivery_events import apply_early_events_for
 from services.history import HistoryRow, HistorySubject, HistoryWriter, campaign_send_id
-from services.providers import bulk_queue_for
+from services.providers import bulk_queue_for, message_cost
 from services.routing import ChannelRouter, ProviderDirectory
 from services.sending import retire_address
 from services.templates import PinnedVersions
@@ -55,6 +55,11 @@ HEARTBEAT_SECONDS = 1.0  # liveness for Temporal, independent of how fast sends 
 FLUSH_EVERY = 50  # write a chunk once this many outcomes wait
 MAX_UNRECORDED = 200  # senders wait beyond this: bounds what a crash can leave unrecorded
 RUN_COUNTERS = ("sent", "failed", "suppressed", "unreachable")  # the statuses a delivery row is recorded with
+# What an outcome carries for its history row only, not stored in campaign_deliveries.
+HISTORY_ONLY = ("user_id", "country", "timezone", "provider", "error_class")
+# Failure classes, named as the notification workflow names its reasons.
+REJECTED = "rejected by provider"
+RENDER_FAILED = "render failed"
 
 
 class CampaignMissing(NotFound):
@@ -94,9 +99,11 @@ class _Recorder:
     chunk through the group-commit writer; `close()` waits for all of it.
     """
 
-    def __init__(self, engine: AsyncEngine, history: HistoryWriter, spec: CampaignSpec, run_id: str) -> None:
+    def __init__(self, engine: AsyncEngine, history: HistoryWriter, directory: ProviderDirectory, spec: CampaignSpec,
+                 run_id: str) -> None:  # fmt: skip
         self._engine = engine
         self._history = history
+        self._directory = directory
         self._spec = spec
         self._run_id = run_id
         self._rows: list[dict[str, Any]] = []
@@ -106,16 +113,20 @@ class _Recorder:
         self.totals: Counter[str] = Counter()
 
     async def add(self, recipient: sa.Row[Any], channel: str, status: str, *, message_id: str | None = None,
-                  error: str | None = None) -> None:  # fmt: skip
+                  error: str | None = None, error_class: str = "", provider: str = "") -> None:  # fmt: skip
         self._rows.append(
             {
                 "run_id": self._run_id,
                 "recipient_id": recipient.id,
                 "user_id": recipient.user_id,
+                "country": recipient.country or "",
+                "timezone": recipient.timezone or "",
                 "channel": channel,
                 "status": status,
                 "provider_message_id": message_id,
                 "error": error,
+                "error_class": error_class,
+                "provider": provider,
             }
         )
         if len(self._rows) >= FLUSH_EVERY and (self._flushing is None or self._flushing.done()):
@@ -134,25 +145,30 @@ class _Recorder:
             if not rows:
                 return
             try:
-                counts = await self._insert(rows)
+                counts, at = await self._insert(rows)
             except BaseException:
                 # Not recorded: back to the buffer, so the next write (or close()) retries them
                 # and a failure that persists fails the batch instead of losing its records.
                 self._rows[:0] = rows
                 raise
             self.totals.update(counts)
-            self._history_writes.append(asyncio.create_task(self._history.record(self._history_rows(rows))))
+            self._history_writes.append(asyncio.create_task(self._history.record(self._history_rows(rows, at))))
 
-    async def _insert(self, rows: list[dict[str, Any]]) -> Counter[str]:
-        """Delivery rows and the run's counters, in one transaction."""
+    async def _insert(self, rows: list[dict[str, Any]]) -> tuple[Counter[str], datetime]:
+        """Delivery rows and the run's counters, in one transaction; the rows' recorded time."""
         table = store.campaign_deliveries
         async with self._engine.begin() as conn:
             # executemany of one cached statement: no per-chunk SQL compilation.
             inserted = await conn.execute(
-                insert(table).on_conflict_do_nothing(constraint="uq_campaign_delivery").returning(table.c.status),
-                [{key: value for key, value in row.items() if key != "user_id"} for row in rows],
+                insert(table)
+                .on_conflict_do_nothing(constraint="uq_campaign_delivery")
+                .returning(table.c.status, table.c.created_at),
+                [{key: value for key, value in row.items() if key not in HISTORY_ONLY} for row in rows],
             )
-            counts = Counter(row.status for row in inserted)
+            stored = inserted.all()
+            counts = Counter(row.status for row in stored)
+            # now() of this transaction, the same for every row: a rewritten chunk keeps its time.
+            at = stored[0].created_at if stored else datetime.now(UTC)
             if counts:
                 run = store.campaign_runs
                 await conn.execute(
@@ -164,19 +180,23 @@ class _Recorder:
             await apply_early_events_for(
                 conn, [row["provider_message_id"] for row in rows if row["provider_message_id"]]
             )
-        return counts
+        return counts, at
 
-    def _history_rows(self, rows: list[dict[str, Any]]) -> list[HistoryRow]:
-        campaign = self._spec.campaign_id
-        return [
-            HistorySubject(
-                campaign_send_id(campaign, row["run_id"], row["recipient_id"], row["channel"]),
-                row["user_id"],
-                self._spec.category,
-                str(campaign),
-            ).event(row["channel"], row["status"], error=row["error"])
-            for row in rows
-        ]
+    def _history_rows(self, rows: list[dict[str, Any]], at: datetime) -> list[HistoryRow]:
+        spec = self._spec
+        events = []
+        for row in rows:
+            subject = HistorySubject(
+                campaign_send_id(spec.campaign_id, row["run_id"], row["recipient_id"], row["channel"]),
+                row["user_id"], spec.category, str(spec.campaign_id), run_id=row["run_id"],
+                template_key=spec.template_key, template_version=spec.template_version, country=row["country"],
+                timezone=row["timezone"],
+            )  # fmt: skip
+            loaded = self._directory.loaded.get(row["provider"]) if row["status"] == "sent" else None
+            events.append(subject.event(row["channel"], row["status"], error=row["error"], provider=row["provider"],
+                                        error_class=row["error_class"], event_time=at,
+                                        **message_cost(loaded.record if loaded else None)))  # fmt: skip
+        return events
 
     async def close(self) -> None:
         """Record everything still buffered, and wait until its history is stored too."""
@@ -320,7 +340,7 @@ class CampaignSender:
         deferred = 0
         deferred_until: datetime | None = None
         waiting: str | None = None  # why a channel waits for a provider
-        recorder = _Recorder(self._engine, self._history, spec, batch.run_id)
+        recorder = _Recorder(self._engine, self._history, self._directory, spec, batch.run_id)
         jobs: list[tuple[sa.Row[Any], str, OutboundMessage]] = []
         skipped = 0
         ticker = asyncio.create_task(_heartbeat_every(HEARTBEAT_SECONDS, recorder, heartbeat))
@@ -396,7 +416,7 @@ class CampaignSender:
             rendered = render_for_recipient(spec.content, dict(person._mapping), variables, [channel])
             content = delivery.rendered_content(rendered, channel)
         except (RenderError, ValueError) as err:
-            await recorder.add(person, channel, "failed", error=f"render failed: {err}")
+            await recorder.add(person, channel, "failed", error=f"render failed: {err}", error_class=RENDER_FAILED)
             return None
         tracked = CampaignSend(run_id, person.id, channel)
         finished = delivery.compose(self._settings, content, channel=channel, user_id=person.user_id,
@@ -421,18 +441,18 @@ class CampaignSender:
                 try:
                     receipt = await self._router.send(message)
                 except InvalidAddressError as err:
-                    await recorder.add(person, channel, "failed", error=str(err))
+                    await recorder.add(person, channel, "failed", error=str(err), error_class=REJECTED)
                     await retire_address(
                         self._engine, channel, person.user_id, err.address or message.address, str(err)
                     )
                     continue
                 except PermanentSendError as err:
-                    await recorder.add(person, channel, "failed", error=str(err))
+                    await recorder.add(person, channel, "failed", error=str(err), error_class=REJECTED)
                     continue
                 except TransientSendError as err:
                     interrupted.append(err)
                     return
-                await recorder.add(person, channel, "sent", message_id=receipt.message_id)
+                await recorder.add(person, channel, "sent", message_id=receipt.message_id, provider=receipt.provider)
 
         await asyncio.gather(*(sender() for _ in range(min(self._send_concurrency, len(jobs)) or 1)))
         return interrupted[0] if interrupted else None

@@ -40,7 +40,7 @@ from core.models import (
     WebhookEvent,
 )
 from core.queries import lock_notification, refresh_notification_status
-from services.history import HistorySubject, campaign_send_id
+from services.history import LATENCY_STATUSES, HistorySubject, campaign_send_id
 from services.preferences import opt_out, suppress
 
 deliveries = Delivery.__table__  # type: ignore[attr-defined]
@@ -236,9 +236,12 @@ async def find_campaign(conn: AsyncConnection, run_id: str, recipient_id: int, c
     return _campaign_ref(row) if row is not None else None
 
 
-async def advance(conn: AsyncConnection, *, target: DeliveryRef, status: str, at: datetime) -> Outcome:
+async def advance(
+    conn: AsyncConnection, *, target: DeliveryRef, status: str, at: datetime, provider: str | None = None
+) -> Outcome:
     """Move a delivery forward to `status` (delivered, opened, clicked, bounced) if that is a
     step forward, and fill the status's timestamp if empty. A click implies an open.
+    `provider`: the webhook's provider (campaign sends do not store theirs).
 
     Runs in the caller's transaction. For instant deliveries the notification is locked
     first and its summary status refreshed after a change, as the send activities do."""
@@ -262,7 +265,10 @@ async def advance(conn: AsyncConnection, *, target: DeliveryRef, status: str, at
     if moved is not None:
         if target.notification_id is not None:
             await refresh_notification_status(conn, target.notification_id)
-        await _queue_history(conn, target, status, _aware(at))
+        # A click implies an open: its history says so too (an open already stored has the
+        # same event id, and the history writer keeps only the first).
+        for implied in ("opened", status) if status == "clicked" else (status,):
+            await _queue_history(conn, target, implied, _aware(at), provider)
         return Outcome.advanced
     # Not a step forward: the event's own timestamp is still a fact worth keeping.
     filled = await conn.scalar(
@@ -277,24 +283,34 @@ async def advance(conn: AsyncConnection, *, target: DeliveryRef, status: str, at
     return Outcome.stale if exists is not None else Outcome.unknown
 
 
-async def _queue_history(conn: AsyncConnection, target: DeliveryRef, status: str, at: datetime) -> None:
+async def _queue_history(
+    conn: AsyncConnection, target: DeliveryRef, status: str, at: datetime, provider: str | None
+) -> None:
     """The status change as a ClickHouse history row, queued in this transaction for the
-    workers to ship (the API process does not write to ClickHouse itself)."""
+    workers to ship (the API process does not write to ClickHouse itself). Delivered,
+    opened and clicked carry the time since the provider accepted the message."""
+    place = [recipients.c.country, recipients.c.timezone]
     if target.kind == "instant":
         found = (
             await conn.execute(
-                sa.select(notifications.c.id, notifications.c.user_id, notifications.c.category, deliveries.c.provider)
+                sa.select(notifications.c.id, notifications.c.user_id, notifications.c.category,
+                          notifications.c.run_id, notifications.c.template_key, notifications.c.template_version,
+                          deliveries.c.provider, deliveries.c.sent_at, *place)
                 .join(notifications, notifications.c.id == deliveries.c.notification_id)
+                .outerjoin(recipients, recipients.c.user_id == notifications.c.user_id)
                 .where(deliveries.c.id == target.id)
             )
-        ).one()
-        subject = HistorySubject(str(found.id), found.user_id, found.category)
+        ).one()  # fmt: skip
+        subject = HistorySubject(str(found.id), found.user_id, found.category, run_id=found.run_id or "",
+                                 template_key=found.template_key or "", template_version=found.template_version or 0,
+                                 country=found.country or "", timezone=found.timezone or "")  # fmt: skip
         provider = found.provider or ""
     else:
         found = (
             await conn.execute(
                 sa.select(campaign_deliveries.c.run_id, campaign_deliveries.c.recipient_id, campaign_runs.c.campaign_id,
-                          campaigns.c.category, recipients.c.user_id)
+                          campaign_deliveries.c.created_at.label("sent_at"), campaigns.c.category,
+                          campaigns.c.template_key, campaigns.c.template_version, recipients.c.user_id, *place)
                 .join(campaign_runs, campaign_runs.c.id == campaign_deliveries.c.run_id)
                 .join(campaigns, campaigns.c.id == campaign_runs.c.campaign_id)
                 .outerjoin(recipients, recipients.c.id == campaign_deliveries.c.recipient_id)
@@ -302,9 +318,15 @@ async def _queue_history(conn: AsyncConnection, target: DeliveryRef, status: str
             )
         ).one()  # fmt: skip
         send_id = campaign_send_id(found.campaign_id, found.run_id, found.recipient_id, target.channel)
-        subject = HistorySubject(send_id, found.user_id or "", found.category, str(found.campaign_id))
-        provider = ""
-    row = subject.outbox_row(target.channel, status, at, provider)
+        subject = HistorySubject(send_id, found.user_id or "", found.category, str(found.campaign_id),
+                                 run_id=found.run_id, template_key=found.template_key,
+                                 template_version=found.template_version, country=found.country or "",
+                                 timezone=found.timezone or "")  # fmt: skip
+        provider = provider or ""
+    latency = 0
+    if status in LATENCY_STATUSES and found.sent_at is not None:
+        latency = max(0, round((at - found.sent_at).total_seconds() * 1000))
+    row = subject.outbox_row(target.channel, status, at, provider=provider, latency_ms=latency)
     await conn.execute(sa.insert(history_outbox).values(row=row))
 
 
@@ -327,9 +349,10 @@ async def apply_event(conn: AsyncConnection, provider: str, event: ProviderEvent
                 channel=target.channel,
                 source="complaint",
             )
+        await _queue_history(conn, target, "complained", _aware(event.at), provider)
         return Outcome.complaint
     status = "bounced" if event.type in ("bounced", "failed") else event.type
-    outcome = await advance(conn, target=target, status=status, at=event.at)
+    outcome = await advance(conn, target=target, status=status, at=event.at, provider=provider)
     if status == "bounced" and event.permanent and target.address:
         await suppress(conn, target.channel, target.address, f"bounce: {event.reason or 'hard bounce'}", source)
     return outcome

@@ -31,6 +31,7 @@ from core.contracts import (
     ChannelPlan,
     DeliveryPlan,
     FailureInput,
+    HistoryTags,
     NotificationInput,
     SendInput,
     SendResult,
@@ -52,6 +53,7 @@ from services import breaker, delivery
 from services import preferences as prefs
 from services.delivery_events import apply_early_events
 from services.history import HistorySubject, HistoryWriter
+from services.providers import message_cost
 from services.routing import ProviderDirectory
 from services.templates import PinnedVersions, TemplateNotFound
 
@@ -102,12 +104,13 @@ class InstantSender:
         async with self._engine.begin() as conn:
             # The API wrote this row before starting the workflow; the upsert makes the
             # workflow whole even if that transaction was lost after the start.
-            await conn.execute(
+            accepted_at = await conn.scalar(
                 insert(notifications)
                 .values(
                     {**notification_row(request, workflow_id_for(request.notification_id)), "run_id": workflow_run_id}
                 )
                 .on_conflict_do_update(index_elements=["id"], set_={"run_id": workflow_run_id})
+                .returning(notifications.c.created_at)
             )
             if request.replay_of is not None:
                 # An operator replays a dead letter: the failed channel starts over.
@@ -166,11 +169,24 @@ class InstantSender:
                     )
                 )
             await refresh_notification_status(conn, request.notification_id)
-        subject = _subject(request)
-        await self._history.record([subject.event(plan.channel, _recorded_status(plan)) for plan in plans])
+        tags = HistoryTags(
+            run_id=workflow_run_id,
+            template_key=request.template_key or "",
+            template_version=request.template_version or 0,
+            country=(recipient.country or "") if recipient else "",
+            timezone=recipient.timezone if recipient else "",
+            # A replay's events repeat the original run's statuses: its own run tells them apart.
+            occurrence=workflow_run_id if request.replay_of is not None else "",
+        )
+        # The accepted time of the notification, so that a retried prepare writes the same row.
+        at = datetime.now(UTC) if request.replay_of is not None or accepted_at is None else accepted_at
+        subject = _subject(request, tags)
+        await self._history.record(
+            [subject.event(plan.channel, _recorded_status(plan), event_time=at) for plan in plans]
+        )
         quiet = [decision.until for decision in decisions if decision.until is not None]
         return DeliveryPlan(locale=recipient.locale if recipient else "en", channels=plans,
-                            defer_until=min(quiet) if quiet else None)  # fmt: skip
+                            defer_until=min(quiet) if quiet else None, tags=tags)  # fmt: skip
 
     async def _content(
         self, conn: AsyncConnection, request: NotificationInput, recipient: sa.Row[Any], plans: list[ChannelPlan]
@@ -233,13 +249,14 @@ class InstantSender:
                         deliveries.c.provider,
                         deliveries.c.provider_message_id,
                         deliveries.c.attempts,
+                        deliveries.c.sent_at,
                     )
                 )
             ).first()
         attempt = row.attempts if row is not None else attempt
         if row is not None and row.status in SENT_OR_LATER:
             # A retry after the provider took it but before the activity completed.
-            await self._record_history(request, "sent", row.provider or "", attempt)
+            await self._record_sent(request, row.provider or "", attempt, row.sent_at)
             return SendResult(
                 provider=row.provider or "", provider_message_id=row.provider_message_id or "", already_sent=True
             )
@@ -290,7 +307,7 @@ class InstantSender:
 
         async with self._engine.begin() as conn:
             await lock_notification(conn, request.notification_id)
-            await conn.execute(
+            sent_at = await conn.scalar(
                 deliveries.update()
                 .where(deliveries.c.notification_id == request.notification_id)
                 .where(deliveries.c.channel == request.channel)
@@ -305,11 +322,12 @@ class InstantSender:
                     updated_at=sa.func.now(),
                     error=None,
                 )
+                .returning(deliveries.c.sent_at)
             )
             # A fast provider may have reported on this message before this commit.
             await apply_early_events(conn, receipt.message_id)
             await refresh_notification_status(conn, request.notification_id)
-        await self._record_history(request, "sent", receipt.provider, attempt)
+        await self._record_sent(request, receipt.provider, attempt, sent_at)
         return SendResult(provider=receipt.provider, provider_message_id=receipt.message_id)
 
     @staticmethod
@@ -326,21 +344,24 @@ class InstantSender:
         """Mark a channel failed for good and keep a dead letter for replay."""
         async with self._engine.begin() as conn:
             await lock_notification(conn, failure.notification_id)
-            attempts = await conn.scalar(
-                deliveries.update()
-                .where(deliveries.c.notification_id == failure.notification_id)
-                .where(deliveries.c.channel == failure.channel)
-                .where(deliveries.c.status == DeliveryStatus.pending.value)
-                .values(
-                    status=DeliveryStatus.failed.value,
-                    error=failure.error,
-                    failed_at=sa.func.now(),
-                    updated_at=sa.func.now(),
+            failed = (
+                await conn.execute(
+                    deliveries.update()
+                    .where(deliveries.c.notification_id == failure.notification_id)
+                    .where(deliveries.c.channel == failure.channel)
+                    .where(deliveries.c.status == DeliveryStatus.pending.value)
+                    .values(
+                        status=DeliveryStatus.failed.value,
+                        error=failure.error,
+                        failed_at=sa.func.now(),
+                        updated_at=sa.func.now(),
+                    )
+                    .returning(deliveries.c.attempts, deliveries.c.failed_at)
                 )
-                .returning(deliveries.c.attempts)
-            )
-            if attempts is None:  # already recorded by an earlier attempt of this activity
+            ).first()
+            if failed is None:  # already recorded by an earlier attempt of this activity
                 return
+            attempts = failed.attempts
             await conn.execute(
                 insert(dead_letters)
                 .values(
@@ -364,8 +385,11 @@ class InstantSender:
                 )
             )
             await refresh_notification_status(conn, failure.notification_id)
-        subject = _subject(failure.request)
-        await self._history.record([subject.event(failure.channel, "failed", attempt=attempts, error=failure.error)])
+        event = _subject(failure.request, failure.tags).event(
+            failure.channel, "failed", attempt=attempts, error=failure.error,
+            error_class=error_class(failure.reason, failure.error), event_time=failed.failed_at,
+        )  # fmt: skip
+        await self._history.record([event])
 
     async def record_cancelled(self, cancel: CancelInput) -> None:
         """A cancelled run leaves its unsent channels `cancelled`, not pending forever."""
@@ -376,9 +400,9 @@ class InstantSender:
                 .where(deliveries.c.notification_id == cancel.notification_id)
                 .where(deliveries.c.status == DeliveryStatus.pending.value)
                 .values(status=DeliveryStatus.cancelled.value, updated_at=sa.func.now())
-                .returning(deliveries.c.channel)
+                .returning(deliveries.c.channel, deliveries.c.updated_at)
             )
-            channels = [row.channel for row in result]
+            cancelled = result.all()
             await refresh_notification_status(conn, cancel.notification_id)
             # Cancelled before any channel was planned: nothing to summarise, say cancelled.
             await conn.execute(
@@ -387,8 +411,9 @@ class InstantSender:
                 .where(~sa.exists().where(deliveries.c.notification_id == cancel.notification_id))
                 .values(status=DeliveryStatus.cancelled.value, updated_at=sa.func.now())
             )
-        if channels:
-            await self._history.record([_subject(cancel).event(channel, "cancelled") for channel in channels])
+        subject = _subject(cancel, cancel.tags)
+        await self._history.record([subject.event(row.channel, "cancelled", event_time=row.updated_at)
+                                    for row in cancelled])  # fmt: skip
 
     async def _note_error(self, request: SendInput, error: str, *, failed: bool) -> int:
         """Keep the last error on the delivery; count it when it is the provider's failure."""
@@ -406,13 +431,24 @@ class InstantSender:
             )
         return int(failures or 0)
 
-    async def _record_history(self, request: SendInput, status: str, provider: str, attempt: int) -> None:
-        event = _subject(request).event(request.channel, status, provider=provider, attempt=attempt)
+    async def _record_sent(self, request: SendInput, provider: str, attempt: int, sent_at: datetime | None) -> None:
+        """The `sent` event at the stored sent_at, with the provider's price (so a retry
+        writes the same row, which the history writer then drops)."""
+        loaded = self._directory.loaded.get(provider)
+        event = _subject(request, request.tags).event(request.channel, "sent", provider=provider, attempt=attempt,
+                                                      event_time=sent_at,
+                                                      **message_cost(loaded.record if loaded else None))  # fmt: skip
         await self._history.record([event])
 
 
-def _subject(request: NotificationInput | SendInput | CancelInput) -> HistorySubject:
-    return HistorySubject(str(request.notification_id), request.user_id, request.category)
+def _subject(request: NotificationInput | SendInput | CancelInput, tags: HistoryTags) -> HistorySubject:
+    return HistorySubject(str(request.notification_id), request.user_id, request.category, **tags.model_dump())
+
+
+def error_class(reason: str, error: str) -> str:
+    """What analytics groups a failure by: the workflow's reason (rejected by provider,
+    retries exhausted, provider unavailable, undeliverable), a render failure named as such."""
+    return "render failed" if "failed to render" in error else reason
 
 
 def _plan(channel: str, decision: delivery.ChannelDecision) -> ChannelPlan:

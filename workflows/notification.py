@@ -21,6 +21,7 @@ with workflow.unsafe.imports_passed_through():
         ChannelOutcome,
         ChannelPlan,
         FailureInput,
+        HistoryTags,
         NotificationInput,
         NotificationOutcome,
         ProviderRoute,
@@ -38,6 +39,7 @@ NOT_RETRIED = [PERMANENT_ERROR, CIRCUIT_OPEN, PROVIDER_UNAVAILABLE, FAILURES_EXH
 class NotificationWorkflow:
     def __init__(self) -> None:
         self._outcomes: dict[str, ChannelOutcome] = {}
+        self._tags = HistoryTags()
 
     @workflow.run
     async def run(self, request: NotificationInput) -> NotificationOutcome:
@@ -45,6 +47,7 @@ class NotificationWorkflow:
             plan = await workflow.execute_local_activity_method(
                 NotificationActivities.prepare, request, start_to_close_timeout=BOOKKEEPING_TIMEOUT
             )
+            self._tags = plan.tags
             for channel in plan.channels:
                 self._outcomes[channel.channel] = ChannelOutcome(channel=channel.channel, status="pending")
             if plan.defer_until is not None and plan.defer_until > workflow.now():
@@ -56,7 +59,10 @@ class NotificationWorkflow:
             await workflow.execute_local_activity_method(
                 NotificationActivities.record_cancelled,
                 CancelInput(
-                    notification_id=request.notification_id, user_id=request.user_id, category=request.category
+                    notification_id=request.notification_id,
+                    user_id=request.user_id,
+                    category=request.category,
+                    tags=self._tags,
                 ),
                 start_to_close_timeout=BOOKKEEPING_TIMEOUT,
             )
@@ -122,6 +128,7 @@ class NotificationWorkflow:
                 provider=route.provider if route else None,
                 max_failures=retry.max_attempts if last else retry.failover_after,
                 may_skip=not last,
+                tags=self._tags,
             ),
             task_queue=route.task_queue if route else None,
             schedule_to_start_timeout=timedelta(seconds=retry.queue_timeout_seconds) if route else None,
@@ -146,6 +153,7 @@ class NotificationWorkflow:
                 reason=reason,
                 error=error,
                 request=request,
+                tags=self._tags,
             ),
             start_to_close_timeout=BOOKKEEPING_TIMEOUT,
         )
