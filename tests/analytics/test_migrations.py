@@ -1,0 +1,56 @@
+"""ClickHouse migrations upgrade a table of the first release in place.
+
+chDB opens one path per process (this one's is the session worker's), so the upgrade runs
+in a child process on a store of its own."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+from services.history import MIGRATIONS, event_id
+
+UPGRADE = """
+import json, sys
+from pathlib import Path
+from services.history import SCHEMA, ChdbStore
+
+store = ChdbStore(Path(sys.argv[1]), retention_days=30)
+store._command(SCHEMA)  # the first release's table, as an old install has it
+store._command("INSERT INTO notification_history (event_time, notification_id, channel, status, user_id, category, "
+               "provider, attempt, error) VALUES (now64(3) - INTERVAL 1 DAY, '" + sys.argv[2] + "', 'email', 'sent', "
+               "'u-1', 'promo', 'smtp', 1, '')")
+store.ensure_schema()
+store.ensure_schema()  # idempotent: nothing applied twice
+print(json.dumps({
+    "rows": store.query("SELECT toString(event_id) AS event_id, toString(notification_id) AS notification_id, "
+                        "status, provider, run_id, template_key, template_version, country, error_class, "
+                        "toString(cost) AS cost, currency, latency_ms FROM notification_history"),
+    "migrations": store.query("SELECT version FROM marquee_migrations ORDER BY version"),
+    "stats": store.query("SELECT status, toUInt64(sum(events)) AS events FROM notification_stats GROUP BY status"),
+    "ttl": store.query("SELECT name, engine_full FROM system.tables WHERE database = currentDatabase() "
+                       "AND name IN ('notification_history', 'notification_stats') ORDER BY name"),
+}))
+"""
+
+
+def test_an_old_table_upgrades_in_place(tmp_path: Path) -> None:
+    nid = str(uuid.uuid4())
+    done = subprocess.run([sys.executable, "-c", UPGRADE, str(tmp_path / "chdb"), nid], capture_output=True,
+                          text=True, check=True, cwd=Path(__file__).parents[2], timeout=120)  # fmt: skip
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    # The old row is still there; its event id is the one the writer gives the same event.
+    assert found["rows"] == [{
+        "event_id": str(event_id(nid, "email", "sent")), "notification_id": nid, "status": "sent", "provider": "smtp",
+        "run_id": "", "template_key": "", "template_version": 0, "country": "", "error_class": "", "cost": "0",
+        "currency": "", "latency_ms": 0,
+    }]  # fmt: skip
+    assert [int(row["version"]) for row in found["migrations"]] == [migration.version for migration in MIGRATIONS]
+    # The stats hold the rows stored before their view existed, once.
+    assert [(row["status"], int(row["events"])) for row in found["stats"]] == [("sent", 1)]
+    history_table, stats_table = found["ttl"]
+    assert "TTL toDateTime(event_time) + toIntervalDay(30)" in history_table["engine_full"]
+    assert "TTL hour + toIntervalDay(30)" in stats_table["engine_full"]
