@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -12,6 +13,7 @@ from temporalio.client import Client
 from admin import mount_admin
 from api import problems
 from api.routes import (
+    analytics,
     campaigns,
     dead_letters,
     dev,
@@ -29,11 +31,22 @@ from api.routes import (
 from core.config import Settings
 from core.db import create_engine
 from core.temporal import connect
+from services.analytics import AnalyticsReader
+from services.history import HistoryWriter, open_store
 
 
-def create_app(settings: Settings, *, engine: AsyncEngine | None = None, temporal: Client | None = None) -> FastAPI:
+def create_app(
+    settings: Settings,
+    *,
+    engine: AsyncEngine | None = None,
+    temporal: Client | None = None,
+    history: AnalyticsReader | None = None,
+) -> FastAPI:
     """Build the app. Pass an engine and a Temporal client to share them (dev stack, tests);
-    otherwise the app opens its own on startup."""
+    otherwise the app opens its own on startup. `history` is what analytics reads: the
+    worker's HistoryWriter when both run in one process (chDB allows one process per path);
+    without it the app connects to MARQUEE_CLICKHOUSE_URL if set, and analytics answers 503
+    if not."""
 
     own_engine = engine is None
     if engine is None:
@@ -44,9 +57,18 @@ def create_app(settings: Settings, *, engine: AsyncEngine | None = None, tempora
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.temporal = temporal or await connect(settings)
+        own_history = None
+        if history is None and settings.clickhouse_url:
+            # Reads only: the workers apply the ClickHouse migrations and write the rows.
+            store = await asyncio.to_thread(
+                open_store, settings.clickhouse_url, settings.chdb_path, settings.history_retention_days
+            )
+            app.state.history = own_history = HistoryWriter(store)
         try:
             yield
         finally:
+            if own_history is not None:
+                await own_history.close()
             if own_engine:
                 await app.state.engine.dispose()
 
@@ -59,6 +81,7 @@ def create_app(settings: Settings, *, engine: AsyncEngine | None = None, tempora
     app.state.settings = settings
     app.state.jwt_secret = settings.resolved_jwt_secret()
     app.state.engine = engine
+    app.state.history = history
     problems.install(app)
     app.include_router(health.router)
     app.include_router(metrics.router)
@@ -74,6 +97,7 @@ def create_app(settings: Settings, *, engine: AsyncEngine | None = None, tempora
     app.include_router(suppressions.router)
     app.include_router(webhooks.router)
     app.include_router(tracking.router)
+    app.include_router(analytics.router)
     if settings.dev_tools:
         app.include_router(dev.router)
     mount_admin(app, engine, settings)

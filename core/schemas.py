@@ -6,7 +6,8 @@ import json
 import uuid
 import zoneinfo
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from decimal import Decimal
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, EmailStr, Field, StringConstraints, field_validator, model_validator
 
@@ -577,3 +578,125 @@ class ProviderTestResult(BaseModel):
     ok: bool
     provider: str
     provider_message_id: str
+
+
+# --- analytics (/v1/analytics) ---------------------------------------------------------------
+
+AnalyticsGranularity = Literal["hour", "day", "all"]
+AnalyticsRowT = TypeVar("AnalyticsRowT", bound="AnalyticsRow")
+
+
+class AnalyticsRow(BaseModel):
+    """What a row is grouped by: only the keys the query asked for are present."""
+
+    bucket: datetime | None = Field(default=None, description="Start of the hour or day (UTC); absent for 'all'")
+    channel: str | None = None
+    provider: str | None = None
+    campaign: str | None = Field(default=None, description="The campaign id ('' for instant notifications)")
+    template: str | None = None
+    category: str | None = None
+    country: str | None = None
+    timezone: str | None = None
+
+
+class CountsRow(AnalyticsRow):
+    sent: int
+    delivered: int
+    failed: int
+    opened: int
+    clicked: int
+    bounced: int
+    complained: int
+    unreachable: int
+    suppressed: int
+
+
+class RatesRow(AnalyticsRow):
+    sent: int = Field(description="The denominator of every rate")
+    delivered: int
+    opened: int
+    clicked: int
+    delivery_rate: float | None = Field(description="delivered / sent; null when nothing was sent")
+    open_rate: float | None = Field(description="opened / sent; null when nothing was sent")
+    click_rate: float | None = Field(description="clicked / sent; null when nothing was sent")
+
+
+class LatencyRow(AnalyticsRow):
+    delivered: int = Field(description="How many delivery times the quantiles cover")
+    deliver_p50_ms: float | None
+    deliver_p90_ms: float | None
+    deliver_p99_ms: float | None
+    opened: int = Field(description="How many open times the quantiles cover")
+    open_p50_ms: float | None
+    open_p90_ms: float | None
+    open_p99_ms: float | None
+
+
+class GeographyRow(AnalyticsRow):
+    sent: int
+    delivered: int
+    opened: int
+    delivery_rate: float | None
+    open_rate: float | None
+
+
+class SpendRow(AnalyticsRow):
+    currency: str
+    sent: int
+    cost: Decimal = Field(description="Summed per currency, never converted (a decimal string)")
+
+
+class AnalyticsOut(BaseModel, Generic[AnalyticsRowT]):
+    """The period and grouping as applied (defaults filled in), and the rows."""
+
+    start: datetime
+    end: datetime
+    granularity: AnalyticsGranularity
+    by: list[str]
+    filters: dict[str, str]
+    rows: list[AnalyticsRowT]
+
+
+class ReportCampaign(BaseModel):
+    id: uuid.UUID
+    name: str
+    status: str
+    category: str
+    channels: list[str]
+    template_key: str
+    template_version: int
+    created_at: datetime
+    first_run_at: datetime | None
+    finished_at: datetime | None
+
+
+class ReportFunnel(BaseModel):
+    targeted: int
+    sent: int
+    delivered: int
+    opened: int
+    clicked: int
+
+
+class ReportFailure(BaseModel):
+    reason: str
+    count: int
+
+
+class ReportMinute(BaseModel):
+    minute: datetime
+    sent: int
+    failed: int
+
+
+class ReportCost(BaseModel):
+    currency: str
+    cost: Decimal
+
+
+class CampaignReportOut(BaseModel):
+    campaign: ReportCampaign
+    funnel: ReportFunnel
+    failures: list[ReportFailure]
+    timeline: list[ReportMinute] = Field(description="Sends and failures per minute (UTC)")
+    cost: list[ReportCost]

@@ -90,7 +90,7 @@ async def run_dev(settings: Settings) -> None:
         stack.push_async_callback(engine.dispose)
         services = await stack.enter_async_context(worker_services(settings, engine))
         worker = create_worker(client, settings, services)
-        app = create_app(settings, engine=engine, temporal=client)
+        app = create_app(settings, engine=engine, temporal=client, history=services.history)
         server = uvicorn.Server(
             uvicorn.Config(app, host=settings.api_host, port=settings.api_port, log_config=None, lifespan="on")
         )

@@ -223,11 +223,12 @@ async def stored(engine: AsyncEngine, settings: Settings, worker: MarqueeWorker)
 
 @pytest.fixture(scope="session")
 async def api_url(
-    settings: Settings, engine: AsyncEngine, temporal_client: Client, worker: MarqueeWorker
+    settings: Settings, engine: AsyncEngine, temporal_client: Client, worker: MarqueeWorker, services: WorkerServices
 ) -> AsyncIterator[str]:
-    """The API served by uvicorn on a real port, as clients reach it."""
+    """The API served by uvicorn on a real port, as clients reach it (analytics reads the
+    worker's history store: one process, as in `marquee dev`)."""
     port = settings.api_port
-    app = create_app(settings, engine=engine, temporal=temporal_client)
+    app = create_app(settings, engine=engine, temporal=temporal_client, history=services.history)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on"))
     task = asyncio.create_task(server.serve())
     while not server.started:  # noqa: ASYNC110 - uvicorn only offers a flag

@@ -111,6 +111,12 @@ GET    /v1/audit                                              audit.read
 GET    /v1/suppressions                                       suppressions.read
 POST   /v1/suppressions                                       suppressions.write
 DELETE /v1/suppressions/{channel}/{address}                   suppressions.write
+GET    /v1/analytics/counts                                   analytics.read
+GET    /v1/analytics/rates                                    analytics.read
+GET    /v1/analytics/latency                                  analytics.read
+GET    /v1/analytics/geography                                analytics.read
+GET    /v1/analytics/spend                                    analytics.read
+GET    /v1/analytics/campaigns/{campaign_id}                  analytics.read
 """
 ROUTE_ACTIONS = {
     (method, path): action for method, path, action in (line.split() for line in ROUTES.strip().splitlines())
