@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
@@ -14,6 +15,7 @@ from sqladmin.helpers import object_identifier_values
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.requests import Request
 
+from admin.analytics_views import ANALYTICS, AnalyticsPages
 from admin.campaign_views import CampaignAdmin, CampaignPages, SegmentAdmin
 from admin.dead_letter_views import AUDIT_LOG, DEAD_LETTERS, AuditLogPage, DeadLetterPages
 from admin.pages import CAMPAIGNS, TEMPLATES, TEMPLATES_DIR, ReadOnlyView, signed_in
@@ -25,6 +27,9 @@ from core.models import AdminUser, Delivery, Notification, Recipient, Suppressio
 from core.permissions import allowed
 from services import admin_users
 from services import suppressions as suppression_ops
+
+# Files of our own served beside SQLAdmin's under /admin/statics: vendor/chartjs (Chart.js).
+STATIC_DIR = Path(__file__).parent / "static"
 
 
 class PasswordLogin(AuthenticationBackend):
@@ -129,6 +134,7 @@ VIEW_ACTIONS: dict[str, ViewActions] = {
     PROVIDERS: ViewActions("providers.read", "providers.manage"),
     DEAD_LETTERS: ViewActions("dead_letters.read", "dead_letters.resolve"),
     AUDIT_LOG: ViewActions("audit.read"),
+    ANALYTICS: ViewActions("analytics.read"),  # the dashboard and the campaign reports
 }
 READ_ACTIONS = {Action.LIST.value, Action.DETAILS.value, Action.EXPORT.value}
 
@@ -167,9 +173,19 @@ def mount_admin(app: FastAPI, engine: AsyncEngine, settings: Settings) -> Admin:
         authentication_backend=PasswordLogin(session_secret(settings, app.state.jwt_secret), engine),
         authorization_backend=RolePermissions(),
         templates_dir=str(TEMPLATES_DIR),
+        # StaticFiles looks in the directory first, then in SQLAdmin's package.
+        static_files_kwargs={"directory": str(STATIC_DIR)},
     )
     for view in (NotificationAdmin, DeliveryAdmin, DeadLetterPages, RecipientAdmin, SuppressionAdmin, AdminUserAdmin):
         admin.add_view(view)
-    for page in (TemplatePages, CampaignAdmin, CampaignPages, SegmentAdmin, ProviderPages, AuditLogPage):
+    for page in (
+        TemplatePages,
+        CampaignAdmin,
+        CampaignPages,
+        SegmentAdmin,
+        ProviderPages,
+        AuditLogPage,
+        AnalyticsPages,
+    ):
         admin.add_view(page)
     return admin
