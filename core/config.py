@@ -122,6 +122,13 @@ class Settings(BaseSettings):
     log_json: bool = False
     log_level: str = "INFO"
 
+    # Metrics and health (docs/observability.md). The Temporal SDK's own metrics are served
+    # on this host:port (Prometheus) when set; `marquee worker` serves /healthz, /readyz and
+    # its process's /metrics on the health port; each readiness check waits this long.
+    temporal_metrics_address: str | None = None
+    worker_health_port: int | None = Field(default=None, ge=0, le=65535)
+    readiness_timeout_seconds: float = Field(default=2.0, gt=0)
+
     worker_max_concurrent_activities: int = Field(default=200, ge=1)
     worker_shutdown_seconds: float = 30.0  # running activities get this long to finish on stop
     embedded_pg_port: int = 5433  # the dev stack's PostgreSQL
