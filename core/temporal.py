@@ -5,8 +5,24 @@ from __future__ import annotations
 from temporalio.client import Client
 from temporalio.contrib.opentelemetry import TracingInterceptor
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 
 from core.config import Settings
+
+# One Runtime per metrics address: each binds its Prometheus port, and every client of the
+# process (the API's and the worker's in the dev stack) shares it.
+_runtimes: dict[str, Runtime] = {}
+
+
+def metrics_runtime(address: str | None) -> Runtime | None:
+    """The SDK runtime serving its own metrics (polls, task latencies, slots, request
+    failures) in Prometheus format on `address`; None (the SDK's default runtime) when unset."""
+    if not address:
+        return None
+    if address not in _runtimes:
+        prometheus = PrometheusConfig(bind_address=address, durations_as_seconds=True)
+        _runtimes[address] = Runtime(telemetry=TelemetryConfig(metrics=prometheus))
+    return _runtimes[address]
 
 
 def temporal_address(settings: Settings) -> str:
@@ -19,4 +35,5 @@ async def connect(settings: Settings) -> Client:
         namespace=settings.temporal_namespace,
         data_converter=pydantic_data_converter,
         interceptors=[TracingInterceptor()],
+        runtime=metrics_runtime(settings.temporal_metrics_address),
     )
