@@ -43,7 +43,7 @@ from core.queries import recipients
 from core.templating import RenderError, TemplateContent, checked_variables, render_for_recipient
 from core.tracking import CampaignSend
 from services import campaign_store as store
-from services import delivery
+from services import delivery, metrics
 from services.delivery_events import apply_early_events_for
 from services.history import HistoryRow, HistorySubject, HistoryWriter, campaign_send_id
 from services.providers import bulk_queue_for, message_cost
@@ -114,6 +114,10 @@ class _Recorder:
 
     async def add(self, recipient: sa.Row[Any], channel: str, status: str, *, message_id: str | None = None,
                   error: str | None = None, error_class: str = "", provider: str = "") -> None:  # fmt: skip
+        if status == "sent":
+            metrics.SENT.labels(channel, provider, "campaign").inc()
+        elif status == "failed":
+            metrics.FAILED.labels(channel, provider, "campaign").inc()
         self._rows.append(
             {
                 "run_id": self._run_id,
@@ -371,6 +375,8 @@ class CampaignSender:
                     elif decision.outcome is delivery.Outcome.no_provider:
                         waiting = decision.reason
                     elif decision.outcome is delivery.Outcome.send:
+                        first = self._directory.first_in_line(channel, decision.routes)
+                        metrics.ACCEPTED.labels(channel, first, "campaign").inc()
                         job = await self._message(spec, batch.run_id, person, channel, decision, variables, recorder)
                         if job is not None:
                             jobs.append((person, channel, job))

@@ -28,7 +28,7 @@ from channels.base import (
 from channels.sandbox import SandboxProvider
 from core.contracts import ProviderRoute
 from core.secretbox import SecretsUnreadable
-from services import breaker
+from services import breaker, metrics
 from services.providers import ProviderRecord, provider_record, providers, task_queue_for
 
 logger = structlog.get_logger("marquee.providers")
@@ -132,6 +132,13 @@ class ProviderDirectory:
         """The channel's stored providers in priority order; empty: the default provider."""
         return self._routes.get(channel, [])
 
+    def first_in_line(self, channel: str, routes: list[ProviderRoute]) -> str:
+        """The provider a send tries first: its first route, or the channel's default."""
+        if routes:
+            return routes[0].provider
+        default = self.defaults.get(channel)
+        return default.name if default else ""
+
     def no_provider(self, channel: str) -> bool:
         """True when a channel has stored providers, none enabled, and its environment
         default is the sandbox: sending there would report messages sent that no one gets."""
@@ -214,7 +221,8 @@ class ChannelRouter:
             if loaded is not None and loaded.limiter is not None:
                 await loaded.limiter.acquire()
             try:
-                receipt = await provider.send(message)
+                with metrics.provider_call(message.channel, name):
+                    receipt = await provider.send(message)
             except (TransientSendError, ProviderUnavailableError) as err:
                 await directory.failed(name, err)
                 if not trips_breaker(err):

@@ -49,7 +49,7 @@ from core.queries import (
 )
 from core.templating import RenderError, checked_variables, render_for_recipient
 from core.tracking import InstantDelivery
-from services import breaker, delivery
+from services import breaker, delivery, metrics
 from services import preferences as prefs
 from services.delivery_events import apply_early_events
 from services.history import HistorySubject, HistoryWriter
@@ -169,6 +169,10 @@ class InstantSender:
                     )
                 )
             await refresh_notification_status(conn, request.notification_id)
+        for plan in plans:
+            if _recorded_status(plan) == DeliveryStatus.pending.value:
+                first = self._directory.first_in_line(plan.channel, plan.routes)
+                metrics.ACCEPTED.labels(plan.channel, first, "instant").inc()
         tags = HistoryTags(
             run_id=workflow_run_id,
             template_key=request.template_key or "",
@@ -285,7 +289,8 @@ class InstantSender:
             data=request.data,
         )
         try:
-            receipt = await provider.send(message)
+            with metrics.provider_call(request.channel, name):
+                receipt = await provider.send(message)
         except InvalidAddressError as err:
             await retire_address(
                 self._engine, request.channel, request.user_id, err.address or request.address, str(err)
@@ -328,6 +333,7 @@ class InstantSender:
             await apply_early_events(conn, receipt.message_id)
             await refresh_notification_status(conn, request.notification_id)
         await self._record_sent(request, receipt.provider, attempt, sent_at)
+        metrics.SENT.labels(request.channel, receipt.provider, "instant").inc()
         return SendResult(provider=receipt.provider, provider_message_id=receipt.message_id)
 
     @staticmethod
@@ -356,7 +362,7 @@ class InstantSender:
                         failed_at=sa.func.now(),
                         updated_at=sa.func.now(),
                     )
-                    .returning(deliveries.c.attempts, deliveries.c.failed_at)
+                    .returning(deliveries.c.attempts, deliveries.c.failed_at, deliveries.c.provider)
                 )
             ).first()
             if failed is None:  # already recorded by an earlier attempt of this activity
@@ -385,6 +391,7 @@ class InstantSender:
                 )
             )
             await refresh_notification_status(conn, failure.notification_id)
+        metrics.FAILED.labels(failure.channel, failed.provider or "", "instant").inc()
         event = _subject(failure.request, failure.tags).event(
             failure.channel, "failed", attempt=attempts, error=failure.error,
             error_class=error_class(failure.reason, failure.error), event_time=failed.failed_at,
