@@ -1,4 +1,4 @@
-"""The `marquee` command: dev, api, worker, migrate, tokens, users and the secrets key."""
+"""The `marquee` command: dev, api, worker, migrate, backup, restore, tokens, users and the secrets key."""
 
 from __future__ import annotations
 
@@ -6,9 +6,11 @@ import argparse
 import asyncio
 import contextlib
 import getpass
+import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import uvicorn
 from cryptography.fernet import Fernet
@@ -20,6 +22,7 @@ from core.db import create_engine
 from core.errors import Conflict, Invalid
 from core.logging import configure_logging
 from core.migrate import upgrade
+from entrypoints import backup
 from entrypoints.dev import run_dev
 from services import admin_users
 from services.history import open_store
@@ -58,6 +61,31 @@ def _cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         store.close()
     print(f"history store migrated ({'ClickHouse server' if settings.clickhouse_url else settings.chdb_path})")
+    return 0
+
+
+def _cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        manifest = backup.backup(settings, args.directory)
+    except backup.BackupError as err:
+        raise SystemExit(f"marquee backup: {err}") from err
+    print(json.dumps(manifest, indent=2))
+    print(f"backed up to {args.directory} in {manifest['seconds']:.1f} s")
+    return 0
+
+
+def _cmd_restore(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        manifest = backup.read_manifest(args.directory)
+        targets = [f"PostgreSQL database {backup.target_database(settings)}", backup.target_history(settings)]
+        if "temporal" in manifest and not settings.temporal_address:
+            targets.append(f"Temporal dev server file {settings.data_dir / 'temporal.db'}")
+        print(f"restoring the backup of {manifest['created_at']} into: {'; '.join(targets)}", flush=True)
+        report = backup.restore(settings, args.directory, force=args.force)
+    except backup.BackupError as err:
+        raise SystemExit(f"marquee restore: {err}") from err
+    print(json.dumps(report, indent=2))
+    print(f"restored from {args.directory} in {report['seconds']:.1f} s")
     return 0
 
 
@@ -114,6 +142,16 @@ def build_parser() -> argparse.ArgumentParser:
     migrate = commands.add_parser("migrate", help="apply database and history store (ClickHouse) migrations")
     migrate.add_argument("--revision", default="head")
     migrate.set_defaults(handler=_cmd_migrate)
+
+    backup_cmd = commands.add_parser(
+        "backup", help="dump PostgreSQL, the history store and the dev stack's Temporal file into DIR"
+    )
+    backup_cmd.add_argument("directory", type=Path, metavar="DIR", help="a new or empty directory")
+    backup_cmd.set_defaults(handler=_cmd_backup)
+    restore_cmd = commands.add_parser("restore", help="restore a backup made by `marquee backup`")
+    restore_cmd.add_argument("directory", type=Path, metavar="DIR")
+    restore_cmd.add_argument("--force", action="store_true", help="replace targets that hold data")
+    restore_cmd.set_defaults(handler=_cmd_restore)
 
     token = commands.add_parser("token", help="API tokens").add_subparsers(dest="action", required=True)
     create_token = token.add_parser("create", help="print a signed JWT")
