@@ -8,6 +8,7 @@ import hmac
 import secrets
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from cryptography.fernet import Fernet
 from pydantic import Field, PrivateAttr, SecretStr, field_validator
@@ -117,10 +118,17 @@ class Settings(BaseSettings):
     dev_tools: bool = False
     admin_session_secret: SecretStr | None = None
 
-    # Observability
+    # Logs and errors (docs/observability.md): ECS JSON lines on stdout or readable text on
+    # stderr; log_json=true is the older spelling of log_format=json. Sentry when a DSN is set.
     sentry_dsn: str | None = None
+    sentry_environment: str | None = None
+    log_format: Literal["json", "text"] | None = None
     log_json: bool = False
     log_level: str = "INFO"
+
+    @property
+    def log_as_json(self) -> bool:
+        return self.log_format == "json" or (self.log_format is None and self.log_json)
 
     # Metrics and health (docs/observability.md). The Temporal SDK's own metrics are served
     # on this host:port (Prometheus) when set; `marquee worker` serves /healthz, /readyz and
@@ -128,6 +136,13 @@ class Settings(BaseSettings):
     temporal_metrics_address: str | None = None
     worker_health_port: int | None = Field(default=None, ge=0, le=65535)
     readiness_timeout_seconds: float = Field(default=2.0, gt=0)
+
+    # Tracing (docs/observability.md): OpenTelemetry over OTLP/HTTP to this base URL (a
+    # collector, Jaeger or Tempo, e.g. http://collector:4318), or to the standard
+    # OTEL_EXPORTER_OTLP_ENDPOINT; off when neither is set. The service name defaults to
+    # OTEL_SERVICE_NAME, else marquee-api, marquee-worker or marquee-dev (API and worker in one).
+    otlp_endpoint: str | None = None
+    otel_service_name: str | None = None
 
     worker_max_concurrent_activities: int = Field(default=200, ge=1)
     worker_shutdown_seconds: float = 30.0  # running activities get this long to finish on stop

@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
+import structlog
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 from temporalio.client import Client, WorkflowFailureError
@@ -37,6 +38,8 @@ from services.templates import TemplateNotFound
 
 # Keys are scoped to the caller, so two services choosing the same key never collide.
 _KEY_NAMESPACE = uuid.UUID("6f6b1c5e-6d61-7271-7565-650000000001")
+
+logger = structlog.get_logger("marquee.notifications")
 
 
 @dataclass(frozen=True)
@@ -261,6 +264,8 @@ async def _create(
         raise Unavailable(f"could not start the notification: {err.message}", title="Temporal unavailable") from err
     await conn.execute(notifications.update().where(notifications.c.id == notification_id).values(run_id=run_id))
     await conn.commit()
+    logger.info("notification accepted", notification_id=str(notification_id), channels=workflow_input.channels,
+                workflow_id=workflow_id_for(notification_id), category=workflow_input.category)  # fmt: skip
     return True
 
 
