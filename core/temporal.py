@@ -8,6 +8,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 
 from core.config import Settings
+from core.sentry import SentryInterceptor
 
 # One Runtime per metrics address: each binds its Prometheus port, and every client of the
 # process (the API's and the worker's in the dev stack) shares it.
@@ -34,6 +35,7 @@ async def connect(settings: Settings) -> Client:
         temporal_address(settings),
         namespace=settings.temporal_namespace,
         data_converter=pydantic_data_converter,
-        interceptors=[TracingInterceptor()],
+        # Sentry's after tracing: inside the activity's span, so its events carry the trace id.
+        interceptors=[TracingInterceptor(), SentryInterceptor()],
         runtime=metrics_runtime(settings.temporal_metrics_address),
     )

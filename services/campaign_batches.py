@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
+import structlog
 from aiolimiter import AsyncLimiter
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -60,6 +61,8 @@ HISTORY_ONLY = ("user_id", "country", "timezone", "provider", "error_class")
 # Failure classes, named as the notification workflow names its reasons.
 REJECTED = "rejected by provider"
 RENDER_FAILED = "render failed"
+
+logger = structlog.get_logger("marquee.campaigns")
 
 
 class CampaignMissing(NotFound):
@@ -288,6 +291,7 @@ class CampaignSender:
             throttle = await conn.scalar(
                 sa.select(store.campaigns.c.throttle_per_second).where(store.campaigns.c.id == request.campaign_id)
             )
+        logger.info("campaign run started" if created is not None else "campaign run resumed")
         plan = RunPlan(throttle_per_second=throttle, zones=zones, has_window=bool(spec.schedule.get("window")))
         lanes = [self._lane(channel) for channel in spec.channels]
         if len(lanes) == 1:
@@ -394,12 +398,17 @@ class CampaignSender:
                     .where(run.c.id == batch.run_id)
                     .values(skipped_duplicate=run.c.skipped_duplicate + skipped)
                 )
+        totals = recorder.totals
+        outcomes = {name: totals[name] for name in RUN_COUNTERS}
         if transient is not None:
-            # The sent part is recorded; the retry of this batch sends only the rest.
+            # The sent part is recorded; the retry of this batch sends only the rest. (The
+            # provider's error text is the activity's failure, not logged: it may quote an address.)
+            logger.warning("campaign batch interrupted", size=len(audience), **outcomes)
             raise BatchInterrupted(f"batch interrupted: {transient}", transient.retry_after)
         if waiting is not None:
+            logger.info("campaign batch waits for a provider", size=len(audience), **outcomes)
             raise BatchInterrupted(f"batch waits: {waiting}", None)
-        totals = recorder.totals
+        logger.info("campaign batch done", size=len(audience), skipped_duplicate=skipped, deferred=deferred, **outcomes)
         return BatchResult(sent=totals["sent"], failed=totals["failed"], suppressed=totals["suppressed"],
                            unreachable=totals["unreachable"], skipped_duplicate=skipped, deferred=deferred,
                            deferred_until=deferred_until)  # fmt: skip
@@ -473,6 +482,7 @@ class CampaignSender:
             if not request.recurring:
                 await store.set_campaign_status(conn, request.campaign_id, request.status)
         self._specs.pop(request.campaign_id, None)
+        logger.info("campaign run finished", status=request.status)
 
 
 async def _heartbeat_every(seconds: float, recorder: _Recorder, heartbeat: Callable[[dict[str, int]], None]) -> None:

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
+import structlog
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -56,6 +57,8 @@ from services.history import HistorySubject, HistoryWriter
 from services.providers import message_cost
 from services.routing import ProviderDirectory
 from services.templates import PinnedVersions, TemplateNotFound
+
+logger = structlog.get_logger("marquee.notifications")
 
 
 class SendFailure(Exception):
@@ -189,6 +192,9 @@ class InstantSender:
             [subject.event(plan.channel, _recorded_status(plan), event_time=at) for plan in plans]
         )
         quiet = [decision.until for decision in decisions if decision.until is not None]
+        logger.info("notification prepared", send=[plan.channel for plan in plans if plan.skip_reason is None],
+                    skip={plan.channel: _recorded_status(plan) for plan in plans if plan.skip_reason is not None},
+                    deferred=bool(quiet))  # fmt: skip
         return DeliveryPlan(locale=recipient.locale if recipient else "en", channels=plans,
                             defer_until=min(quiet) if quiet else None, tags=tags)  # fmt: skip
 
@@ -333,6 +339,7 @@ class InstantSender:
             await apply_early_events(conn, receipt.message_id)
             await refresh_notification_status(conn, request.notification_id)
         await self._record_sent(request, receipt.provider, attempt, sent_at)
+        logger.info("notification sent", channel=request.channel, provider=receipt.provider, attempt=attempt)
         metrics.SENT.labels(request.channel, receipt.provider, "instant").inc()
         return SendResult(provider=receipt.provider, provider_message_id=receipt.message_id)
 
@@ -392,6 +399,7 @@ class InstantSender:
             )
             await refresh_notification_status(conn, failure.notification_id)
         metrics.FAILED.labels(failure.channel, failed.provider or "", "instant").inc()
+        logger.warning("notification dead-lettered", channel=failure.channel, reason=failure.reason, attempts=attempts)
         event = _subject(failure.request, failure.tags).event(
             failure.channel, "failed", attempt=attempts, error=failure.error,
             error_class=error_class(failure.reason, failure.error), event_time=failed.failed_at,
@@ -418,6 +426,7 @@ class InstantSender:
                 .where(~sa.exists().where(deliveries.c.notification_id == cancel.notification_id))
                 .values(status=DeliveryStatus.cancelled.value, updated_at=sa.func.now())
             )
+        logger.info("notification cancelled", channels=[row.channel for row in cancelled])
         subject = _subject(cancel, cancel.tags)
         await self._history.record([subject.event(row.channel, "cancelled", event_time=row.updated_at)
                                     for row in cancelled])  # fmt: skip
