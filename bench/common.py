@@ -1,4 +1,4 @@
-"""What both benchmarks need: a fresh database on this machine's PostgreSQL, or an embedded one."""
+"""What the benchmarks need: a fresh database on this machine's PostgreSQL, or an embedded one."""
 
 from __future__ import annotations
 
@@ -24,3 +24,13 @@ async def fresh_database(workdir: Path) -> tuple[str, EmbeddedPostgres | None]:
     await conn.execute(f'CREATE DATABASE "{name}"')
     await conn.close()
     return f"{server}/{name}", embedded
+
+
+async def drop_database(database_url: str) -> None:
+    """Drop a database fresh_database made (its connections closed first)."""
+    server, name = database_url.rsplit("/", 1)
+    conn = await asyncpg.connect(f"{server}/postgres")
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
