@@ -164,6 +164,7 @@ class MarqueeWorker:
         self._task: asyncio.Task[None] | None = None
         # The refresh loop and callers (tests, a provider edit) must not start one provider twice.
         self._refreshing = asyncio.Lock()
+        self._stopping = False
 
     @property
     def is_running(self) -> bool:
@@ -171,7 +172,8 @@ class MarqueeWorker:
 
     async def refresh_providers(self) -> None:
         async with self._refreshing:
-            await self._refresh_providers()
+            if not self._stopping:
+                await self._refresh_providers()
 
     async def _refresh_providers(self) -> None:
         started, retired = await self._services.directory.refresh()
@@ -251,8 +253,13 @@ class MarqueeWorker:
                 await self._stop_provider(name)
 
     async def shutdown(self) -> None:
-        if self._main.is_running:
-            await self._main.shutdown()
+        """Every task queue stops polling at once (no provider worker is started after), then
+        running activities share one grace period, MARQUEE_WORKER_SHUTDOWN_SECONDS; those still
+        running then are cancelled, and Temporal retries them on another worker."""
+        async with self._refreshing:
+            self._stopping = True
+        providers = [worker for pairs in self._providers.values() for worker, _ in pairs]
+        await asyncio.gather(*(worker.shutdown() for worker in [self._main, *providers] if worker.is_running))
 
     async def __aenter__(self) -> MarqueeWorker:
         self._task = asyncio.create_task(self.run(), name="marquee-worker")
