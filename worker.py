@@ -23,6 +23,8 @@ from channels.sandbox import SandboxProvider
 from core.config import Settings
 from core.db import create_engine
 from core.temporal import connect
+from entrypoints.probes import serve_probes
+from services import health
 from services.campaign_batches import CampaignSender
 from services.history import HistoryWriter, open_store, ship_outbox
 from services.providers import bulk_queue_for, task_queue_for
@@ -252,6 +254,19 @@ class MarqueeWorker:
             for name in list(self._providers):
                 await self._stop_provider(name)
 
+    async def readiness(self) -> health.Readiness:
+        """What the health port's /readyz answers: the dependencies, and whether this worker polls."""
+        settings = self._settings
+        found = await health.readiness(
+            self._services.engine,
+            self._client,
+            clickhouse_url=settings.clickhouse_url,
+            history=self._services.history,
+            within=settings.readiness_timeout_seconds,
+        )
+        polling = health.Check(health.UP if self.is_running else health.DOWN, "" if self.is_running else "not polling")
+        return health.Readiness({**found.checks, "worker": polling})
+
     async def shutdown(self) -> None:
         """Every task queue stops polling at once (no provider worker is started after), then
         running activities share one grace period, MARQUEE_WORKER_SHUTDOWN_SECONDS; those still
@@ -297,8 +312,18 @@ async def run_worker(settings: Settings) -> None:
             loop.add_signal_handler(signum, stop.set)
         running = asyncio.create_task(worker.run())
         logger.info("worker started", task_queue=settings.temporal_task_queue)
+        probes = None
+        if settings.worker_health_port is not None:
+            # Up before the worker polls: orchestrators see it alive and, until it polls, not ready.
+            probes = await serve_probes(settings.api_host, settings.worker_health_port, worker.readiness)
+            logger.info("health port listening", host=settings.api_host,
+                        port=probes.sockets[0].getsockname()[1])  # fmt: skip
         await asyncio.wait([running, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
         if not running.done():
             logger.info("worker stopping")
             await worker.shutdown()
-        await running
+        try:
+            await running
+        finally:
+            if probes is not None:
+                probes.close()

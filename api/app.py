@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -32,7 +31,7 @@ from core.config import Settings
 from core.db import create_engine
 from core.temporal import connect
 from services.analytics import AnalyticsReader
-from services.history import HistoryWriter, open_store
+from services.health import LazyHistoryReader
 
 
 def create_app(
@@ -45,8 +44,9 @@ def create_app(
     """Build the app. Pass an engine and a Temporal client to share them (dev stack, tests);
     otherwise the app opens its own on startup. `history` is what analytics reads: the
     worker's HistoryWriter when both run in one process (chDB allows one process per path);
-    without it the app connects to MARQUEE_CLICKHOUSE_URL if set, and analytics answers 503
-    if not."""
+    without it the app reads MARQUEE_CLICKHOUSE_URL if set, connecting at the first query so
+    that a ClickHouse outage neither stops the start nor anything but analytics (503 until it
+    is back; /readyz reports it), and analytics answers 503 if it is not set."""
 
     own_engine = engine is None
     if engine is None:
@@ -60,10 +60,9 @@ def create_app(
         own_history = None
         if history is None and settings.clickhouse_url:
             # Reads only: the workers apply the ClickHouse migrations and write the rows.
-            store = await asyncio.to_thread(
-                open_store, settings.clickhouse_url, settings.chdb_path, settings.history_retention_days
+            app.state.history = own_history = LazyHistoryReader(
+                settings.clickhouse_url, settings.chdb_path, settings.history_retention_days
             )
-            app.state.history = own_history = HistoryWriter(store)
         try:
             yield
         finally:

@@ -42,7 +42,9 @@ def _cmd_api(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_worker(settings: Settings, _: argparse.Namespace) -> int:
+def _cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
+    if args.health_port is not None:
+        settings = settings.model_copy(update={"worker_health_port": args.health_port})
     configure_logging(settings)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run_worker(settings))
@@ -138,7 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--host")
     api.add_argument("--port", type=int)
     api.set_defaults(handler=_cmd_api)
-    commands.add_parser("worker", help="run a Temporal worker").set_defaults(handler=_cmd_worker)
+    worker = commands.add_parser("worker", help="run a Temporal worker")
+    worker.add_argument("--health-port", type=int, metavar="PORT",
+                        help="serve /healthz, /readyz and this worker's /metrics on PORT "
+                        "(default: MARQUEE_WORKER_HEALTH_PORT; unset: no health port)")  # fmt: skip
+    worker.set_defaults(handler=_cmd_worker)
     migrate = commands.add_parser("migrate", help="apply database and history store (ClickHouse) migrations")
     migrate.add_argument("--revision", default="head")
     migrate.set_defaults(handler=_cmd_migrate)

@@ -338,9 +338,10 @@ class InstantSender:
             # A fast provider may have reported on this message before this commit.
             await apply_early_events(conn, receipt.message_id)
             await refresh_notification_status(conn, request.notification_id)
+        # Counted once PostgreSQL says sent (what the API shows), before the history write.
+        metrics.SENT.labels(request.channel, receipt.provider, "instant").inc()
         await self._record_sent(request, receipt.provider, attempt, sent_at)
         logger.info("notification sent", channel=request.channel, provider=receipt.provider, attempt=attempt)
-        metrics.SENT.labels(request.channel, receipt.provider, "instant").inc()
         return SendResult(provider=receipt.provider, provider_message_id=receipt.message_id)
 
     @staticmethod

@@ -2,32 +2,34 @@
 
 from __future__ import annotations
 
-import sqlalchemy as sa
-from fastapi import APIRouter, Request
+from typing import Any
 
-from api.deps import TemporalDep
-from api.problems import Problem
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from core.config import Settings
+from services import health
 
 router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz")
 async def live() -> dict[str, str]:
+    """The process is up and serving."""
     return {"status": "ok"}
 
 
-@router.get("/readyz")
-async def ready(request: Request, temporal: TemporalDep) -> dict[str, str]:
-    """200 only when PostgreSQL and Temporal both answer; 503 naming the one that does not."""
-    try:
-        async with request.app.state.engine.connect() as conn:
-            await conn.execute(sa.text("SELECT 1"))
-    except Exception as err:
-        raise Problem(503, "Not ready", f"database: {err}") from err
-    try:
-        healthy = await temporal.service_client.check_health()
-    except Exception as err:
-        raise Problem(503, "Not ready", f"temporal: {err}") from err
-    if not healthy:
-        raise Problem(503, "Not ready", "temporal: health check failed")
-    return {"status": "ready"}
+@router.get("/readyz", responses={503: {"description": "A dependency is down (named in `checks`)"}})
+async def ready(request: Request) -> JSONResponse:
+    """PostgreSQL, Temporal and ClickHouse, each checked within MARQUEE_READINESS_TIMEOUT_SECONDS
+    and reported by name; 200 when none is down, 503 otherwise."""
+    state: Any = request.app.state
+    settings: Settings = state.settings
+    found = await health.readiness(
+        state.engine,
+        getattr(state, "temporal", None),  # None until the lifespan connected
+        clickhouse_url=settings.clickhouse_url,
+        history=state.history,
+        within=settings.readiness_timeout_seconds,
+    )
+    return JSONResponse(found.body(), status_code=200 if found.ready else 503)
