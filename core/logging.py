@@ -16,10 +16,19 @@ from typing import Any
 
 import structlog
 from ecs_logging import StructlogFormatter
+from temporalio.runtime import LogForwardingConfig, LoggingConfig, Runtime, TelemetryConfig, TelemetryFilter
 
 from core.config import Settings
 from core.log_fields import ID_FIELDS, current_trace_ids, redact_values
 from core.sentry import init_sentry
+
+# The Temporal SDK's Rust core writes its own lines to stderr unless they are forwarded to a
+# Python logger: warnings and errors, through our formatter. A Runtime built elsewhere (the
+# metrics one in core.temporal) should pass this too.
+TEMPORAL_CORE_LOGGING = LoggingConfig(
+    filter=TelemetryFilter(core_level="WARN", other_level="ERROR"),
+    forwarding=LogForwardingConfig(logger=logging.getLogger("temporalio.core")),
+)
 
 
 def _add_trace_ids(_: Any, __: str, event: structlog.typing.EventDict) -> structlog.typing.EventDict:
@@ -97,4 +106,5 @@ def configure_logging(settings: Settings) -> None:
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
     )
+    Runtime.set_default(Runtime(telemetry=TelemetryConfig(logging=TEMPORAL_CORE_LOGGING)), error_if_already_set=False)
     init_sentry(settings)
