@@ -77,7 +77,7 @@ class MarqueeProcess:
             if self.process.poll() is not None:
                 break
             await asyncio.sleep(0.1)
-        raise AssertionError(f"no {text!r} from {self.process.args}\n{self.diagnostics()}")
+        raise AssertionError(f"no {text!r} from marquee\n{self.diagnostics()}")
 
     async def wait_for_api(self, seconds: float = 20) -> None:
         async with httpx.AsyncClient() as client:

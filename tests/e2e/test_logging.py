@@ -27,8 +27,8 @@ async def test_a_send_logs_ecs_json_with_its_ids_and_no_personal_data(
         await api.wait_for_api()
         await worker.wait_for("worker started")
         user = f"user-{uuid.uuid4().hex[:10]}"
-        person = {"user_id": user, "email": f"{user}@example.com", "phone": f"+1555{uuid.uuid4().int % 10**7:07d}",
-                  "push_tokens": [f"push-token-{uuid.uuid4().hex}"], "locale": "en"}  # fmt: skip
+        email, phone, token = f"{user}@example.com", f"+1555{uuid.uuid4().int % 10**7:07d}", f"push-{uuid.uuid4().hex}"
+        person = {"user_id": user, "email": email, "phone": phone, "push_tokens": [token], "locale": "en"}
         content = {"title": f"Secret title {uuid.uuid4().hex[:8]}", "body": f"Private body {uuid.uuid4().hex[:8]}"}
         headers = {"Authorization": f"Bearer {token_for(settings, Role.service)}"}
         async with httpx.AsyncClient(base_url=api.url, headers=headers, timeout=30) as client:
@@ -38,7 +38,7 @@ async def test_a_send_logs_ecs_json_with_its_ids_and_no_personal_data(
             assert response.status_code == 202, response.text
             notification_id = response.json()["id"]
             await wait_for_status(client, notification_id, "sent")
-        assert smtp_server.handler.to(person["email"])  # it did go out
+        assert smtp_server.handler.to(email)  # it did go out
     output = api.output() + worker.output()
 
     documents = []
@@ -61,6 +61,6 @@ async def test_a_send_logs_ecs_json_with_its_ids_and_no_personal_data(
     for document in sent:  # bound in the activity: the workflow it runs for
         assert document["labels"]["workflow_id"] == f"notification-{notification_id}"
 
-    for secret in (person["email"], person["phone"], person["push_tokens"][0], content["title"], content["body"]):
+    for secret in (email, phone, token, content["title"], content["body"]):
         assert secret not in output, f"{secret!r} was logged"
-    assert person["email"] not in api.stderr.read_text() + worker.stderr.read_text()
+    assert email not in api.stderr.read_text() + worker.stderr.read_text()
