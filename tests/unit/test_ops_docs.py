@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
+import yaml  # type: ignore[import-untyped]  # no stubs in the lock
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
