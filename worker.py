@@ -23,6 +23,7 @@ from channels.sandbox import SandboxProvider
 from core.config import Settings
 from core.db import create_engine
 from core.temporal import connect
+from core.tracing import instrument_engine
 from entrypoints.probes import serve_probes
 from services import health
 from services.campaign_batches import CampaignSender
@@ -113,6 +114,7 @@ async def worker_services(settings: Settings, engine: AsyncEngine | None = None)
     """Database, history store and providers for a worker; closed on exit."""
     own_engine = engine is None
     engine = engine or create_engine(_database_url(settings), settings.database_pool_size)
+    instrument_engine(engine)  # when tracing is on
     store = open_store(settings.clickhouse_url, settings.chdb_path, settings.history_retention_days)
     await asyncio.to_thread(store.ensure_schema)
     history = HistoryWriter(store, settings.history_flush_seconds, settings.history_flush_rows)

@@ -30,6 +30,7 @@ from api.routes import (
 from core.config import Settings
 from core.db import create_engine
 from core.temporal import connect
+from core.tracing import instrument_app, instrument_engine
 from services.analytics import AnalyticsReader
 from services.health import LazyHistoryReader
 
@@ -81,6 +82,9 @@ def create_app(
     app.state.jwt_secret = settings.resolved_jwt_secret()
     app.state.engine = engine
     app.state.history = history
+    # Spans for each request and SQL statement when tracing is on (core.tracing).
+    instrument_app(app)
+    instrument_engine(engine)
     problems.install(app)
     app.include_router(health.router)
     app.include_router(metrics.router)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from temporalio.client import Client
-from temporalio.contrib.opentelemetry import TracingInterceptor
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 
 from core.config import Settings
 from core.sentry import SentryInterceptor
+from core.tracing import temporal_interceptors
 
 # One Runtime per metrics address: each binds its Prometheus port, and every client of the
 # process (the API's and the worker's in the dev stack) shares it.
@@ -36,6 +36,6 @@ async def connect(settings: Settings) -> Client:
         namespace=settings.temporal_namespace,
         data_converter=pydantic_data_converter,
         # Sentry's after tracing: inside the activity's span, so its events carry the trace id.
-        interceptors=[TracingInterceptor(), SentryInterceptor()],
+        interceptors=[*temporal_interceptors(), SentryInterceptor()],
         runtime=metrics_runtime(settings.temporal_metrics_address),
     )

@@ -22,6 +22,7 @@ from core.db import create_engine
 from core.errors import Conflict, Invalid
 from core.logging import configure_logging
 from core.migrate import upgrade
+from core.tracing import tracing
 from entrypoints import backup
 from entrypoints.dev import run_dev
 from services import admin_users
@@ -30,15 +31,17 @@ from worker import run_worker
 
 
 def _cmd_dev(settings: Settings, _: argparse.Namespace) -> int:
-    asyncio.run(run_dev(settings))
+    with tracing(settings, "marquee-dev"):
+        asyncio.run(run_dev(settings))
     return 0
 
 
 def _cmd_api(settings: Settings, args: argparse.Namespace) -> int:
 
     configure_logging(settings)
-    uvicorn.run(create_app(settings), host=args.host or settings.api_host, port=args.port or settings.api_port,
-                log_config=None, proxy_headers=True)  # fmt: skip
+    with tracing(settings, "marquee-api"):
+        uvicorn.run(create_app(settings), host=args.host or settings.api_host, port=args.port or settings.api_port,
+                    log_config=None, proxy_headers=True)  # fmt: skip
     return 0
 
 
@@ -46,7 +49,7 @@ def _cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     if args.health_port is not None:
         settings = settings.model_copy(update={"worker_health_port": args.health_port})
     configure_logging(settings)
-    with contextlib.suppress(KeyboardInterrupt):
+    with tracing(settings, "marquee-worker"), contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run_worker(settings))
     return 0
 
