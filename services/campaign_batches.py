@@ -25,6 +25,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from channels.base import InvalidAddressError, OutboundMessage, PermanentSendError, TransientSendError
+from core import tracing
 from core.clock import next_local_time, window_state
 from core.config import Settings
 from core.contracts import (
@@ -61,6 +62,7 @@ HISTORY_ONLY = ("user_id", "country", "timezone", "provider", "error_class")
 # Failure classes, named as the notification workflow names its reasons.
 REJECTED = "rejected by provider"
 RENDER_FAILED = "render failed"
+
 
 logger = structlog.get_logger("marquee.campaigns")
 
@@ -310,6 +312,12 @@ class CampaignSender:
         return ChannelLane(channel=channel, queue=bulk_queue_for(routes[0].task_queue),
                            provider_rate=loaded.record.rate_limit_per_second)  # fmt: skip
 
+    def _first_provider(self, channel: str) -> str:
+        """The provider a channel's sends try first: its first stored one, else its default."""
+        routes = self._directory.routes(channel)
+        default = self._directory.defaults.get(channel)
+        return routes[0].provider if routes else default.name if default else ""
+
     async def next_range(self, request: RangeInput) -> int | None:
         spec = await self._spec(request.campaign_id)
         async with self._engine.connect() as conn:
@@ -321,9 +329,27 @@ class CampaignSender:
         return window_state(request.now, window["start"], window["end"], window.get("timezone", "UTC"))
 
     async def send_batch(self, batch: BatchInput, heartbeat: Callable[[dict[str, int]], None]) -> BatchResult:
-        """Send a keyset range; `heartbeat` is called every second with the totals so far."""
+        """Send a keyset range; `heartbeat` is called every second with the totals so far.
+        One span (core.tracing) per batch, the parent of its provider calls."""
         spec = await self._spec(batch.campaign_id)
         channels = [batch.channel] if batch.channel else spec.channels
+        providers = [self._first_provider(channel) for channel in channels]
+        # The queue start_run chose for these batches (a one-channel lane: its provider's bulk queue).
+        lane = (self._lane(channels[0]).queue if len(channels) == 1 else None) or self._settings.temporal_task_queue
+        with tracing.campaign_batch(str(batch.campaign_id), batch.run_id, channels, providers, lane) as span:
+            result = await self._send_range(spec, channels, batch, heartbeat, span)
+            counts = result.model_dump(exclude={"deferred_until"})
+            span.set_attributes({f"marquee.batch.{name}": count for name, count in counts.items()})
+            return result
+
+    async def _send_range(
+        self,
+        spec: CampaignSpec,
+        channels: list[str],
+        batch: BatchInput,
+        heartbeat: Callable[[dict[str, int]], None],
+        span: tracing.Span,
+    ) -> BatchResult:
         async with self._engine.connect() as conn:
             query = sa.select(recipients).where(
                 store.segment_condition(spec.segment),
@@ -344,6 +370,7 @@ class CampaignSender:
                 )
             }
             choices = await delivery.load_choices(conn, audience, channels)
+        span.set_attribute(tracing.BATCH_SIZE, len(audience))
         now = batch.now or datetime.now(UTC)
         deferred = 0
         deferred_until: datetime | None = None
@@ -384,6 +411,7 @@ class CampaignSender:
                         job = await self._message(spec, batch.run_id, person, channel, decision, variables, recorder)
                         if job is not None:
                             jobs.append((person, channel, job))
+            span.set_attribute(tracing.BATCH_MESSAGES, len(jobs))
             transient = await self._send_all(jobs, recorder, batch.rate_per_second)
         finally:
             ticker.cancel()

@@ -8,6 +8,7 @@ by the workflow (one activity per provider task queue); campaign batches send th
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,14 +19,18 @@ from aiolimiter import AsyncLimiter
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from channels.base import (
+    InvalidAddressError,
     OutboundMessage,
+    PermanentSendError,
     Provider,
     ProviderReceipt,
     ProviderUnavailableError,
+    ThrottledError,
     TransientSendError,
     trips_breaker,
 )
 from channels.sandbox import SandboxProvider
+from core import tracing
 from core.contracts import ProviderRoute
 from core.secretbox import SecretsUnreadable
 from services import breaker, metrics
@@ -35,6 +40,15 @@ logger = structlog.get_logger("marquee.providers")
 
 BuildProvider = Callable[[ProviderRecord], Provider]
 BREAKER_CACHE_SECONDS = 1.0
+# A failed provider call's outcome on its span, first match wins (subclasses first).
+CALL_OUTCOMES: tuple[tuple[type[BaseException], str], ...] = (
+    (ThrottledError, "throttled"),
+    (InvalidAddressError, "invalid_address"),
+    (PermanentSendError, "rejected"),
+    (ProviderUnavailableError, "unavailable"),
+    (TransientSendError, "transient_error"),
+    (asyncio.CancelledError, "cancelled"),
+)
 
 
 @dataclass
@@ -158,6 +172,22 @@ class ProviderDirectory:
             return default
         return None
 
+    async def send(self, name: str, provider: Provider, message: OutboundMessage) -> ProviderReceipt:
+        """Every provider call, instant or campaign, goes through here: one span each
+        (core.tracing), with the provider, its kind, the channel and the outcome."""
+        loaded = self._loaded.get(name)
+        # Not stored: the environment's default, SMTP for email and the sandbox otherwise.
+        kind = loaded.record.kind if loaded else "sandbox" if isinstance(provider, SandboxProvider) else "smtp"
+        with tracing.provider_call(name, kind, message.channel) as span:
+            try:
+                receipt = await provider.send(message)
+            except BaseException as err:
+                outcome = next((outcome for error, outcome in CALL_OUTCOMES if isinstance(err, error)), "error")
+                tracing.finished(span, outcome, err)
+                raise
+            tracing.finished(span, "sent")
+            return receipt
+
     async def is_open(self, name: str) -> bool:
         """Circuit state as of at most a second ago (campaign batches ask per message)."""
         if time.monotonic() - self._breakers_read > BREAKER_CACHE_SECONDS:
@@ -222,7 +252,7 @@ class ChannelRouter:
                 await loaded.limiter.acquire()
             try:
                 with metrics.provider_call(message.channel, name):
-                    receipt = await provider.send(message)
+                    receipt = await directory.send(name, provider, message)
             except (TransientSendError, ProviderUnavailableError) as err:
                 await directory.failed(name, err)
                 if not trips_breaker(err):

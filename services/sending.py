@@ -296,7 +296,7 @@ class InstantSender:
         )
         try:
             with metrics.provider_call(request.channel, name):
-                receipt = await provider.send(message)
+                receipt = await self._directory.send(name, provider, message)
         except InvalidAddressError as err:
             await retire_address(
                 self._engine, request.channel, request.user_id, err.address or request.address, str(err)
