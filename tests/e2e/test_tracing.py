@@ -11,11 +11,7 @@ untraced, and the processes use a task queue of their own.
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
-import signal
-import subprocess
-import sys
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -38,12 +34,11 @@ from temporalio.client import Client
 from core.auth import Role
 from core.config import Settings
 from core.tracing import BATCH_LANE, BATCH_SIZE, CHANNEL, OUTCOME, PROVIDER, PROVIDER_KIND, RUN_ID
-from entrypoints.embedded import free_port
 from services.providers import bulk_queue_for, providers, save_provider, task_queue_for
 from tests.e2e.gateways import Gateway
+from tests.e2e.processes import marquee_env, marquee_processes
 from tests.stack import SmtpServer, token_for
 
-MARQUEE = Path(sys.executable).parent / "marquee"
 SMTP_RATE = 50.0  # a rate limit puts campaign batches on the SMTP provider's bulk queue
 TITLE, BODY = "Episode 5 is out", "Watch episode 5 of The Long Night tonight."
 
@@ -155,12 +150,6 @@ def spans_root(spans: list[Span]) -> Span:
     return root
 
 
-def start(command: str, env: dict[str, str], cwd: Path) -> subprocess.Popen[bytes]:
-    # From an empty directory: Settings also reads ./.env.
-    return subprocess.Popen([str(MARQUEE), command], env=env, cwd=cwd, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)  # fmt: skip
-
-
 @dataclass
 class TracedStack:
     url: str
@@ -193,64 +182,32 @@ async def traced(
     tmp_path: Path,
 ) -> AsyncIterator[TracedStack]:
     """`marquee api` and `marquee worker` with OTEL_EXPORTER_OTLP_ENDPOINT set, on a queue
-    of their own, with an SMTP provider and an SMS gateway stored (before the worker starts:
-    it loads them at once)."""
+    of their own (tests.e2e.processes), with an SMTP provider and an SMS gateway stored
+    before the worker starts (it loads them at once)."""
     suffix = uuid.uuid4().hex[:8]
     smtp_name, sms_name, gateway = f"trace-smtp-{suffix}", f"trace-sms-{suffix}", gateways()
+    stored = [
+        {"name": smtp_name, "channel": "email", "kind": "smtp", "priority": 1, "rate_limit_per_second": SMTP_RATE,
+         "settings": {"host": "127.0.0.1", "port": smtp_server.port, "sender": "Marquee <news@example.com>"}},
+        {"name": sms_name, "channel": "sms", "kind": "sms-json", "priority": 1,
+         "settings": {"base_url": gateway.url, "sender": "Marquee", "timeout": 2},
+         "secrets": {"api_key": gateway.sms_api_key}},
+    ]  # fmt: skip
     async with engine.begin() as conn:
-        await save_provider(
-            conn,
-            settings.fernet_key(),
-            {
-                "name": smtp_name,
-                "channel": "email",
-                "kind": "smtp",
-                "priority": 1,
-                "rate_limit_per_second": SMTP_RATE,
-                "settings": {"host": "127.0.0.1", "port": smtp_server.port, "sender": "Marquee <news@example.com>"},
-            },
-        )
-        await save_provider(conn, settings.fernet_key(), {
-            "name": sms_name, "channel": "sms", "kind": "sms-json", "priority": 1,
-            "settings": {"base_url": gateway.url, "sender": "Marquee", "timeout": 2},
-            "secrets": {"api_key": gateway.sms_api_key}})  # fmt: skip
-    port, queue = free_port(), f"tracing-{suffix}"
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("MARQUEE_", "OTEL_"))},
-        "MARQUEE_DATABASE_URL": settings.database_url or "",
-        "MARQUEE_TEMPORAL_ADDRESS": temporal_client.service_client.config.target_host,
-        "MARQUEE_TEMPORAL_TASK_QUEUE": queue,
-        "MARQUEE_JWT_SECRET": settings.resolved_jwt_secret(),
-        "MARQUEE_API_PORT": str(port),
-        "MARQUEE_PUBLIC_URL": f"http://127.0.0.1:{port}",
-        "MARQUEE_CAMPAIGN_BATCH_SIZE": "2",
-        "MARQUEE_HISTORY_FLUSH_SECONDS": "0.05",
-        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url,
-        "OTEL_BSP_SCHEDULE_DELAY": "100",  # milliseconds: spans reach the receiver quickly
-    }
-    processes = [start(command, {**env, "MARQUEE_DATA_DIR": str(tmp_path / command)}, tmp_path)
-                 for command in ("api", "worker")]  # fmt: skip
+        for values in stored:
+            await save_provider(conn, settings.fernet_key(), values)
+    env = marquee_env(
+        settings, temporal_client, tmp_path,
+        MARQUEE_CAMPAIGN_BATCH_SIZE="2",
+        MARQUEE_HISTORY_FLUSH_SECONDS="0.05",
+        OTEL_EXPORTER_OTLP_ENDPOINT=receiver.url,
+        OTEL_BSP_SCHEDULE_DELAY="100",  # milliseconds: spans reach the receiver quickly
+    )  # fmt: skip
     try:
-        url = f"http://127.0.0.1:{port}"
-        async with httpx.AsyncClient(base_url=url) as probe:
-            for _ in range(300):
-                for process in processes:
-                    assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
-                try:
-                    if (await probe.get("/healthz")).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                await asyncio.sleep(0.05)
-        yield TracedStack(url, queue, smtp_name, sms_name, receiver, settings)
+        async with marquee_processes(env, tmp_path, "api", "worker") as (api, _):
+            await api.wait_for_api()
+            yield TracedStack(api.url, env["MARQUEE_TEMPORAL_TASK_QUEUE"], smtp_name, sms_name, receiver, settings)
     finally:
-        for process in processes:
-            process.send_signal(signal.SIGTERM)
-        for process in processes:
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
         async with engine.begin() as conn:
             await conn.execute(sa.delete(providers).where(providers.c.name.in_([smtp_name, sms_name])))
 
