@@ -7,6 +7,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 
 from core.config import Settings
+from core.logging import TEMPORAL_CORE_LOGGING
 from core.sentry import SentryInterceptor
 from core.tracing import temporal_interceptors
 
@@ -22,7 +23,8 @@ def metrics_runtime(address: str | None) -> Runtime | None:
         return None
     if address not in _runtimes:
         prometheus = PrometheusConfig(bind_address=address, durations_as_seconds=True)
-        _runtimes[address] = Runtime(telemetry=TelemetryConfig(metrics=prometheus))
+        # The SDK core's own warnings keep going through our log formatter.
+        _runtimes[address] = Runtime(telemetry=TelemetryConfig(metrics=prometheus, logging=TEMPORAL_CORE_LOGGING))
     return _runtimes[address]
 
 
