@@ -1,8 +1,9 @@
 """The analytics questions, answered from ClickHouse (schema and writing: services.history).
 
-Every period query reads `notification_stats` (hourly aggregates), never the raw history,
-except the campaign report's timeline and failure reasons, which read one campaign's raw
-rows through its skip index. A period covers the hours whose start lies in [start, end):
+Every period query reads hourly aggregates, never the raw history: `notification_stats`,
+or its rollup by channel and provider when the query groups and filters by nothing else;
+the campaign report's timeline and failure reasons read `notification_campaign_minutes`.
+A period covers the hours whose start lies in [start, end):
 stats have an hour's resolution, so callers pass whole hours (a start at 10:30 begins with
 the 11:00 hour).
 
@@ -34,7 +35,7 @@ from services import campaigns
 
 Granularity = Literal["hour", "day"]
 DIMENSIONS = ("channel", "provider", "campaign", "template", "category", "country", "timezone")
-# Dimension -> column of notification_stats and notification_history.
+# Dimension -> column of notification_stats.
 COLUMNS = {"channel": "channel", "provider": "provider", "campaign": "campaign_id", "template": "template_key",
            "category": "category", "country": "country", "timezone": "timezone"}  # fmt: skip
 # Query field -> the column it filters.
@@ -44,6 +45,9 @@ FILTERS = {"channel": "channel", "provider": "provider", "campaign_id": "campaig
 COUNTED = ("sent", "delivered", "failed", "opened", "clicked", "bounced", "complained", "unreachable", "suppressed")
 SPEND_DIMENSIONS = ("channel", "provider", "campaign")
 LEVELS = (50, 90, 99)  # the quantiles notification_stats keeps: 0.5, 0.9, 0.99
+# notification_stats_channel holds the same measures keyed by these only: a query that
+# groups and filters by nothing else reads it (thousands of rows instead of millions).
+CHANNEL_ROLLUP = {"channel", "provider", "currency"}
 
 
 @dataclass(frozen=True)
@@ -116,12 +120,14 @@ def _grouped(
         keys.insert(0, f"toUnixTimestamp({bucket}) AS bucket")
         names.insert(0, "bucket")
     where = _where(q, params)
+    filtered = {name for name in FILTERS if getattr(q, name) is not None}
+    table = "notification_stats_channel" if {*dims, *filtered} <= CHANNEL_ROLLUP else "notification_stats"
     if only is not None:
         params["only"] = only
         where.append("status = {only:String}")
     # HAVING: an ungrouped query over no rows answers no row, not one row of zeros.
     grouping = f"GROUP BY {', '.join(names)} ORDER BY {', '.join(names)}" if names else "HAVING count() > 0"
-    sql = f"SELECT {', '.join(keys + measures)} FROM notification_stats WHERE {' AND '.join(where)} {grouping}"
+    sql = f"SELECT {', '.join(keys + measures)} FROM {table} WHERE {' AND '.join(where)} {grouping}"
     return sql, params
 
 
@@ -239,16 +245,15 @@ async def campaign_report(conn: AsyncConnection, reader: AnalyticsReader, campai
         _funnel(reader, whole, ()),
         spend(reader, whole),
         reader.query(
-            "SELECT if(error_class = '', 'unknown', error_class) AS reason, toUInt64(count()) AS n "
-            "FROM notification_history WHERE campaign_id = {campaign:String} AND status = 'failed' "
+            "SELECT if(error_class = '', 'unknown', error_class) AS reason, toUInt64(sum(events)) AS n "
+            "FROM notification_campaign_minutes WHERE campaign_id = {campaign:String} AND status = 'failed' "
             "GROUP BY reason ORDER BY n DESC, reason",
             params,
         ),
         reader.query(
-            "SELECT toUnixTimestamp(toStartOfMinute(event_time)) AS minute, "
-            "toUInt64(countIf(status = 'sent')) AS sent, toUInt64(countIf(status = 'failed')) AS failed "
-            "FROM notification_history "
-            "WHERE campaign_id = {campaign:String} AND status IN ('sent', 'failed') GROUP BY minute ORDER BY minute",
+            "SELECT toUnixTimestamp(minute) AS at, toUInt64(sumIf(events, status = 'sent')) AS sent, "
+            "toUInt64(sumIf(events, status = 'failed')) AS failed FROM notification_campaign_minutes "
+            "WHERE campaign_id = {campaign:String} GROUP BY at ORDER BY at",
             params,
         ),
     )
@@ -273,7 +278,7 @@ async def campaign_report(conn: AsyncConnection, reader: AnalyticsReader, campai
         "failures": [{"reason": str(item["reason"]), "count": int(item["n"])} for item in failures],
         "timeline": [
             {
-                "minute": datetime.fromtimestamp(int(item["minute"]), UTC),
+                "minute": datetime.fromtimestamp(int(item["at"]), UTC),
                 "sent": int(item["sent"]),
                 "failed": int(item["failed"]),
             }

@@ -231,3 +231,15 @@ def test_unknown_dimensions_never_reach_the_sql() -> None:
                                            ", ".join(analytics.DIMENSIONS))]  # fmt: skip
     with pytest.raises(ValueError, match="unknown dimensions"):
         analytics._grouped(q, q.by, [])
+
+
+async def test_the_channel_rollup_answers_as_the_full_stats(
+    history: HistoryWriter, recorded: tuple, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Unfiltered by channel: the rollup. The same queries with the rollup turned off read notification_stats.
+    around = Query(start=HOUR - timedelta(hours=1), end=HOUR + timedelta(hours=3), granularity="hour", by=("channel",))
+    calls = [analytics.counts, analytics.rates, analytics.latency, analytics.spend]
+    rolled = [await call(history, around) for call in calls]
+    assert any(row["sent"] >= 10 for row in rolled[0])
+    monkeypatch.setattr(analytics, "CHANNEL_ROLLUP", set())
+    assert [await call(history, around) for call in calls] == rolled

@@ -21,8 +21,8 @@ from services.history import SCHEMA, ChdbStore
 store = ChdbStore(Path(sys.argv[1]), retention_days=30)
 store._command(SCHEMA)  # the first release's table, as an old install has it
 store._command("INSERT INTO notification_history (event_time, notification_id, channel, status, user_id, category, "
-               "provider, attempt, error) VALUES (now64(3) - INTERVAL 1 DAY, '" + sys.argv[2] + "', 'email', 'sent', "
-               "'u-1', 'promo', 'smtp', 1, '')")
+               "provider, attempt, error, campaign_id) VALUES (now64(3) - INTERVAL 1 DAY, '" + sys.argv[2] + "', "
+               "'email', 'sent', 'u-1', 'promo', 'smtp', 1, '', 'c-1')")
 store.ensure_schema()
 store.ensure_schema()  # idempotent: nothing applied twice
 print(json.dumps({
@@ -31,8 +31,15 @@ print(json.dumps({
                         "toString(cost) AS cost, currency, latency_ms FROM notification_history"),
     "migrations": store.query("SELECT version FROM marquee_migrations ORDER BY version"),
     "stats": store.query("SELECT status, toUInt64(sum(events)) AS events FROM notification_stats GROUP BY status"),
-    "ttl": store.query("SELECT name, engine_full FROM system.tables WHERE database = currentDatabase() "
-                       "AND name IN ('notification_history', 'notification_stats') ORDER BY name"),
+    "channel": store.query("SELECT channel, provider, status, toUInt64(sum(events)) AS events "
+                           "FROM notification_stats_channel GROUP BY channel, provider, status"),
+    "minutes": store.query("SELECT campaign_id, status, toUInt64(sum(events)) AS events "
+                           "FROM notification_campaign_minutes GROUP BY campaign_id, status"),
+    "indexes": store.query("SELECT name FROM system.data_skipping_indices WHERE database = currentDatabase() "
+                           "AND table = 'notification_history' ORDER BY name"),
+    "ttl": store.query("SELECT name, engine_full FROM system.tables WHERE database = currentDatabase() AND name IN "
+                       "('notification_history', 'notification_stats', 'notification_stats_channel', "
+                       "'notification_campaign_minutes') ORDER BY name"),
 }))
 """
 
@@ -51,6 +58,13 @@ def test_an_old_table_upgrades_in_place(tmp_path: Path) -> None:
     assert [int(row["version"]) for row in found["migrations"]] == [migration.version for migration in MIGRATIONS]
     # The stats hold the rows stored before their view existed, once.
     assert [(row["status"], int(row["events"])) for row in found["stats"]] == [("sent", 1)]
-    history_table, stats_table = found["ttl"]
+    # So do the rollups of migration 4, which dropped the campaign_id skip index.
+    assert [(row["channel"], row["provider"], row["status"], int(row["events"])) for row in found["channel"]] == [
+        ("email", "smtp", "sent", 1)]  # fmt: skip
+    assert [(row["campaign_id"], row["status"], int(row["events"])) for row in found["minutes"]] == [("c-1", "sent", 1)]
+    assert [row["name"] for row in found["indexes"]] == ["event_id_bloom"]
+    minutes_table, history_table, stats_table, channel_table = found["ttl"]
     assert "TTL toDateTime(event_time) + toIntervalDay(30)" in history_table["engine_full"]
     assert "TTL hour + toIntervalDay(30)" in stats_table["engine_full"]
+    assert "TTL hour + toIntervalDay(30)" in channel_table["engine_full"]
+    assert "TTL minute + toIntervalDay(30)" in minutes_table["engine_full"]
