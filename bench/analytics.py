@@ -3,9 +3,9 @@
 Generates a realistic history (channels, providers, campaigns, templates, countries and time
 zones, a notification's accepted -> sent -> delivered -> opened -> clicked with latencies,
 failures, bounces, the providers' costs) spread over the last N days in time order, and
-loads it through the real writer path: `ChdbStore.insert` (event ids, the dedup lookup,
-the materialized view into notification_stats) in batches of the HistoryWriter's
-flush_rows, into chDB in a temporary directory. Only the inserts are timed (generating
+loads it through the real writer path: `ChdbStore.insert` (the Arrow batch, event ids and
+the duplicate check in chDB, the materialized views into notification_stats and its
+rollups) in batches of the HistoryWriter's flush_rows, into chDB in a temporary directory. Only the inserts are timed (generating
 the rows is not the writer's work). Then each services.analytics function runs a few
 times over the loaded store; the campaign report reads its campaign from a fresh
 PostgreSQL database (127.0.0.1:5432, else an embedded server), dropped at the end.
@@ -32,6 +32,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from bench.common import drop_database, fresh_database
+from core.config import Settings
 from core.db import create_engine
 from core.migrate import upgrade_async
 from services import analytics
@@ -240,7 +241,8 @@ async def run(total: int, batch: int, days: int, runs: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=10_000_000)
-    parser.add_argument("--batch", type=int, default=5000, help="rows per insert (HistoryWriter's flush_rows)")
+    parser.add_argument("--batch", type=int, default=Settings.model_fields["history_flush_rows"].default,
+                        help="rows per insert (HistoryWriter's flush_rows)")  # fmt: skip
     parser.add_argument("--days", type=int, default=30)
     parser.add_argument("--runs", type=int, default=5, help="timed runs of each query")
     args = parser.parse_args()
