@@ -5,9 +5,9 @@ zones, a notification's accepted -> sent -> delivered -> opened -> clicked with 
 failures, bounces, the providers' costs) spread over the last N days in time order, and
 loads it through the real writer path: `ChdbStore.insert` (the Arrow batch, event ids and
 the duplicate check in chDB, the materialized views into notification_stats and its
-rollups) in batches of the HistoryWriter's flush_rows, into chDB in a temporary directory. Only the inserts are timed (generating
-the rows is not the writer's work). Then each services.analytics function runs a few
-times over the loaded store; the campaign report reads its campaign from a fresh
+rollups) in batches of the HistoryWriter's flush_rows, into chDB in a temporary directory.
+Only the inserts are timed (generating the rows is not the writer's work). Then each
+services.analytics function runs a few times over the loaded store; the campaign report reads its campaign from a fresh
 PostgreSQL database (127.0.0.1:5432, else an embedded server), dropped at the end.
 
     .venv/bin/python -m bench.analytics --rows 10000000

@@ -1,7 +1,8 @@
 """The analytics questions, answered from ClickHouse (schema and writing: services.history).
 
 Every period query reads hourly aggregates, never the raw history: `notification_stats`,
-or its rollup by channel and provider when the query groups and filters by nothing else;
+or a rollup of it (by channel and provider, by campaign) when the query groups and
+filters by nothing else;
 the campaign report's timeline and failure reasons read `notification_campaign_minutes`.
 A period covers the hours whose start lies in [start, end):
 stats have an hour's resolution, so callers pass whole hours (a start at 10:30 begins with
@@ -45,9 +46,13 @@ FILTERS = {"channel": "channel", "provider": "provider", "campaign_id": "campaig
 COUNTED = ("sent", "delivered", "failed", "opened", "clicked", "bounced", "complained", "unreachable", "suppressed")
 SPEND_DIMENSIONS = ("channel", "provider", "campaign")
 LEVELS = (50, 90, 99)  # the quantiles notification_stats keeps: 0.5, 0.9, 0.99
-# notification_stats_channel holds the same measures keyed by these only: a query that
-# groups and filters by nothing else reads it (thousands of rows instead of millions).
-CHANNEL_ROLLUP = {"channel", "provider", "currency"}
+# Smaller aggregates of notification_stats: (table, the dimensions and filters it keeps,
+# whether it has the latency states). A query that groups and filters by nothing else reads
+# the first that fits (thousands of rows instead of millions).
+ROLLUPS = (
+    ("notification_stats_channel", {"channel", "provider", "currency"}, True),
+    ("notification_campaign_stats", {"campaign", "campaign_id", "currency"}, False),
+)
 
 
 @dataclass(frozen=True)
@@ -105,7 +110,7 @@ def _where(q: Query, params: dict[str, Any], *, table_time: str = "hour") -> lis
 
 
 def _grouped(
-    q: Query, dims: tuple[str, ...], measures: list[str], *, only: str | None = None
+    q: Query, dims: tuple[str, ...], measures: list[str], *, only: str | None = None, latency: bool = False
 ) -> tuple[str, dict[str, Any]]:
     """SELECT [bucket,] dims, measures FROM notification_stats for the query's period and
     filters (and `only`: one status), grouped and ordered by bucket and dims."""
@@ -121,7 +126,8 @@ def _grouped(
         names.insert(0, "bucket")
     where = _where(q, params)
     filtered = {name for name in FILTERS if getattr(q, name) is not None}
-    table = "notification_stats_channel" if {*dims, *filtered} <= CHANNEL_ROLLUP else "notification_stats"
+    fitting = (name for name, keeps, quantiles in ROLLUPS if {*dims, *filtered} <= keeps and quantiles >= latency)
+    table = next(fitting, "notification_stats")
     if only is not None:
         params["only"] = only
         where.append("status = {only:String}")
@@ -190,7 +196,7 @@ async def latency(reader: AnalyticsReader, q: Query) -> list[dict[str, Any]]:
     measures = [*_counted("delivered", "opened"),
                 f"quantilesMergeIf({levels})(latency, status = 'delivered') AS deliver_q",
                 f"quantilesMergeIf({levels})(latency, status = 'opened') AS open_q"]  # fmt: skip
-    sql, params = _grouped(q, q.by, measures)
+    sql, params = _grouped(q, q.by, measures, latency=True)
     result = []
     for row in await reader.query(sql, params):
         shaped = _shaped(row, q.by, ("delivered",))

@@ -126,13 +126,19 @@ GROUP BY {", ".join(STATS_KEY)}
 # Rollups, each fed by its own materialized view, so the common questions read a few
 # thousand rows instead of notification_stats' millions (a group per raw row or so at volume):
 # by channel and provider only (the dashboard, latency by channel), and one campaign's sends
-# and failures per minute (the campaign report's timeline and failure reasons).
+# and failures per minute (the campaign report's timeline and failure reasons), and by
+# campaign per hour (its funnel and cost).
 CHANNEL_STATS_KEY = ("hour", "channel", "provider", "status", "currency")
 CHANNEL_STATS_SELECT = f"""
 SELECT toStartOfHour(event_time) AS hour, channel, provider, status, currency, toUInt64(count()) AS events,
        sum(cost) AS cost, quantilesStateIf(0.5, 0.9, 0.99)(latency_ms, status IN {LATENCY_STATUSES}) AS latency
 FROM notification_history
 GROUP BY {", ".join(CHANNEL_STATS_KEY)}
+"""
+CAMPAIGN_STATS_SELECT = """
+SELECT campaign_id, toStartOfHour(event_time) AS hour, status, currency, toUInt64(count()) AS events, sum(cost) AS cost
+FROM notification_history
+GROUP BY campaign_id, hour, status, currency
 """
 CAMPAIGN_MINUTES_SELECT = """
 SELECT campaign_id, toStartOfMinute(event_time) AS minute, status, error_class, toUInt64(count()) AS events
@@ -233,6 +239,22 @@ MIGRATIONS = (
         # The campaign report reads notification_campaign_minutes now: the index only cost inserts.
         "ALTER TABLE notification_history DROP INDEX IF EXISTS campaign_bloom",
     )),
+    Migration(5, "rollup by campaign and hour", (
+        """CREATE TABLE IF NOT EXISTS notification_campaign_stats (
+            campaign_id String,
+            hour DateTime('UTC'),
+            status LowCardinality(String),
+            currency LowCardinality(String),
+            events SimpleAggregateFunction(sum, UInt64),
+            cost SimpleAggregateFunction(sum, Decimal(38, 6))
+        ) ENGINE = AggregatingMergeTree
+        PARTITION BY toYYYYMM(hour)
+        ORDER BY (campaign_id, hour, status, currency)""",
+        "CREATE MATERIALIZED VIEW IF NOT EXISTS notification_campaign_stats_mv TO notification_campaign_stats AS "
+        f"{CAMPAIGN_STATS_SELECT}",
+        "TRUNCATE TABLE notification_campaign_stats",
+        f"INSERT INTO notification_campaign_stats {CAMPAIGN_STATS_SELECT}",
+    )),
 )  # fmt: skip
 
 MIGRATIONS_TABLE = """
@@ -246,7 +268,8 @@ ORDER BY version
 
 # Raw rows and their aggregates age out together, so both answer the same questions.
 RETENTION = {"notification_history": "toDateTime(event_time)", "notification_stats": "hour",
-             "notification_stats_channel": "hour", "notification_campaign_minutes": "minute"}  # fmt: skip
+             "notification_stats_channel": "hour", "notification_campaign_minutes": "minute",
+             "notification_campaign_stats": "hour"}  # fmt: skip
 
 
 def _uuid5(name: str) -> str:

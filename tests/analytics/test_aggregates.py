@@ -233,13 +233,18 @@ def test_unknown_dimensions_never_reach_the_sql() -> None:
         analytics._grouped(q, q.by, [])
 
 
-async def test_the_channel_rollup_answers_as_the_full_stats(
+async def test_the_rollups_answer_as_the_full_stats(
     history: HistoryWriter, recorded: tuple, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Unfiltered by channel: the rollup. The same queries with the rollup turned off read notification_stats.
+    # By channel, by campaign: the rollups. The same queries with them turned off read notification_stats.
+    _, campaign_id, _ = recorded
     around = Query(start=HOUR - timedelta(hours=1), end=HOUR + timedelta(hours=3), granularity="hour", by=("channel",))
-    calls = [analytics.counts, analytics.rates, analytics.latency, analytics.spend]
-    rolled = [await call(history, around) for call in calls]
+    one = Query(start=HOUR - timedelta(hours=1), end=HOUR + timedelta(hours=3), campaign_id=campaign_id)
+    by_campaign = Query(start=HOUR - timedelta(hours=1), end=HOUR + timedelta(hours=3), by=("campaign",))
+    calls = [(call, query) for call in (analytics.counts, analytics.rates, analytics.latency, analytics.spend)
+             for query in (around, one, by_campaign)]  # fmt: skip
+    rolled = [await call(history, query) for call, query in calls]
     assert any(row["sent"] >= 10 for row in rolled[0])
-    monkeypatch.setattr(analytics, "CHANNEL_ROLLUP", set())
-    assert [await call(history, around) for call in calls] == rolled
+    assert [row["sent"] for row in rolled[1]] == [15]
+    monkeypatch.setattr(analytics, "ROLLUPS", ())
+    assert [await call(history, query) for call, query in calls] == rolled

@@ -35,11 +35,13 @@ print(json.dumps({
                            "FROM notification_stats_channel GROUP BY channel, provider, status"),
     "minutes": store.query("SELECT campaign_id, status, toUInt64(sum(events)) AS events "
                            "FROM notification_campaign_minutes GROUP BY campaign_id, status"),
+    "campaigns": store.query("SELECT campaign_id, status, toUInt64(sum(events)) AS events "
+                             "FROM notification_campaign_stats GROUP BY campaign_id, status"),
     "indexes": store.query("SELECT name FROM system.data_skipping_indices WHERE database = currentDatabase() "
                            "AND table = 'notification_history' ORDER BY name"),
     "ttl": store.query("SELECT name, engine_full FROM system.tables WHERE database = currentDatabase() AND name IN "
                        "('notification_history', 'notification_stats', 'notification_stats_channel', "
-                       "'notification_campaign_minutes') ORDER BY name"),
+                       "'notification_campaign_minutes', 'notification_campaign_stats') ORDER BY name"),
 }))
 """
 
@@ -63,8 +65,12 @@ def test_an_old_table_upgrades_in_place(tmp_path: Path) -> None:
         ("email", "smtp", "sent", 1)]  # fmt: skip
     assert [(row["campaign_id"], row["status"], int(row["events"])) for row in found["minutes"]] == [("c-1", "sent", 1)]
     assert [row["name"] for row in found["indexes"]] == ["event_id_bloom"]
-    minutes_table, history_table, stats_table, channel_table = found["ttl"]
+    # And migration 5's rollup by campaign.
+    assert [(row["campaign_id"], row["status"], int(row["events"])) for row in found["campaigns"]] == [
+        ("c-1", "sent", 1)]  # fmt: skip
+    minutes_table, campaign_table, history_table, stats_table, channel_table = found["ttl"]
     assert "TTL toDateTime(event_time) + toIntervalDay(30)" in history_table["engine_full"]
     assert "TTL hour + toIntervalDay(30)" in stats_table["engine_full"]
     assert "TTL hour + toIntervalDay(30)" in channel_table["engine_full"]
     assert "TTL minute + toIntervalDay(30)" in minutes_table["engine_full"]
+    assert "TTL hour + toIntervalDay(30)" in campaign_table["engine_full"]
