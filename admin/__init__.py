@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
-from sqladmin import Admin
+from sqladmin import Admin, BaseView, ModelView
 from sqladmin.authentication import AuthenticationBackend
 from sqladmin.authorization import Action, AuthorizationBackend
 from sqladmin.helpers import object_identifier_values
@@ -176,16 +176,13 @@ def mount_admin(app: FastAPI, engine: AsyncEngine, settings: Settings) -> Admin:
         # StaticFiles looks in the directory first, then in SQLAdmin's package.
         static_files_kwargs={"directory": str(STATIC_DIR)},
     )
-    for view in (NotificationAdmin, DeliveryAdmin, DeadLetterPages, RecipientAdmin, SuppressionAdmin, AdminUserAdmin):
-        admin.add_view(view)
-    for page in (
-        TemplatePages,
-        CampaignAdmin,
-        CampaignPages,
-        SegmentAdmin,
-        ProviderPages,
-        AuditLogPage,
-        AnalyticsPages,
-    ):
-        admin.add_view(page)
+    views: tuple[type[BaseView] | type[ModelView], ...] = (
+        *(NotificationAdmin, DeliveryAdmin, DeadLetterPages, RecipientAdmin, SuppressionAdmin, AdminUserAdmin),
+        *(TemplatePages, CampaignAdmin, CampaignPages, SegmentAdmin, ProviderPages, AuditLogPage, AnalyticsPages),
+    )
+    for view in views:
+        # SQLAdmin keeps its Admin (and through it our app's state) on the view CLASS: a class
+        # of this app's own, so that a second app in the process (tests, tools) cannot take
+        # over this one's pages.
+        admin.add_view(type(view.__name__, (view,), {"__module__": view.__module__}))
     return admin
