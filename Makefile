@@ -9,7 +9,7 @@ run: install ## start API, admin, worker, Temporal dev server, PostgreSQL and ca
 	$(BIN)/marquee dev
 
 test: install browser lint typecheck ## ruff, mypy, then the whole suite with coverage
-	$(BIN)/python -m pytest --cov --cov-report=term-missing:skip-covered
+	$(BIN)/python -m pytest --cov --cov-report=term-missing:skip-covered --durations=15
 
 unit: install ## the tests that need no servers: unit tests, and workflows on Temporal's time-skipping server
 	$(BIN)/python -m pytest -q tests/unit tests/workflows
