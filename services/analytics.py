@@ -256,10 +256,13 @@ async def campaign_report(conn: AsyncConnection, reader: AnalyticsReader, campai
             "GROUP BY reason ORDER BY n DESC, reason",
             params,
         ),
+        # One row of three arrays, not a row per minute: a month-long campaign has ~43,000
+        # minutes, and parsing each as its own JSON row cost more than the query.
         reader.query(
+            "SELECT groupArray(at) AS at, groupArray(sent) AS sent, groupArray(failed) AS failed FROM ("
             "SELECT toUnixTimestamp(minute) AS at, toUInt64(sumIf(events, status = 'sent')) AS sent, "
             "toUInt64(sumIf(events, status = 'failed')) AS failed FROM notification_campaign_minutes "
-            "WHERE campaign_id = {campaign:String} GROUP BY at ORDER BY at",
+            "WHERE campaign_id = {campaign:String} GROUP BY at ORDER BY at)",
             params,
         ),
     )
@@ -283,12 +286,9 @@ async def campaign_report(conn: AsyncConnection, reader: AnalyticsReader, campai
         },
         "failures": [{"reason": str(item["reason"]), "count": int(item["n"])} for item in failures],
         "timeline": [
-            {
-                "minute": datetime.fromtimestamp(int(item["at"]), UTC),
-                "sent": int(item["sent"]),
-                "failed": int(item["failed"]),
-            }
+            {"minute": datetime.fromtimestamp(int(at), UTC), "sent": int(sent), "failed": int(failed)}
             for item in timeline
+            for at, sent, failed in zip(item["at"], item["sent"], item["failed"], strict=True)
         ],
         "cost": [{"currency": item["currency"], "cost": item["cost"]} for item in cost],
     }
