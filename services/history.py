@@ -439,20 +439,12 @@ class _ClickHouse:
         The batch is handled as columns, never row by row (building JSON text capped the
         writer at a few thousand rows a second): an Arrow table, whose event ids and
         duplicate check each store computes as cheaply as it can (`_insert_new`)."""
-        chunks = [rows[start : start + PIPELINE_ROWS] for start in range(0, len(rows), PIPELINE_ROWS)]
-        if not chunks:
+        if not rows:
             return
-        # A pipeline: the next chunk's Arrow is built on another thread while this one
-        # inserts. The inserts stay one after the other, so each chunk's duplicate check
-        # sees the chunks before it, as one insert of the whole batch would.
-        building = _BUILDER.submit(_arrow_batch, chunks[0])
-        for following in [*chunks[1:], None]:
-            batch = building.result()
-            if following is not None:
-                building = _BUILDER.submit(_arrow_batch, following)
-            # The batch's days as one range, so the sort key's event_time prunes the lookup.
-            span = pc.min_max(batch.column("event_time"))
-            self._insert_new(batch, span["min"].as_py().date(), span["max"].as_py().date() + timedelta(days=1))
+        batch = _arrow_batch(rows)
+        # The batch's days as one range, so the sort key's event_time prunes the lookup.
+        span = pc.min_max(batch.column("event_time"))
+        self._insert_new(batch, span["min"].as_py().date(), span["max"].as_py().date() + timedelta(days=1))
 
     def _insert_new(self, batch: pa.Table, since: date, until: date) -> None:
         """Insert the batch's events (HISTORY_COLUMNS but event_id, plus occurrence) whose
@@ -482,9 +474,6 @@ class _ClickHouse:
         return [row["id"] for row in found]
 
 
-# A batch is inserted in chunks of this many rows, building one while the one before inserts.
-PIPELINE_ROWS = 50_000
-_BUILDER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="history-arrow")
 _ID_PARTS = ("notification_id", "channel", "status", "occurrence")
 _HEX_ID = "replaceAll(toString(event_id), '-', '')"  # as _uuid5 writes it
 _ARROW_TYPES = {"event_time": pa.timestamp("ms", tz="UTC"), "attempt": pa.uint16(), "template_version": pa.uint32(),

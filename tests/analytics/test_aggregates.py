@@ -12,7 +12,6 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-import services.history
 from services import analytics
 from services.analytics import Query
 from services.campaign_store import campaign_runs, campaigns, segments
@@ -219,20 +218,6 @@ async def test_resending_the_history_changes_no_aggregate(
     await history.record([*rows, *rows])
     for chunk in range(0, len(rows), 7):
         await history.record(rows[chunk : chunk + 7])
-    assert await everything(history, engine, category, campaign_id) == before
-    listed = ", ".join(f"'{row.event_id}'" for row in rows)
-    [stored] = await history.query(f"SELECT count() AS n FROM notification_history WHERE event_id IN ({listed})")
-    assert int(stored["n"]) == len(rows)
-
-
-async def test_a_batch_inserted_in_pipelined_chunks_stores_each_event_once(
-    history: HistoryWriter, recorded: tuple, engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Chunks of 5 rows, built while the one before inserts: repeats across chunks are dropped too.
-    category, campaign_id, rows = recorded
-    before = await everything(history, engine, category, campaign_id)
-    monkeypatch.setattr(services.history, "PIPELINE_ROWS", 5)
-    await history.record([*rows[::-1], *rows])
     assert await everything(history, engine, category, campaign_id) == before
     listed = ", ".join(f"'{row.event_id}'" for row in rows)
     [stored] = await history.query(f"SELECT count() AS n FROM notification_history WHERE event_id IN ({listed})")
