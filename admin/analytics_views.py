@@ -56,10 +56,6 @@ def percent(rate: float | None) -> str:
     return "—" if rate is None else f"{rate * 100:.1f} %"
 
 
-def ratio(part: int, whole: int) -> float | None:
-    return part / whole if whole else None
-
-
 def steps(start: datetime, end: datetime, step: timedelta) -> list[datetime]:
     """Every bucket start from `start` up to `end` (exclusive)."""
     out = []
@@ -82,12 +78,6 @@ def channels_of(rows: Iterable[dict[str, Any]]) -> list[str]:
     return known + sorted({str(row["channel"]) for row in rows} - set(known))
 
 
-def with_rates(row: dict[str, Any]) -> dict[str, Any]:
-    sent = row["sent"]
-    return {**row, "delivery_rate": ratio(row["delivered"], sent), "open_rate": ratio(row["opened"], sent),
-            "click_rate": ratio(row["clicked"], sent)}  # fmt: skip
-
-
 def per_channel_totals(
     period_rates: list[dict[str, Any]], daily: list[dict[str, Any]], channels: list[str]
 ) -> list[dict[str, Any]]:
@@ -99,8 +89,8 @@ def per_channel_totals(
     for row in daily:
         counts[row["channel"]]["failed"] += int(row["failed"])
     total = {key: sum(figures[key] for figures in counts.values()) for key in COUNTS}
-    rows = [with_rates({"channel": channel, **figures}) for channel, figures in counts.items()]
-    return [*rows, with_rates({"channel": "all channels", **total})]
+    rows = [analytics.with_rates({"channel": channel, **figures}) for channel, figures in counts.items()]
+    return [*rows, analytics.with_rates({"channel": "all channels", **total})]
 
 
 def sends_over_time(
@@ -132,8 +122,8 @@ def funnel_steps(funnel: dict[str, int]) -> list[dict[str, Any]]:
     previous = None
     for name in FUNNEL:
         count = int(funnel.get(name, 0))
-        out.append({"step": name, "count": count, "of_targeted": ratio(count, funnel.get("targeted", 0)),
-                    "of_previous": None if previous is None else ratio(count, previous)})  # fmt: skip
+        out.append({"step": name, "count": count, "of_targeted": analytics.rate(count, funnel.get("targeted", 0)),
+                    "of_previous": None if previous is None else analytics.rate(count, previous)})  # fmt: skip
         previous = count
     return out
 

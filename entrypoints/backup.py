@@ -39,7 +39,7 @@ import httpx
 
 from core.config import Settings
 from entrypoints.embedded import EmbeddedPostgres, _embedded_pg_bin, port_is_free
-from services.history import HISTORY_COLUMNS, HistoryStore, open_store
+from services.history import HISTORY_COLUMNS, ClickHouseServer, HistoryStore, open_store
 
 MANIFEST = "manifest.json"
 POSTGRES_DUMP = "postgres.dump"
@@ -194,10 +194,8 @@ def _history_count(store: HistoryStore) -> int:
 
 
 def _clickhouse_http(url: str) -> tuple[str, dict[str, str], httpx.BasicAuth]:
-    parsed = urlparse(url)
-    base = f"{parsed.scheme}://{parsed.hostname}:{parsed.port or 8123}/"
-    params = {"database": parsed.path.lstrip("/") or "default"}
-    return base, params, httpx.BasicAuth(parsed.username or "default", parsed.password or "")
+    server = ClickHouseServer.parse(url)
+    return server.http_base, {"database": server.database}, httpx.BasicAuth(server.username, server.password)
 
 
 def _dump_history(settings: Settings, store: HistoryStore, target: Path) -> None:
@@ -371,6 +369,5 @@ def target_database(settings: Settings) -> str:
 
 def target_history(settings: Settings) -> str:
     if settings.clickhouse_url:
-        parsed = urlparse(settings.clickhouse_url)
-        return f"ClickHouse {parsed.hostname}:{parsed.port or 8123}{parsed.path or '/default'}"
+        return f"ClickHouse {ClickHouseServer.parse(settings.clickhouse_url).place}"
     return f"chDB {settings.chdb_path}"

@@ -151,7 +151,8 @@ def _shaped(row: dict[str, Any], dims: tuple[str, ...], measures: tuple[str, ...
     return shaped
 
 
-def _rate(part: int, whole: int) -> float | None:
+def rate(part: int, whole: int) -> float | None:
+    """part / whole, None when there is no denominator (the API and the admin alike)."""
     return part / whole if whole else None
 
 
@@ -165,7 +166,7 @@ async def counts(reader: AnalyticsReader, q: Query) -> list[dict[str, Any]]:
 async def rates(reader: AnalyticsReader, q: Query) -> list[dict[str, Any]]:
     """bucket?, dims..., sent, delivered, opened, clicked, delivery_rate, open_rate,
     click_rate: each rate is x / sent, None when sent is 0."""
-    return [_with_rates(row) for row in await _funnel(reader, q, q.by)]
+    return [with_rates(row) for row in await _funnel(reader, q, q.by)]
 
 
 async def _funnel(reader: AnalyticsReader, q: Query, dims: tuple[str, ...]) -> list[dict[str, Any]]:
@@ -174,10 +175,11 @@ async def _funnel(reader: AnalyticsReader, q: Query, dims: tuple[str, ...]) -> l
     return [_shaped(row, dims, measures) for row in await reader.query(sql, params)]
 
 
-def _with_rates(row: dict[str, Any]) -> dict[str, Any]:
+def with_rates(row: dict[str, Any]) -> dict[str, Any]:
+    """A funnel row (sent, delivered, opened, clicked) with its delivery, open and click rates."""
     sent = row["sent"]
-    return {**row, "delivery_rate": _rate(row["delivered"], sent), "open_rate": _rate(row["opened"], sent),
-            "click_rate": _rate(row["clicked"], sent)}  # fmt: skip
+    return {**row, "delivery_rate": rate(row["delivered"], sent), "open_rate": rate(row["opened"], sent),
+            "click_rate": rate(row["clicked"], sent)}  # fmt: skip
 
 
 def _quantiles(values: Any) -> list[float | None]:
@@ -207,12 +209,22 @@ async def latency(reader: AnalyticsReader, q: Query) -> list[dict[str, Any]]:
     return result
 
 
+def row_dimensions(report: str, by: tuple[str, ...]) -> tuple[str, ...]:
+    """The dimensions a report's rows carry for `by`: geography always groups by country (and
+    time zone when asked), spend only by its own dimensions, the others by `by` itself."""
+    if report == "geography":
+        return ("country", "timezone") if "timezone" in by else ("country",)
+    if report == "spend":
+        return tuple(name for name in by if name in SPEND_DIMENSIONS)
+    return by
+
+
 async def geography(reader: AnalyticsReader, q: Query) -> list[dict[str, Any]]:
     """bucket?, country (and timezone when q.by names it), sent, delivered, opened,
     delivery_rate, open_rate."""
-    dims = ("country", "timezone") if "timezone" in q.by else ("country",)
+    dims = row_dimensions("geography", q.by)
     return [
-        {key: value for key, value in _with_rates(row).items() if key not in ("clicked", "click_rate")}
+        {key: value for key, value in with_rates(row).items() if key not in ("clicked", "click_rate")}
         for row in await _funnel(reader, q, dims)
     ]
 
@@ -220,7 +232,7 @@ async def geography(reader: AnalyticsReader, q: Query) -> list[dict[str, Any]]:
 async def spend(reader: AnalyticsReader, q: Query) -> list[dict[str, Any]]:
     """bucket?, dims... (those of q.by among channel, provider, campaign), currency, sent,
     cost (a Decimal, summed per currency, never converted)."""
-    dims = (*(name for name in q.by if name in SPEND_DIMENSIONS), "currency")
+    dims = (*row_dimensions("spend", q.by), "currency")
     sql, params = _grouped(q, dims, ["toUInt64(sum(events)) AS sent", "toString(sum(cost)) AS spent"], only="sent")
     rows = []
     for row in await reader.query(sql, params):

@@ -312,12 +312,6 @@ class CampaignSender:
         return ChannelLane(channel=channel, queue=bulk_queue_for(routes[0].task_queue),
                            provider_rate=loaded.record.rate_limit_per_second)  # fmt: skip
 
-    def _first_provider(self, channel: str) -> str:
-        """The provider a channel's sends try first: its first stored one, else its default."""
-        routes = self._directory.routes(channel)
-        default = self._directory.defaults.get(channel)
-        return routes[0].provider if routes else default.name if default else ""
-
     async def next_range(self, request: RangeInput) -> int | None:
         spec = await self._spec(request.campaign_id)
         async with self._engine.connect() as conn:
@@ -333,7 +327,7 @@ class CampaignSender:
         One span (core.tracing) per batch, the parent of its provider calls."""
         spec = await self._spec(batch.campaign_id)
         channels = [batch.channel] if batch.channel else spec.channels
-        providers = [self._first_provider(channel) for channel in channels]
+        providers = [self._directory.first_in_line(channel, self._directory.routes(channel)) for channel in channels]
         # The queue start_run chose for these batches (a one-channel lane: its provider's bulk queue).
         lane = (self._lane(channels[0]).queue if len(channels) == 1 else None) or self._settings.temporal_task_queue
         with tracing.campaign_batch(str(batch.campaign_id), batch.run_id, channels, providers, lane) as span:

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import httpx
 import sqlalchemy as sa
@@ -24,7 +23,7 @@ from temporalio.client import Client
 
 from core.errors import Unavailable
 from services.analytics import AnalyticsReader
-from services.history import HistoryWriter, open_store
+from services.history import ClickHouseServer, HistoryWriter, open_store
 
 UP, DOWN, SKIPPED = "up", "down", "skipped"
 
@@ -87,16 +86,10 @@ def temporal(client: Client, timeout: float) -> Probe:
     return probe
 
 
-def _ping_url(clickhouse_url: str) -> str:
-    """The server's /ping (no credentials needed), from MARQUEE_CLICKHOUSE_URL."""
-    parsed = urlparse(clickhouse_url)
-    return f"{parsed.scheme or 'http'}://{parsed.hostname or '127.0.0.1'}:{parsed.port or 8123}/ping"
-
-
 def clickhouse_server(clickhouse_url: str, timeout: float) -> Probe:
     async def probe() -> None:
         async with httpx.AsyncClient(timeout=timeout, trust_env=False) as client:
-            (await client.get(_ping_url(clickhouse_url))).raise_for_status()
+            (await client.get(ClickHouseServer.parse(clickhouse_url).http_base + "ping")).raise_for_status()
 
     return probe
 
@@ -154,7 +147,7 @@ class LazyHistoryReader:
         self._opening = asyncio.Lock()
 
     def _unavailable(self, err: Exception) -> Unavailable:
-        where = urlparse(self._url).netloc.rpartition("@")[2]  # never the credentials
+        where = ClickHouseServer.parse(self._url).place
         return Unavailable(f"ClickHouse at {where} does not answer: {err}", title="Analytics unavailable")
 
     async def _open(self) -> HistoryWriter:

@@ -554,21 +554,56 @@ class ChdbStore(_ClickHouse):
             self._session.close()
 
 
+@dataclass(frozen=True)
+class ClickHouseServer:
+    """Where MARQUEE_CLICKHOUSE_URL points (http[s]://user:password@host:port/database),
+    with ClickHouse's defaults for what it leaves out. One reading for the store, the
+    readiness probe and backups."""
+
+    scheme: str
+    host: str
+    port: int
+    username: str
+    password: str
+    database: str
+
+    @classmethod
+    def parse(cls, url: str) -> ClickHouseServer:
+        parsed = urlparse(url)
+        return cls(
+            scheme=parsed.scheme or "http",
+            host=parsed.hostname or "127.0.0.1",
+            port=parsed.port or 8123,
+            username=parsed.username or "default",
+            password=parsed.password or "",
+            database=(parsed.path or "/").lstrip("/") or "default",
+        )
+
+    @property
+    def http_base(self) -> str:
+        return f"{self.scheme}://{self.host}:{self.port}/"
+
+    @property
+    def place(self) -> str:
+        """Host, port and database, never the credentials (for messages)."""
+        return f"{self.host}:{self.port}/{self.database}"
+
+
 class ClickHouseServerStore(_ClickHouse):
     """A ClickHouse server through clickhouse-connect (production)."""
 
     def __init__(self, url: str, retention_days: int = DEFAULT_RETENTION_DAYS) -> None:
         import clickhouse_connect
 
-        parsed = urlparse(url)
+        server = ClickHouseServer.parse(url)
         self.retention_days = retention_days
         self._client = clickhouse_connect.get_client(
-            host=parsed.hostname or "127.0.0.1",
-            port=parsed.port or 8123,
-            username=parsed.username or "default",
-            password=parsed.password or "",
-            database=(parsed.path or "/").lstrip("/") or "default",
-            secure=parsed.scheme == "https",
+            host=server.host,
+            port=server.port,
+            username=server.username,
+            password=server.password,
+            database=server.database,
+            secure=server.scheme == "https",
         )
 
     def _command(self, sql: str) -> None:

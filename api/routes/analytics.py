@@ -133,19 +133,9 @@ class Asked:
 AskedDep = Annotated[Asked, Depends()]
 
 
-def _row_dimensions(report: str, by: tuple[str, ...]) -> tuple[str, ...]:
-    """The dimensions a report's rows carry, as the service groups them: geography always
-    by country (and time zone when asked), spend only by its own dimensions."""
-    if report == "geography":
-        return ("country", "timezone") if "timezone" in by else ("country",)
-    if report == "spend":
-        return tuple(name for name in by if name in analytics.SPEND_DIMENSIONS)
-    return by
-
-
 def _columns(report: str, row_model: type[AnalyticsRow], asked: Asked) -> list[str]:
     """The keys of the report's JSON rows, in their order: the CSV header (also when no row came)."""
-    present = {*_row_dimensions(report, asked.query.by), *(("bucket",) if asked.query.granularity else ())}
+    present = {*analytics.row_dimensions(report, asked.query.by), *(("bucket",) if asked.query.granularity else ())}
     return [name for name in row_model.model_fields if name in present or name not in AnalyticsRow.model_fields]
 
 
