@@ -16,6 +16,7 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from activities.campaigns import CampaignActivities
+from activities.events import EventActivities
 from activities.notifications import NotificationActivities
 from channels.base import Provider
 from channels.registry import ProviderConfigError, build_provider
@@ -33,9 +34,10 @@ from services.routing import ProviderDirectory
 from services.sending import InstantSender
 from services.templates import PinnedVersions
 from workflows.campaign import CampaignWorkflow
+from workflows.events import DigestWorkflow, EventWorkflow
 from workflows.notification import NotificationWorkflow
 
-WORKFLOWS = [NotificationWorkflow, CampaignWorkflow]
+WORKFLOWS = [NotificationWorkflow, CampaignWorkflow, EventWorkflow, DigestWorkflow]
 logger = structlog.get_logger("marquee.worker")
 
 
@@ -93,9 +95,10 @@ class WorkerServices:
                 templates=self.templates,
             )
         )
+        self.events = EventActivities(self.engine, self.settings)
 
     def activities(self) -> list[Callable[..., Any]]:
-        notifications, campaigns = self.notifications, self.campaigns
+        notifications, campaigns, events = self.notifications, self.campaigns, self.events
         return [
             notifications.prepare,
             notifications.send,
@@ -106,6 +109,10 @@ class WorkerServices:
             campaigns.send_window,
             campaigns.send_batch,
             campaigns.finish_run,
+            events.plan,
+            events.dispatch,
+            events.settle,
+            events.send_digest,
         ]
 
 

@@ -16,6 +16,7 @@ from api.routes import (
     campaigns,
     dead_letters,
     dev,
+    events,
     health,
     metrics,
     notifications,
@@ -101,6 +102,7 @@ def create_app(
     app.include_router(webhooks.router)
     app.include_router(tracking.router)
     app.include_router(analytics.router)
+    app.include_router(events.router)
     if settings.dev_tools:
         app.include_router(dev.router)
     mount_admin(app, engine, settings)

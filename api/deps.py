@@ -73,3 +73,7 @@ RecipientWriter = Annotated[Principal, Depends(permit("recipients.write"))]
 # Templates, segments and campaigns are changed by the same roles.
 TemplateEditor = Annotated[Principal, Depends(permit("templates.write"))]
 ScheduledSender = Annotated[Principal, Depends(permit("notifications.schedule"))]
+EventPublisher = Annotated[Principal, Depends(permit("events.publish"))]
+EventReader = Annotated[Principal, Depends(permit("events.read"))]
+RuleReader = Annotated[Principal, Depends(permit("event_rules.read"))]
+RuleEditor = Annotated[Principal, Depends(permit("event_rules.write"))]

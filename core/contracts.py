@@ -22,6 +22,10 @@ CAMPAIGN_WORKFLOW = "CampaignWorkflow"
 CAMPAIGN_PAUSE = "pause"
 CAMPAIGN_RESUME = "resume"
 CAMPAIGN_PROGRESS = "progress"
+EVENT_WORKFLOW = "EventWorkflow"
+EVENT_CANCEL_ACTION = "cancel_action"  # signal: a cancelling event arrived for one rule's send
+DIGEST_WORKFLOW = "DigestWorkflow"
+DIGEST_ADD = "add"  # signal (with start): an event joined the digest
 
 # ApplicationError types that activities raise and workflows branch on.
 PERMANENT_ERROR = "PermanentSendError"
@@ -37,6 +41,15 @@ CAMPAIGN_NOT_FOUND = "CampaignNotFound"
 def workflow_id_for(notification_id: object) -> str:
     """The NotificationWorkflow id: the notification id, itself derived from the key."""
     return f"notification-{notification_id}"
+
+
+def event_workflow_id(event_id: str) -> str:
+    return f"event-{event_id}"
+
+
+def digest_workflow_id(rule_id: int, user_id: str) -> str:
+    """One id per (rule, recipient); each window is one run of it."""
+    return f"digest-{rule_id}-{user_id}"
 
 
 def campaign_workflow_id(campaign_id: object) -> str:
@@ -293,3 +306,62 @@ class CampaignProgress(BaseModel):
     batches_in_flight: int
     batches_done: int
     totals: BatchResult
+
+
+# --- Events ---------------------------------------------------------------------------------
+
+
+class EventInput(BaseModel):
+    event_id: str
+
+
+class RuleAction(BaseModel):
+    """One matching rule's send for an event, due at `fire_at` (None: now)."""
+
+    rule_id: int
+    fire_at: datetime | None = None
+
+
+class CancelTarget(BaseModel):
+    """A waiting send this event cancels: the rule's send for an earlier event."""
+
+    event_id: str
+    rule_id: int
+
+
+class EventPlan(BaseModel):
+    actions: list[RuleAction] = Field(default_factory=list)
+    cancels: list[CancelTarget] = Field(default_factory=list)
+
+
+class ActionInput(BaseModel):
+    event_id: str
+    rule_id: int
+
+
+class ActionEnd(BaseModel):
+    event_id: str
+    rule_id: int
+    status: str
+    reason: str | None = None
+
+
+class ActionOutcome(BaseModel):
+    status: str
+    reason: str | None = None
+
+
+class DigestInput(BaseModel):
+    rule_id: int
+    user_id: str
+    closes_at: datetime
+
+
+class DigestBatch(BaseModel):
+    rule_id: int
+    user_id: str
+    batch: str  # the send's key: a retried send lists the same events
+
+
+class DigestSent(BaseModel):
+    listed: int

@@ -70,6 +70,11 @@ class Recipient(SQLModel, table=True):
         default_factory=list,
         sa_column=sa.Column(pg.ARRAY(sa.Text), nullable=False, server_default="{}"),
     )
+    # What the recipient follows ("series:42", "actor:7"): event rules address followers.
+    follows: list[str] = Field(
+        default_factory=list,
+        sa_column=sa.Column(pg.ARRAY(sa.Text), nullable=False, server_default="{}"),
+    )
     # Non-urgent sends wait while the recipient's local clock is in [start, end), "HH:MM".
     quiet_hours_start: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
     quiet_hours_end: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
@@ -521,4 +526,120 @@ class CampaignDelivery(SQLModel, table=True):
     __table_args__ = (
         sa.UniqueConstraint("run_id", "recipient_id", "channel", name="uq_campaign_delivery"),
         sa.Index("ix_campaign_deliveries_provider_message", "provider_message_id"),
+    )
+
+
+class EventType(SQLModel, table=True):
+    """A kind of fact other services publish, with the JSON Schema its payload must meet."""
+
+    __tablename__ = "event_types"
+
+    name: str = Field(sa_column=sa.Column(sa.Text, primary_key=True))
+    description: str = Field(default="", sa_column=sa.Column(sa.Text, nullable=False, server_default=""))
+    payload_schema: dict[str, Any] = Field(sa_column=sa.Column("schema", pg.JSONB, nullable=False))
+    created_by: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    created_at: datetime | None = Field(
+        default=None, sa_column=sa.Column(_tz(), nullable=False, server_default=sa.func.now())
+    )
+    updated_at: datetime | None = Field(
+        default=None, sa_column=sa.Column(_tz(), nullable=False, server_default=sa.func.now())
+    )
+
+
+class TriggerRule(SQLModel, table=True):
+    """Event type -> who hears it, with which template, when, and whether as a digest.
+    `definition` is core.events.RuleDefinition as JSON."""
+
+    __tablename__ = "trigger_rules"
+
+    id: int | None = Field(default=None, sa_column=sa.Column(sa.BigInteger, primary_key=True, autoincrement=True))
+    name: str = Field(sa_column=sa.Column(sa.Text, nullable=False, unique=True))
+    event_type: str = Field(
+        sa_column=sa.Column(sa.Text, sa.ForeignKey("event_types.name", ondelete="RESTRICT"), nullable=False)
+    )
+    enabled: bool = Field(default=True, sa_column=sa.Column(sa.Boolean, nullable=False, server_default="true"))
+    definition: dict[str, Any] = Field(sa_column=sa.Column(pg.JSONB, nullable=False))
+    # Event types whose arrival cancels this rule's pending (delayed) sends.
+    cancel_on: list[str] = Field(
+        default_factory=list, sa_column=sa.Column(pg.ARRAY(sa.Text), nullable=False, server_default="{}")
+    )
+    created_by: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    created_at: datetime | None = Field(
+        default=None, sa_column=sa.Column(_tz(), nullable=False, server_default=sa.func.now())
+    )
+    updated_at: datetime | None = Field(
+        default=None, sa_column=sa.Column(_tz(), nullable=False, server_default=sa.func.now())
+    )
+
+    __table_args__ = (sa.Index("ix_trigger_rules_event_type", "event_type"),)
+
+
+class Event(SQLModel, table=True):
+    """One published fact, once: the publisher's id is the key, whichever intake brought it."""
+
+    __tablename__ = "events"
+
+    id: str = Field(sa_column=sa.Column(sa.Text, primary_key=True))
+    type: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    occurred_at: datetime = Field(sa_column=sa.Column(_tz(), nullable=False))
+    payload: dict[str, Any] = Field(sa_column=sa.Column(pg.JSONB, nullable=False))
+    payload_hash: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    source: str = Field(sa_column=sa.Column(sa.Text, nullable=False))  # http or nats
+    received_by: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    workflow_id: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    received_at: datetime | None = Field(
+        default=None, sa_column=sa.Column(_tz(), nullable=False, server_default=sa.func.now())
+    )
+
+    __table_args__ = (sa.Index("ix_events_type_received", "type", "received_at"),)
+
+
+class EventAction(SQLModel, table=True):
+    """What one rule made of one event: waiting, sent (with what it started), cancelled, skipped."""
+
+    __tablename__ = "event_actions"
+
+    event_id: str = Field(
+        sa_column=sa.Column(sa.Text, sa.ForeignKey("events.id", ondelete="CASCADE"), primary_key=True)
+    )
+    rule_id: int = Field(
+        sa_column=sa.Column(sa.BigInteger, sa.ForeignKey("trigger_rules.id", ondelete="CASCADE"), primary_key=True)
+    )
+    status: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    # The payload value a cancelling event must carry to cancel this action (correlate_on).
+    correlation: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    fire_at: datetime | None = Field(default=None, sa_column=sa.Column(_tz()))
+    notification_id: uuid.UUID | None = Field(default=None, sa_column=sa.Column(pg.UUID(as_uuid=True)))
+    campaign_id: uuid.UUID | None = Field(default=None, sa_column=sa.Column(pg.UUID(as_uuid=True)))
+    digest: str | None = Field(default=None, sa_column=sa.Column(sa.Text))  # the digest workflow id
+    reason: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    updated_at: datetime | None = Field(
+        default=None, sa_column=sa.Column(_tz(), nullable=False, server_default=sa.func.now())
+    )
+
+    __table_args__ = (
+        sa.Index("ix_event_actions_waiting", "rule_id", "correlation", postgresql_where=sa.text("status = 'waiting'")),
+    )
+
+
+class DigestItem(SQLModel, table=True):
+    """An event waiting in a recipient's digest for a rule; `batch` is set by the send that
+    lists it, so an event is listed once whatever is retried or redelivered."""
+
+    __tablename__ = "digest_items"
+
+    rule_id: int = Field(
+        sa_column=sa.Column(sa.BigInteger, sa.ForeignKey("trigger_rules.id", ondelete="CASCADE"), primary_key=True)
+    )
+    user_id: str = Field(sa_column=sa.Column(sa.Text, primary_key=True))
+    event_id: str = Field(sa_column=sa.Column(sa.Text, primary_key=True))
+    payload: dict[str, Any] = Field(sa_column=sa.Column(pg.JSONB, nullable=False))
+    occurred_at: datetime = Field(sa_column=sa.Column(_tz(), nullable=False))
+    batch: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    created_at: datetime | None = Field(
+        default=None, sa_column=sa.Column(_tz(), nullable=False, server_default=sa.func.now())
+    )
+
+    __table_args__ = (
+        sa.Index("ix_digest_items_open", "rule_id", "user_id", postgresql_where=sa.text("batch IS NULL")),
     )

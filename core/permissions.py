@@ -39,6 +39,11 @@ _OTHERS: Mapping[str, frozenset[Role]] = {
     "audit.read": frozenset({Role.analyst}),
     # Analytics (the /v1/analytics API and the admin's dashboard and campaign report) only look.
     "analytics.read": _STAFF,
+    # Other backends publish the facts; managers decide who hears what.
+    "events.publish": frozenset({Role.service}),
+    "events.read": _EVERY_ROLE,
+    "event_rules.read": _EVERY_ROLE,
+    "event_rules.write": frozenset({Role.campaign_manager}),
     "admin_users.manage": _NO_ONE_BUT_ADMINS,
     # Signing in to the admin panel is for people; a service account has nothing to do there.
     "admin_panel.use": _STAFF,

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, EmailStr, Field, StringConstraints, field_validator, model_validator
 
+from core.events import Clock, EventTypeName, RuleDefinition
 from core.models import Channel
 from core.segments import Filter
 from core.templating import TemplateContent
@@ -24,7 +25,6 @@ Locale = Annotated[str, StringConstraints(pattern=r"^[a-z]{2,3}(-[A-Z]{2})?$")]
 Country = Annotated[str, StringConstraints(pattern=r"^[A-Z]{2}$")]
 PushToken = Annotated[str, StringConstraints(min_length=1, max_length=4096)]
 Tag_ = Annotated[str, StringConstraints(min_length=1, max_length=64, strip_whitespace=True)]
-Clock = Annotated[str, StringConstraints(pattern=r"^([01]\d|2[0-3]):[0-5]\d$")]
 
 
 def known_timezone(value: str) -> str:
@@ -700,3 +700,90 @@ class CampaignReportOut(BaseModel):
     failures: list[ReportFailure]
     timeline: list[ReportMinute] = Field(description="Sends and failures per minute (UTC)")
     cost: list[ReportCost]
+
+
+# --- Events ---------------------------------------------------------------------------------
+
+EventId = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$")]
+
+
+class EventIn(BaseModel):
+    """A fact another service publishes; its id is the deduplication key, over HTTP and NATS alike."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: EventId = Field(description="The publisher's unique id: the same id is the same event, once")
+    type: EventTypeName = Field(description="A registered event type, e.g. episode.released")
+    occurred_at: datetime = Field(description="When it happened, with its UTC offset")
+    payload: dict[str, Any] = Field(default_factory=dict, description="Checked against the type's JSON Schema")
+
+    @field_validator("occurred_at")
+    @classmethod
+    def _aware(cls, value: datetime) -> datetime:
+        if value.tzinfo is None:
+            raise ValueError("needs a UTC offset, e.g. 2026-12-06T19:00:00+00:00")
+        return value
+
+    @field_validator("payload")
+    @classmethod
+    def _small(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if len(json.dumps(value)) > MAX_PAYLOAD_BYTES:
+            raise ValueError(f"larger than {MAX_PAYLOAD_BYTES} bytes")
+        return value
+
+
+class EventActionOut(BaseModel):
+    rule_id: int
+    rule: str
+    status: str = Field(description="waiting, sent, digested, cancelled, skipped or failed")
+    fire_at: datetime | None = None
+    notification_id: uuid.UUID | None = None
+    campaign_id: uuid.UUID | None = None
+    digest: str | None = Field(default=None, description="The digest workflow this event joined")
+    reason: str | None = None
+
+
+class EventOut(BaseModel):
+    id: str
+    type: str
+    occurred_at: datetime
+    received_at: datetime
+    source: str
+    workflow_id: str
+    actions: list[EventActionOut] = Field(description="What each matching rule made of it")
+    links: dict[str, str]
+
+
+class EventTypeIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    description: str = Field(default="", max_length=1000)
+    payload_schema: dict[str, Any] = Field(
+        alias="schema", description="A JSON Schema (2020-12) of type object for the payload"
+    )
+
+
+class EventTypeOut(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+    name: str
+    description: str
+    payload_schema: dict[str, Any] = Field(serialization_alias="schema")
+    created_by: str
+    updated_at: datetime
+
+
+class TriggerRuleIn(RuleDefinition):
+    name: str = Field(min_length=1, max_length=200)
+    event_type: EventTypeName
+    enabled: bool = True
+
+
+class TriggerRuleOut(TriggerRuleIn):
+    id: int
+    created_by: str
+    updated_at: datetime
+
+
+class FollowsPut(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    follows: list[Annotated[str, StringConstraints(min_length=1, max_length=200)]] = Field(
+        max_length=10_000, description='What the recipient follows, e.g. "series:42"; replaces the list'
+    )

@@ -33,6 +33,7 @@ FIELDS: dict[str, tuple[str, str]] = {
     "timezone": ("timezone", "text"),
     "email": ("email", "text"),
     "tags": ("tags", "array"),
+    "follows": ("follows", "array"),
     "created_at": ("created_at", "time"),
     "last_active_at": ("last_active_at", "time"),
 }

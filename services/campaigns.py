@@ -95,8 +95,15 @@ class CampaignRequest:
         )
 
 
-async def create(conn: AsyncConnection, request: CampaignRequest, author: str, actor: Actor | None = None) -> uuid.UUID:
-    """A draft campaign with its template version pinned; every input checked first."""
+async def create(
+    conn: AsyncConnection,
+    request: CampaignRequest,
+    author: str,
+    actor: Actor | None = None,
+    campaign_id: uuid.UUID | None = None,
+) -> uuid.UUID:
+    """A draft campaign with its template version pinned; every input checked first.
+    `campaign_id` is given by a caller that must make the same campaign on a retry (an event)."""
     try:
         record = await template_store.get(conn, request.template, request.template_version)
     except TemplateNotFound as err:
@@ -112,7 +119,7 @@ async def create(conn: AsyncConnection, request: CampaignRequest, author: str, a
         await store.load_segment(conn, request.segment_id)
     except store.SegmentNotFound as err:
         raise CampaignInvalid("segment_id", f"no segment {request.segment_id}") from err
-    campaign_id = uuid.uuid4()
+    campaign_id = campaign_id or uuid.uuid4()
     await conn.execute(
         store.campaigns.insert().values(
             id=campaign_id,

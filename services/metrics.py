@@ -42,6 +42,10 @@ SENT = Counter("marquee_notifications_sent", "Messages a provider accepted", ["c
                registry=PROCESS)  # fmt: skip
 FAILED = Counter("marquee_notifications_failed", "Messages failed for good (a dead letter, or a campaign's failed row)",
                  ["channel", "provider", "kind"], registry=PROCESS)  # fmt: skip
+EVENTS_ACCEPTED = Counter("marquee_events_accepted", "Events accepted (first delivery of an id)", ["type", "source"],
+                          registry=PROCESS)  # fmt: skip
+EVENTS_REJECTED = Counter("marquee_events_rejected", "Events refused: unknown_type, invalid_payload, conflict, "
+                          "unavailable, malformed", ["source", "reason"], registry=PROCESS)  # fmt: skip
 PROVIDER_LATENCY = Histogram(
     "marquee_provider_send_seconds",
     "One call to a provider, by outcome: ok, throttled, rejected (the message) or error (the provider's fault)",

@@ -70,6 +70,20 @@ async def recipient_id(conn: AsyncConnection, user_id: str) -> int:
     return int(found)
 
 
+async def set_follows(conn: AsyncConnection, user_id: str, follows: Sequence[str]) -> list[str]:
+    """Replace what the recipient follows (event rules address followers). Commits."""
+    stored = await conn.scalar(
+        sa.update(recipients)
+        .where(recipients.c.user_id == user_id)
+        .values(follows=sorted(set(follows)), updated_at=sa.func.now())
+        .returning(recipients.c.follows)
+    )
+    if stored is None:
+        raise NotFound(f"no recipient with user_id {user_id!r}")
+    await conn.commit()
+    return list(stored)
+
+
 async def delete(conn: AsyncConnection, user_id: str) -> None:
     """Commits."""
     result = await conn.execute(sa.delete(recipients).where(recipients.c.user_id == user_id))

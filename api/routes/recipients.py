@@ -9,6 +9,7 @@ from fastapi import APIRouter, Response, status
 from api.deps import AnyRole, ConnectionDep, RecipientWriter
 from core.schemas import (
     BatchResult,
+    FollowsPut,
     PreferenceOut,
     PreferencesPut,
     RecipientBatch,
@@ -65,6 +66,18 @@ async def delete_preference(
 ) -> Response:
     await service.delete_preference(conn, user_id, category, channel)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.get("/{user_id}/follows", response_model=FollowsPut)
+async def get_follows(user_id: str, conn: ConnectionDep, _: AnyRole) -> Any:
+    return FollowsPut(follows=(await service.get(conn, user_id)).follows)
+
+
+@router.put("/{user_id}/follows", response_model=FollowsPut)
+async def put_follows(user_id: str, body: FollowsPut, conn: ConnectionDep, _: RecipientWriter) -> Any:
+    """Replace what the recipient follows, e.g. ["series:42"]: rules reach followers with a
+    segment filter such as {"field": "follows", "op": "contains", "value": "series:${series_id}"}."""
+    return FollowsPut(follows=await service.set_follows(conn, user_id, body.follows))
 
 
 @router.delete("/{user_id}", status_code=status.HTTP_204_NO_CONTENT)
