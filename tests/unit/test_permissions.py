@@ -49,6 +49,10 @@ EXPECTED: dict[str, set[Role]] = {
     "dead_letters.resolve": set(),
     "audit.read": {A},
     "analytics.read": {M, A},
+    "events.publish": {S},
+    "events.read": EVERYONE,
+    "event_rules.read": EVERYONE,
+    "event_rules.write": {M},
     "admin_users.manage": set(),
     "admin_panel.use": {M, A},
 }
@@ -68,6 +72,8 @@ DELETE /v1/recipients/{user_id}                               recipients.write
 GET    /v1/recipients/{user_id}/preferences                   recipients.read
 PUT    /v1/recipients/{user_id}/preferences                   recipients.write
 DELETE /v1/recipients/{user_id}/preferences/{category}/{channel} recipients.write
+GET    /v1/recipients/{user_id}/follows                       recipients.read
+PUT    /v1/recipients/{user_id}/follows                       recipients.write
 POST   /v1/templates                                          templates.write
 GET    /v1/templates                                          templates.read
 GET    /v1/templates/{key}                                    templates.read
@@ -117,6 +123,17 @@ GET    /v1/analytics/latency                                  analytics.read
 GET    /v1/analytics/geography                                analytics.read
 GET    /v1/analytics/spend                                    analytics.read
 GET    /v1/analytics/campaigns/{campaign_id}                  analytics.read
+POST   /v1/events                                             events.publish
+GET    /v1/events/{event_id}                                  events.read
+PUT    /v1/event-types/{name}                                 event_rules.write
+GET    /v1/event-types                                        event_rules.read
+GET    /v1/event-types/{name}                                 event_rules.read
+DELETE /v1/event-types/{name}                                 event_rules.write
+POST   /v1/trigger-rules                                      event_rules.write
+GET    /v1/trigger-rules                                      event_rules.read
+GET    /v1/trigger-rules/{rule_id}                            event_rules.read
+PUT    /v1/trigger-rules/{rule_id}                            event_rules.write
+DELETE /v1/trigger-rules/{rule_id}                            event_rules.write
 """
 ROUTE_ACTIONS = {
     (method, path): action for method, path, action in (line.split() for line in ROUTES.strip().splitlines())
