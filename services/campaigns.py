@@ -208,6 +208,9 @@ async def create_and_launch(
     conn: AsyncConnection, temporal: Client, settings: Settings, request: CampaignRequest, actor: Actor
 ) -> uuid.UUID:
     campaign_id = await create(conn, request, actor.subject, actor)
+    # Committed before the run starts: its first activity reads the campaign (a launch that
+    # fails leaves a draft to launch again, never a run without its campaign).
+    await conn.commit()
     await launch(conn, temporal, settings, campaign_id, actor)
     return campaign_id
 

@@ -411,6 +411,7 @@ async def _fan_out(
             throttle_per_second=None,
         )
         await campaigns.create(conn, request, RULES.subject, None, campaign_id)
+        await conn.commit()  # the run reads its campaign as soon as it starts
         existing = "draft"
     if existing == "draft":
         await campaigns.launch(conn, temporal, settings, campaign_id)

@@ -57,16 +57,27 @@ async def put_template(manager: httpx.AsyncClient, body: dict[str, Any]) -> str:
 
 
 async def put_rule(manager: httpx.AsyncClient, event_type: str, template: str, **extra: Any) -> dict[str, Any]:
-    body = {"name": unique("rule-"), "event_type": event_type, "template": template, "channels": ["email"],
-            "category": "security", **extra}  # fmt: skip
+    body = {
+        "name": unique("rule-"),
+        "event_type": event_type,
+        "template": template,
+        "channels": ["email"],
+        "category": "security",
+        **extra,
+    }
     response = await manager.post("/v1/trigger-rules", json=body)
     assert response.status_code == 201, response.text
     return dict(response.json())
 
 
 def event(event_type: str, payload: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    return {"id": unique("ev-"), "type": event_type, "occurred_at": datetime.now(UTC).isoformat(),
-            "payload": payload, **extra}  # fmt: skip
+    return {
+        "id": unique("ev-"),
+        "type": event_type,
+        "occurred_at": datetime.now(UTC).isoformat(),
+        "payload": payload,
+        **extra,
+    }
 
 
 async def wait_event(api: httpx.AsyncClient, event_id: str, *statuses: str, seconds: float = 30) -> dict[str, Any]:
@@ -148,41 +159,87 @@ async def test_bad_events_are_refused_naming_the_field_and_nothing_is_stored(
     naive = await api.post("/v1/events", json=event(name, {}, occurred_at="2026-12-06T10:00:00"))
     assert naive.status_code == 422
     async with engine.connect() as conn:
-        stored = await conn.scalar(sa.text("SELECT count(*) FROM events WHERE type IN ('no.such_type', :t) "
-                                           "AND payload->>'link' = '7'"), {"t": name})  # fmt: skip
+        stored = await conn.scalar(
+            sa.text("SELECT count(*) FROM events WHERE type IN ('no.such_type', :t) AND payload->>'link' = '7'"),
+            {"t": name},
+        )
     assert stored == 0
 
 
 async def test_a_rule_is_checked_whole_against_the_schema_and_template(manager: httpx.AsyncClient) -> None:
     name = unique("subscription.expiring_")
-    await put_type(manager, name, {"type": "object", "required": ["user_id"],
-                                   "properties": {"user_id": {"type": "string"}, "days_left": {"type": "string"}}})  # fmt: skip
-    template = await put_template(manager, {"category": "billing", "content": {
-        "variables": [{"name": "days_left", "type": "integer", "example": 3}, {"name": "plan", "example": "family"}],
-        "locales": {"en": {"email": {"subject": "{{ days_left }} days", "html": "<p>{{ plan }}</p>"}}}}})  # fmt: skip
-    response = await manager.post("/v1/trigger-rules", json={
-        "name": unique("rule-"), "event_type": name, "template": template, "channels": ["email", "sms"],
-        "category": "billing", "condition": [{"field": "days", "op": "lte", "value": 3}],
-        "delay": {"from_field": "expires_at"}, "cancel_on": ["no.such_event"]})  # fmt: skip
+    await put_type(
+        manager,
+        name,
+        {
+            "type": "object",
+            "required": ["user_id"],
+            "properties": {"user_id": {"type": "string"}, "days_left": {"type": "string"}},
+        },
+    )
+    template = await put_template(
+        manager,
+        {
+            "category": "billing",
+            "content": {
+                "variables": [
+                    {"name": "days_left", "type": "integer", "example": 3},
+                    {"name": "plan", "example": "family"},
+                ],
+                "locales": {"en": {"email": {"subject": "{{ days_left }} days", "html": "<p>{{ plan }}</p>"}}},
+            },
+        },
+    )
+    response = await manager.post(
+        "/v1/trigger-rules",
+        json={
+            "name": unique("rule-"),
+            "event_type": name,
+            "template": template,
+            "channels": ["email", "sms"],
+            "category": "billing",
+            "condition": [{"field": "days", "op": "lte", "value": 3}],
+            "delay": {"from_field": "expires_at"},
+            "cancel_on": ["no.such_event"],
+        },
+    )
     assert response.status_code == 422, response.text
     fields = sorted(error["field"] for error in response.json()["errors"])
-    assert fields == sorted(["channels.1", "variables.days_left", "variables.days_left", "variables.plan",
-                             "condition.0.field", "delay.from_field", "cancel_on.0"])  # fmt: skip
+    assert fields == sorted(
+        [
+            "channels.1",
+            "variables.days_left",
+            "variables.days_left",
+            "variables.plan",
+            "condition.0.field",
+            "delay.from_field",
+            "cancel_on.0",
+        ]
+    )
 
 
 async def test_a_delayed_send_is_cancelled_by_its_cancelling_event(
     api: httpx.AsyncClient, manager: httpx.AsyncClient, recipient: dict, smtp_server: SmtpServer
 ) -> None:
     failed, succeeded = unique("payment.failed_"), unique("payment.succeeded_")
-    schema = {"type": "object", "required": ["user_id"], "properties": {"user_id": {"type": "string"},
-                                                                       "amount": {"type": "number"}}}  # fmt: skip
+    schema = {
+        "type": "object",
+        "required": ["user_id", "amount"],
+        "properties": {"user_id": {"type": "string"}, "amount": {"type": "number"}},
+    }
     await put_type(manager, failed, schema)
     await put_type(manager, succeeded, schema)
-    template = await put_template(manager, {"category": "billing", "content": {
-        "variables": [{"name": "amount", "type": "number", "example": 5}],
-        "locales": {"en": {"email": {"subject": "Payment of {{ amount }} failed", "html": "<p>Retry</p>"}}}}})  # fmt: skip
-    await put_rule(manager, failed, template, category="billing", delay={"offset_seconds": 3600},
-                   cancel_on=[succeeded])  # fmt: skip
+    template = await put_template(
+        manager,
+        {
+            "category": "billing",
+            "content": {
+                "variables": [{"name": "amount", "type": "number", "example": 5}],
+                "locales": {"en": {"email": {"subject": "Payment of {{ amount }} failed", "html": "<p>Retry</p>"}}},
+            },
+        },
+    )
+    await put_rule(manager, failed, template, category="billing", delay={"offset_seconds": 3600}, cancel_on=[succeeded])
     reminder = event(failed, {"user_id": recipient["user_id"], "amount": 9.99})
     assert (await api.post("/v1/events", json=reminder)).status_code == 202
     waiting = await wait_event(api, reminder["id"], "waiting")
@@ -199,18 +256,52 @@ async def test_a_hundred_events_within_a_second_make_one_digest_listing_all(
     api: httpx.AsyncClient, manager: httpx.AsyncClient, recipient: dict, smtp_server: SmtpServer
 ) -> None:
     name = unique("episode.watched_")
-    await put_type(manager, name, {"type": "object", "required": ["user_id", "title"],
-                                   "properties": {"user_id": {"type": "string"}, "title": {"type": "string"}}})  # fmt: skip
-    single = await put_template(manager, {"category": "news", "content": {
-        "variables": [{"name": "title", "example": "E1"}],
-        "locales": {"en": {"email": {"subject": "{{ title }}", "html": "<p>x</p>"}}}}})  # fmt: skip
-    digest = await put_template(manager, {"category": "news", "content": {
-        "variables": [{"name": "events", "type": "list", "example": [{"title": "E1"}]},
-                      {"name": "count", "type": "integer", "example": 1}],
-        "locales": {"en": {"email": {"subject": "{{ count }} new episodes",
-                                     "html": "<ul>{% for e in events %}<li>{{ e.title }}</li>{% endfor %}</ul>"}}}}})  # fmt: skip
-    await put_rule(manager, name, single, category="news",
-                   digest={"window_seconds": 3, "template": digest, "single_as_message": True})  # fmt: skip
+    await put_type(
+        manager,
+        name,
+        {
+            "type": "object",
+            "required": ["user_id", "title"],
+            "properties": {"user_id": {"type": "string"}, "title": {"type": "string"}},
+        },
+    )
+    single = await put_template(
+        manager,
+        {
+            "category": "news",
+            "content": {
+                "variables": [{"name": "title", "example": "E1"}],
+                "locales": {"en": {"email": {"subject": "{{ title }}", "html": "<p>x</p>"}}},
+            },
+        },
+    )
+    digest = await put_template(
+        manager,
+        {
+            "category": "news",
+            "content": {
+                "variables": [
+                    {"name": "events", "type": "list", "example": [{"title": "E1"}]},
+                    {"name": "count", "type": "integer", "example": 1},
+                ],
+                "locales": {
+                    "en": {
+                        "email": {
+                            "subject": "{{ count }} new episodes",
+                            "html": "<ul>{% for e in events %}<li>{{ e.title }}</li>{% endfor %}</ul>",
+                        }
+                    }
+                },
+            },
+        },
+    )
+    await put_rule(
+        manager,
+        name,
+        single,
+        category="news",
+        digest={"window_seconds": 3, "template": digest, "single_as_message": True},
+    )
     bodies = [event(name, {"user_id": recipient["user_id"], "title": f"Episode {n}"}) for n in range(100)]
     responses = await asyncio.gather(*(api.post("/v1/events", json=body) for body in bodies))
     assert {response.status_code for response in responses} == {202}
@@ -232,24 +323,57 @@ async def test_an_episode_to_its_followers_runs_as_one_batched_campaign_run(
     smtp_server: SmtpServer,
 ) -> None:
     name = unique("episode.released_")
-    await put_type(manager, name, {"type": "object", "required": ["series_id", "title"], "properties": {
-        "series_id": {"type": "integer"}, "title": {"type": "string"}, "content_id": {"type": "string"}}})  # fmt: skip
-    template = await put_template(manager, {"category": "news", "content": {
-        "variables": [{"name": "title", "example": "E1"}],
-        "locales": {"en": {"email": {"subject": "New: {{ title }}", "html": "<p>{{ title }} is out</p>"}}}}})  # fmt: skip
-    rule = await put_rule(manager, name, template, category="news", audience={
-        "kind": "segment", "filter": {"field": "follows", "op": "contains", "value": "series:${series_id}"}})  # fmt: skip
+    await put_type(
+        manager,
+        name,
+        {
+            "type": "object",
+            "required": ["series_id", "title"],
+            "properties": {
+                "series_id": {"type": "integer"},
+                "title": {"type": "string"},
+                "content_id": {"type": "string"},
+            },
+        },
+    )
+    template = await put_template(
+        manager,
+        {
+            "category": "news",
+            "content": {
+                "variables": [{"name": "title", "example": "E1"}],
+                "locales": {"en": {"email": {"subject": "New: {{ title }}", "html": "<p>{{ title }} is out</p>"}}},
+            },
+        },
+    )
+    rule = await put_rule(
+        manager,
+        name,
+        template,
+        category="news",
+        audience={"kind": "segment", "filter": {"field": "follows", "op": "contains", "value": "series:${series_id}"}},
+    )
     series = int(uuid.uuid4().int % 10**9)
     tag = unique("fan")
     followers = 20_000
     async with engine.begin() as conn:
-        await conn.execute(sa.text(
-            "INSERT INTO recipients (user_id, email, follows) SELECT :tag || '-' || n, :tag || '-' || n || "
-            "'@example.com', ARRAY['series:' || :series] || CASE WHEN n % 2 = 0 THEN ARRAY['series:0'] ELSE '{}' END "
-            "FROM generate_series(1, :count) n"), {"tag": tag, "series": str(series), "count": followers})  # fmt: skip
+        await conn.execute(
+            sa.text(
+                "INSERT INTO recipients (user_id, email, follows, locale, timezone) "
+                "SELECT :tag || '-' || n, :tag || '-' || n || '@example.com', "
+                "ARRAY['series:' || :series] || CASE WHEN n % 2 = 0 THEN ARRAY['series:0'] ELSE '{}' END, 'en', 'UTC' "
+                "FROM generate_series(1, :count) n"
+            ),
+            {"tag": tag, "series": str(series), "count": followers},
+        )
         # Someone following another series hears nothing.
-        await conn.execute(sa.text("INSERT INTO recipients (user_id, email, follows) VALUES "
-                                   "(:u, :u || '@example.com', ARRAY['series:1'])"), {"u": f"{tag}-other"})  # fmt: skip
+        await conn.execute(
+            sa.text(
+                "INSERT INTO recipients (user_id, email, follows, locale, timezone) VALUES "
+                "(:u, :u || '@example.com', ARRAY['series:1'], 'en', 'UTC')"
+            ),
+            {"u": f"{tag}-other"},
+        )
     started = datetime.now(UTC)
     body = event(name, {"series_id": series, "title": "Episode 5"})
     assert (await api.post("/v1/events", json=body)).status_code == 202
@@ -259,8 +383,12 @@ async def test_an_episode_to_its_followers_runs_as_one_batched_campaign_run(
     # The run goes on in batches; once the first thousands are mailed, count what Temporal runs.
     deadline = asyncio.get_running_loop().time() + 120
     while True:
-        mailed = sum(1 for envelope, _ in smtp_server.handler.messages
-                     for rcpt in envelope.rcpt_tos if rcpt.startswith(f"{tag}-"))  # fmt: skip
+        mailed = sum(
+            1
+            for envelope, _ in smtp_server.handler.messages
+            for rcpt in envelope.rcpt_tos
+            if rcpt.startswith(f"{tag}-")
+        )
         if mailed >= 2000:
             break
         assert asyncio.get_running_loop().time() < deadline, f"only {mailed} mailed"
@@ -269,13 +397,10 @@ async def test_an_episode_to_its_followers_runs_as_one_batched_campaign_run(
     workflows = [item.id async for item in temporal_client.list_workflows(query)]
     assert sorted(workflows) == sorted([f"event-{body['id']}", f"campaign-{campaign_id}"])
     campaign = (await manager.get(f"/v1/campaigns/{campaign_id}")).json()
-    assert campaign["runs"][0]["targeted"] in (0, followers) or campaign["runs"][0]["sent"] > 0
-    async with engine.connect() as conn:
-        matched = await conn.scalar(sa.text(
-            "SELECT count(*) FROM recipients r JOIN segments s ON s.id = (SELECT segment_id FROM campaigns "
-            "WHERE id = :c) WHERE r.follows @> ARRAY[:f]"), {"c": campaign_id, "f": f"series:{series}"})  # fmt: skip
-    assert matched == followers
+    counted = (await manager.get(f"/v1/segments/{campaign['segment_id']}/count", params={"channels": "email"})).json()
+    assert counted["matches"] == followers  # the payload's series, not series:0 or series:1
     cancel = await manager.post(f"/v1/campaigns/{campaign_id}/cancel", json={"reason": "test is done"})
     assert cancel.status_code in (200, 202, 409), cancel.text
-    assert not any(rcpt == f"{tag}-other@example.com" for envelope, _ in smtp_server.handler.messages
-                   for rcpt in envelope.rcpt_tos)  # fmt: skip
+    assert not any(
+        rcpt == f"{tag}-other@example.com" for envelope, _ in smtp_server.handler.messages for rcpt in envelope.rcpt_tos
+    )
