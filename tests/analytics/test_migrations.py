@@ -74,3 +74,6 @@ def test_an_old_table_upgrades_in_place(tmp_path: Path) -> None:
     assert "TTL hour + toIntervalDay(30)" in channel_table["engine_full"]
     assert "TTL minute + toIntervalDay(30)" in minutes_table["engine_full"]
     assert "TTL hour + toIntervalDay(30)" in campaign_table["engine_full"]
+    # Migration 6: an insert's parts are Compact (a few files each) on every table it writes.
+    for table in found["ttl"]:
+        assert "min_rows_for_wide_part = 1000000" in table["engine_full"], table["name"]
