@@ -164,6 +164,9 @@ async def test_bad_events_are_refused_naming_the_field_and_nothing_is_stored(
             {"t": name},
         )
     assert stored == 0
+    metrics = (await api.get("/metrics")).text
+    for reason in ("unknown_type", "invalid_payload"):
+        assert f'marquee_events_rejected_total{{reason="{reason}",source="http"}}' in metrics
 
 
 async def test_a_rule_is_checked_whole_against_the_schema_and_template(manager: httpx.AsyncClient) -> None:
