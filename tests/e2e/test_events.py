@@ -17,6 +17,7 @@ from temporalio.client import Client
 
 from core.auth import Role
 from core.config import Settings
+from tests.e2e.test_replay import assert_replays
 from tests.stack import SmtpServer, token_for
 
 PASSWORD_SCHEMA = {
@@ -222,7 +223,11 @@ async def test_a_rule_is_checked_whole_against_the_schema_and_template(manager: 
 
 
 async def test_a_delayed_send_is_cancelled_by_its_cancelling_event(
-    api: httpx.AsyncClient, manager: httpx.AsyncClient, recipient: dict, smtp_server: SmtpServer
+    api: httpx.AsyncClient,
+    manager: httpx.AsyncClient,
+    recipient: dict,
+    smtp_server: SmtpServer,
+    temporal_client: Client,
 ) -> None:
     failed, succeeded = unique("payment.failed_"), unique("payment.succeeded_")
     schema = {
@@ -253,10 +258,18 @@ async def test_a_delayed_send_is_cancelled_by_its_cancelling_event(
     cancelled = await wait_event(api, reminder["id"], "cancelled")
     assert paid["id"] in cancelled["actions"][0]["reason"]
     assert smtp_server.handler.to(recipient["email"]) == []
+    for name, body in (("event_cancelled", reminder), ("event_cancelling", paid)):
+        handle = temporal_client.get_workflow_handle(f"event-{body['id']}")
+        await handle.result()
+        await assert_replays(await handle.fetch_history(), name)
 
 
 async def test_a_hundred_events_within_a_second_make_one_digest_listing_all(
-    api: httpx.AsyncClient, manager: httpx.AsyncClient, recipient: dict, smtp_server: SmtpServer
+    api: httpx.AsyncClient,
+    manager: httpx.AsyncClient,
+    recipient: dict,
+    smtp_server: SmtpServer,
+    temporal_client: Client,
 ) -> None:
     name = unique("episode.watched_")
     await put_type(
@@ -298,7 +311,7 @@ async def test_a_hundred_events_within_a_second_make_one_digest_listing_all(
             },
         },
     )
-    await put_rule(
+    rule = await put_rule(
         manager,
         name,
         single,
@@ -316,6 +329,15 @@ async def test_a_hundred_events_within_a_second_make_one_digest_listing_all(
     assert sorted(html.count(f"<li>Episode {n}</li>") for n in range(100)) == [1] * 100
     await asyncio.sleep(2)
     assert len(smtp_server.handler.to(recipient["email"])) == 1
+    digest_run = temporal_client.get_workflow_handle(f"digest-{rule['id']}-{recipient['user_id']}")
+    assert await digest_run.result() == 100
+    await assert_replays(await digest_run.fetch_history(), "digest_sent")
+
+    # Alone in its window, with single_as_message: the rule's own template, as one message.
+    alone = event(name, {"user_id": recipient["user_id"], "title": "Episode 101"})
+    assert (await api.post("/v1/events", json=alone)).status_code == 202
+    second = (await mail_to(smtp_server, recipient["email"], count=2, seconds=60))[1]
+    assert second["Subject"] == "Episode 101"
 
 
 async def test_an_episode_to_its_followers_runs_as_one_batched_campaign_run(
