@@ -18,6 +18,15 @@ from starlette.requests import Request
 from admin.analytics_views import ANALYTICS, AnalyticsPages
 from admin.campaign_views import CampaignAdmin, CampaignPages, SegmentAdmin
 from admin.dead_letter_views import AUDIT_LOG, DEAD_LETTERS, AuditLogPage, DeadLetterPages
+from admin.event_views import (
+    EVENT_TYPES,
+    EVENTS,
+    TRIGGER_RULES,
+    EventAdmin,
+    EventPages,
+    EventTypePages,
+    TriggerRulePages,
+)
 from admin.pages import CAMPAIGNS, TEMPLATES, TEMPLATES_DIR, ReadOnlyView, signed_in
 from admin.provider_views import PROVIDERS, ProviderPages
 from admin.template_views import TemplatePages
@@ -131,6 +140,9 @@ VIEW_ACTIONS: dict[str, ViewActions] = {
     CAMPAIGNS: ViewActions("campaigns.read", "campaigns.write"),  # the list and the pages
     SegmentAdmin.identity: ViewActions("segments.read", "segments.write"),
     TEMPLATES: ViewActions("templates.read", "templates.write"),
+    EVENT_TYPES: ViewActions("event_rules.read", "event_rules.write"),
+    TRIGGER_RULES: ViewActions("event_rules.read", "event_rules.write"),
+    EVENTS: ViewActions("events.read"),  # the list and the event's page
     PROVIDERS: ViewActions("providers.read", "providers.manage"),
     DEAD_LETTERS: ViewActions("dead_letters.read", "dead_letters.resolve"),
     AUDIT_LOG: ViewActions("audit.read"),
@@ -178,7 +190,9 @@ def mount_admin(app: FastAPI, engine: AsyncEngine, settings: Settings) -> Admin:
     )
     views: tuple[type[BaseView] | type[ModelView], ...] = (
         *(NotificationAdmin, DeliveryAdmin, DeadLetterPages, RecipientAdmin, SuppressionAdmin, AdminUserAdmin),
-        *(TemplatePages, CampaignAdmin, CampaignPages, SegmentAdmin, ProviderPages, AuditLogPage, AnalyticsPages),
+        *(TemplatePages, CampaignAdmin, CampaignPages, SegmentAdmin),
+        *(EventTypePages, TriggerRulePages, EventAdmin, EventPages),
+        *(ProviderPages, AuditLogPage, AnalyticsPages),
     )
     for view in views:
         # SQLAdmin keeps its Admin (and through it our app's state) on the view CLASS: a class

@@ -178,7 +178,7 @@ async def test_analyst_reads_notifications_but_not_admin_users(
     # Everything an analyst may read; "Admin users" is not among it.
     assert [t.strip() for t in titles] == [
         "Notifications", "Deliveries", "Dead letters", "Recipients", "Suppressions", "Templates", "Campaigns",
-        "Segments", "Providers", "Audit log", "Analytics",
+        "Segments", "Event types", "Trigger rules", "Events", "Providers", "Audit log", "Analytics",
     ]  # fmt: skip
 
     await page.locator("a.nav-link", has_text="Notifications").click()

@@ -238,8 +238,15 @@ def test_the_routes_without_a_guard_are_the_public_ones(app: FastAPI) -> None:
 # The admin as it was: every role but service reads every view but the admin users (and the
 # audit log, for analysts only); campaign managers also change templates and campaigns. And
 # segments now, as in the API: the segment list has no change to offer (its flags are off).
+# Event types and trigger rules too; the events themselves nobody changes by hand.
 READERS = {identity: {M, A} for identity in VIEW_ACTIONS} | {"admin-user": set(), "audit-log": {A}}
-CHANGERS = {identity: set[Role]() for identity in VIEW_ACTIONS} | {"templates": {M}, "campaign": {M}, "segment": {M}}
+CHANGERS = {identity: set[Role]() for identity in VIEW_ACTIONS} | {
+    "templates": {M},
+    "campaign": {M},
+    "segment": {M},
+    "event-types": {M},
+    "trigger-rules": {M},
+}
 READING = {Action.LIST, Action.DETAILS, Action.EXPORT}
 
 
