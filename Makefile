@@ -41,9 +41,10 @@ lock: install ## re-resolve requirements.lock after changing dependencies in pyp
 	$(BIN)/python -m pip install --quiet uv
 	$(BIN)/uv pip compile pyproject.toml --group dev --python-version 3.11 --generate-hashes --quiet -o requirements.lock
 
-bench: install ## measure: a 100,000-recipient campaign, instant notifications, analytics over 10M history rows (docs/benchmarks.md)
+bench: install ## measure: a 100,000-recipient campaign, instant notifications, events over HTTP and NATS, analytics over 10M history rows (docs/benchmarks.md)
 	$(BIN)/python -m bench.campaign --recipients 100000
 	$(BIN)/python -m bench.instant --count 1000 --concurrency 32
+	$(BIN)/python -m bench.events --count 1000 --concurrency 32
 	$(BIN)/python -m bench.analytics --rows 10000000
 
 clean:

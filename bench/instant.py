@@ -13,75 +13,32 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import secrets
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
-import uvicorn
 
-from api.app import create_app
-from bench.common import fresh_database
+from bench.common import in_process_stack
 from core.auth import Role, create_token
 from core.config import Settings
-from core.db import create_engine
-from core.migrate import upgrade_async
-from core.temporal import connect
-from entrypoints.embedded import MailCapture, TemporalDevServer, free_port, start_capture_smtp
-from worker import create_worker, worker_services
+from entrypoints.embedded import MailCapture
 
 
 async def run(count: int, concurrency: int) -> dict[str, float]:
-    workdir = Path(tempfile.mkdtemp(prefix="marquee-bench-"))
-    database_url, embedded = await fresh_database(workdir)
-    await upgrade_async(database_url)
     capture = MailCapture(None)
-    smtp = start_capture_smtp(None, free_port(), capture)
-    temporal_port = free_port()
-    temporal = TemporalDevServer(workdir / "temporal.db", temporal_port, free_port(), workdir / "temporal.log")
-    await asyncio.to_thread(temporal.start)
-    api_port = free_port()
-    settings = Settings(
-        _env_file=None,
-        data_dir=workdir,
-        database_url=database_url,
-        temporal_address=f"127.0.0.1:{temporal_port}",
-        jwt_secret=secrets.token_urlsafe(32),
-        smtp_port=smtp.port,
-        smtp_pool_size=20,
-        database_pool_size=20,
-        public_url=f"http://127.0.0.1:{api_port}",
-    )
-    try:
-        client = await connect(settings)
-        engine = create_engine(database_url, settings.database_pool_size)
-        async with worker_services(settings, engine) as services:
-            worker = create_worker(client, settings, services)
-            app = create_app(settings, engine=engine, temporal=client)
-            server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=api_port, log_level="warning"))
-            async with worker:
-                serving = asyncio.create_task(server.serve())
-                while not server.started:  # noqa: ASYNC110 - uvicorn only offers a flag
-                    await asyncio.sleep(0.02)
-                result = await _drive(settings, api_port, capture, count, concurrency)
-                server.should_exit = True
-                await serving
-        await engine.dispose()
-        return result
-    finally:
-        smtp.stop()
-        await asyncio.to_thread(temporal.stop)
-        if embedded is not None:
-            await asyncio.to_thread(embedded.stop)
+    async with in_process_stack(Path(tempfile.mkdtemp(prefix="marquee-bench-")), capture) as stack:
+        return await _drive(stack.settings, stack.api_url, capture, count, concurrency)
 
 
-async def _drive(settings: Settings, port: int, capture: MailCapture, count: int, concurrency: int) -> dict[str, float]:
+async def _drive(
+    settings: Settings, api_url: str, capture: MailCapture, count: int, concurrency: int
+) -> dict[str, float]:
     token = create_token(settings.resolved_jwt_secret(), "bench", Role.service, 3600)
     headers = {"Authorization": f"Bearer {token}"}
     limits = httpx.Limits(max_connections=concurrency)
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=headers, limits=limits) as api:
+    async with httpx.AsyncClient(base_url=api_url, headers=headers, limits=limits) as api:
         users = [{"user_id": f"bench-{n}", "email": f"bench-{n}@example.com"} for n in range(count)]
         for start in range(0, count, 1000):
             batch = {"recipients": users[start : start + 1000]}

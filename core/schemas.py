@@ -704,7 +704,8 @@ class CampaignReportOut(BaseModel):
 
 # --- Events ---------------------------------------------------------------------------------
 
-EventId = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$")]
+# Ids go into URLs (/v1/events/{id}) and workflow ids as they are: no "/", "?", "#" or spaces.
+EventId = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@+=-]*$")]
 
 
 class EventIn(BaseModel):
