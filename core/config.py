@@ -114,6 +114,15 @@ class Settings(BaseSettings):
     campaign_window: int = Field(default=4, ge=1, le=100)
     campaign_send_concurrency: int = Field(default=10, ge=1)
 
+    # Event intake over NATS JetStream (docs/events.md): `marquee events consume`, and `marquee
+    # dev` when NATS answers. Unset URL: nats://127.0.0.1:4222, which `marquee dev` only uses
+    # if it answers. The prefix names the subjects (<prefix>.events.>), streams
+    # (<PREFIX>_EVENTS, <PREFIX>_EVENTS_DEAD) and durable consumer (<prefix>-intake).
+    nats_url: str | None = None
+    nats_prefix: str = Field(default="marquee", pattern=r"^[A-Za-z0-9_-]+$")
+    events_ack_wait_seconds: float = Field(default=30.0, gt=0)  # unacked this long: redelivered
+    events_max_deliver: int = Field(default=5, ge=1)  # deliveries of one message before it is dead-lettered
+
     # Dev stack
     capture_smtp_port: int = 1025
     dev_tools: bool = False

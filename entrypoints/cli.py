@@ -1,4 +1,4 @@
-"""The `marquee` command: dev, api, worker, migrate, backup, restore, tokens, users and the secrets key."""
+"""The `marquee` command: dev, api, worker, events, migrate, backup, restore, tokens, users and the secrets key."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from core.migrate import upgrade
 from core.tracing import tracing
 from entrypoints import backup
 from entrypoints.dev import run_dev
+from entrypoints.event_consumer import NatsUnavailable, run_consumer
 from services import admin_users
 from services.history import open_store
 from worker import run_worker
@@ -51,6 +52,18 @@ def _cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     configure_logging(settings)
     with tracing(settings, "marquee-worker"), contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run_worker(settings))
+    return 0
+
+
+def _cmd_events_consume(settings: Settings, _: argparse.Namespace) -> int:
+    if not settings.database_url:
+        raise SystemExit("marquee events consume: MARQUEE_DATABASE_URL is not set")
+    configure_logging(settings)
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(run_consumer(settings))
+    except NatsUnavailable as err:
+        raise SystemExit(f"marquee events consume: {err}") from err
     return 0
 
 
@@ -148,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="serve /healthz, /readyz and this worker's /metrics on PORT "
                         "(default: MARQUEE_WORKER_HEALTH_PORT; unset: no health port)")  # fmt: skip
     worker.set_defaults(handler=_cmd_worker)
+    events = commands.add_parser("events", help="event intake").add_subparsers(dest="action", required=True)
+    events.add_parser(
+        "consume", help="take events from NATS JetStream (MARQUEE_NATS_URL, default nats://127.0.0.1:4222)"
+    ).set_defaults(handler=_cmd_events_consume)
     migrate = commands.add_parser("migrate", help="apply database and history store (ClickHouse) migrations")
     migrate.add_argument("--revision", default="head")
     migrate.set_defaults(handler=_cmd_migrate)
@@ -187,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     code = args.handler(Settings(), args)
     sys.stdout.flush()
     sys.stderr.flush()
-    if args.command in ("dev", "worker"):
+    if args.command in ("dev", "worker", "events"):
         # The Temporal SDK's native bridge can crash during interpreter teardown after a
         # clean shutdown; the work is done, so leave without running that teardown.
         os._exit(code)

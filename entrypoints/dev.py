@@ -1,8 +1,9 @@
 """`marquee dev` (what `make run` starts): the whole service on embedded defaults.
 
-One process runs the API, the admin, the worker and the capture SMTP server; PostgreSQL
-and the Temporal dev server run as child processes with their data under data_dir. chDB
-can be opened by one process only, which is why API and worker share this one.
+One process runs the API, the admin, the worker, the capture SMTP server and, when NATS
+answers, the NATS event intake; PostgreSQL and the Temporal dev server run as child
+processes with their data under data_dir. chDB can be opened by one process only, which is
+why API and worker share this one.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from core.migrate import upgrade_async
 from core.models import AdminUser
 from core.temporal import connect
 from entrypoints.embedded import EmbeddedPostgres, TemporalDevServer, ensure_database, start_capture_smtp
+from entrypoints.event_consumer import EventConsumer, NatsUnavailable, nats_url, open_consumer, shown
 from worker import create_worker, worker_services
 
 DEV_ADMIN_EMAIL = "admin@marquee.localhost"
@@ -103,6 +105,14 @@ async def run_dev(settings: Settings) -> None:
             ("Captured mail and sandbox push/SMS", f"{base}/dev"),
             *lines,
         ]
+        # The NATS intake when NATS answers (MARQUEE_NATS_URL, else the machine's own); never required.
+        intake: EventConsumer | None = None
+        try:
+            intake, close_nats = await open_consumer(settings, engine, client, wait_seconds=1.0)
+            stack.push_async_callback(close_nats)
+            lines.append(("NATS event intake", f"{shown(nats_url(settings))}  (publish to {intake.names.subjects})"))
+        except NatsUnavailable as err:
+            lines.append(("NATS event intake", f"off: {err}"))
 
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -111,6 +121,7 @@ async def run_dev(settings: Settings) -> None:
 
         worker_task = asyncio.create_task(worker.run(), name="worker")
         server_task = asyncio.create_task(server.serve(), name="api")
+        intake_task = asyncio.create_task(intake.run(stop), name="nats-intake") if intake is not None else None
         while not server.started and not server_task.done():  # noqa: ASYNC110 - uvicorn only offers a flag
             await asyncio.sleep(0.05)
         if server_task.done():
@@ -125,9 +136,10 @@ async def run_dev(settings: Settings) -> None:
             [asyncio.create_task(stop.wait()), worker_task, server_task], return_when=asyncio.FIRST_COMPLETED
         )
         print("\nStopping...", flush=True)
+        stop.set()
         server.should_exit = True
         await worker.shutdown() if worker.is_running else None
-        await asyncio.gather(server_task, worker_task, return_exceptions=True)
+        await asyncio.gather(server_task, worker_task, *([intake_task] if intake_task else []), return_exceptions=True)
         for task in done:
             if task in (worker_task, server_task) and task.exception():
                 raise task.exception()  # type: ignore[misc]

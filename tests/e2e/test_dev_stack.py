@@ -63,6 +63,8 @@ class Stack:
             MARQUEE_TEMPORAL_UI_PORT=str(self.temporal_ui_port),
             MARQUEE_CAPTURE_SMTP_PORT=str(self.smtp_port),
             MARQUEE_EMBEDDED_PG_PORT=str(self.pg_port),
+            # Nothing listens there: the NATS intake is off (the machine's NATS is not ours to consume).
+            MARQUEE_NATS_URL=f"nats://127.0.0.1:{free_port()}",
         )
         return env
 
@@ -223,6 +225,7 @@ async def test_marquee_dev_sends_mail_stops_on_ctrl_c_and_restarts(stack: Stack)
         assert lines["Temporal Web UI"] == f"http://127.0.0.1:{stack.temporal_ui_port}"
         assert lines["Temporal frontend"] == f"127.0.0.1:{stack.temporal_port}"
         assert lines["Capture SMTP server"] == f"127.0.0.1:{stack.smtp_port}"
+        assert lines["NATS event intake"].startswith("off: NATS at nats://127.0.0.1:")
         password = banner_admin_password(stack, run)
         assert (stack.data_dir / "admin-password").read_text() == password
         token = banner_token(run)
