@@ -13,8 +13,6 @@ from core.contracts import ActionEnd, ActionInput, ActionOutcome, DigestBatch, D
 from core.errors import NotFound, Unavailable
 from services import events
 
-PLAN_ATTEMPTS_BEFORE_NOT_FOUND = 4  # 1 + 2 + 4 s of retries (DISPATCH_RETRY) for the row's commit
-
 
 class EventActivities:
     def __init__(self, engine: AsyncEngine, settings: Settings) -> None:
@@ -26,11 +24,7 @@ class EventActivities:
         async with self._engine.connect() as conn:
             try:
                 return await events.plan(conn, request.event_id, datetime.now(UTC))
-            except NotFound as err:
-                # accept() commits the row just after starting this workflow, so a fast first
-                # attempt may not see it yet: retried a few times; after that, the row was erased.
-                if activity.info().attempt < PLAN_ATTEMPTS_BEFORE_NOT_FOUND:
-                    raise ApplicationError(err.detail, type="EventNotCommitted") from err
+            except NotFound as err:  # the row was erased (or its start failed): nothing to act on
                 raise ApplicationError(err.detail, type="EventNotFound", non_retryable=True) from err
 
     @activity.defn(name="dispatch_event_action")

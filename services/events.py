@@ -1,8 +1,9 @@
 """Events: accept a published fact once, decide what each rule makes of it, and do it.
 
 Intake (HTTP and the NATS consumer alike) calls `accept`: the payload is checked against
-its type's schema, the event row written and its EventWorkflow started in one
-transaction, so an accepted event is never lost and the same id is never processed twice.
+its type's schema, the event row committed and its EventWorkflow started before the answer
+(202, or the NATS ack), so an accepted event is never lost and the same id is never
+processed twice.
 The workflow then asks `plan` which rules apply (and which waiting sends it cancels), waits
 out any delay on a durable timer, and calls `dispatch` per rule:
 - a user audience submits a notification through services.notifications, under a key
@@ -121,6 +122,7 @@ async def _accept(
 ) -> Accepted:
     digest = _hash(event)
     if await _seen(conn, event.id, digest):
+        await _start(temporal, settings, event.id)  # a delivery whose start failed is finished by a later one
         return Accepted(event.id, replayed=True)
     try:
         event_type = await get_type(conn, event.type)
@@ -129,7 +131,6 @@ async def _accept(
     problems = payload_problems(event_type.schema, event.payload)
     if problems:
         raise Invalid(problems, title="Payload does not match its event type")
-    workflow_id = event_workflow_id(event.id)
     inserted = await conn.scalar(
         insert(events)
         .values(
@@ -140,7 +141,7 @@ async def _accept(
             payload_hash=digest,
             source=source,
             received_by=received_by,
-            workflow_id=workflow_id,
+            workflow_id=event_workflow_id(event.id),
         )
         .on_conflict_do_nothing()
         .returning(events.c.id)
@@ -148,24 +149,37 @@ async def _accept(
     if inserted is None:  # a concurrent delivery of the same id won
         await conn.rollback()
         await _seen(conn, event.id, digest)
+        await _start(temporal, settings, event.id)
         return Accepted(event.id, replayed=True)
+    # The row first: the workflow's first step reads it. If the start then fails, the row goes
+    # too and the publisher is told to retry (503; NATS redelivers): nothing is half-made.
+    await conn.commit()
+    try:
+        await _start(temporal, settings, event.id)
+    except Unavailable:
+        await conn.execute(events.delete().where(events.c.id == event.id))
+        await conn.commit()
+        raise
+    logger.info("event accepted", event_id=event.id, type=event.type, source=source)
+    return Accepted(event.id, replayed=False)
+
+
+async def _start(temporal: Client, settings: Settings, event_id: str) -> None:
+    """Start the event's workflow unless it runs or ran; a failed run (its row was missing)
+    may be started again."""
     try:
         await temporal.start_workflow(
             EVENT_WORKFLOW,
-            EventInput(event_id=event.id),
-            id=workflow_id,
+            EventInput(event_id=event_id),
+            id=event_workflow_id(event_id),
             task_queue=settings.temporal_task_queue,
             id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-            id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+            id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
         )
     except WorkflowAlreadyStartedError:
-        pass  # it ran already and its row was lost (a restore): keep the row, start nothing
+        pass  # it completed: the event was processed
     except RPCError as err:
-        await conn.rollback()
         raise Unavailable(f"could not start the event's workflow: {err.message}", title="Temporal unavailable") from err
-    await conn.commit()
-    logger.info("event accepted", event_id=event.id, type=event.type, source=source)
-    return Accepted(event.id, replayed=False)
 
 
 async def _seen(conn: AsyncConnection, event_id: str, digest: str) -> bool:

@@ -17,6 +17,9 @@ from temporalio.client import Client
 
 from core.auth import Role
 from core.config import Settings
+from core.errors import Unavailable
+from core.schemas import EventIn
+from services import events
 from tests.e2e.test_replay import assert_replays
 from tests.stack import SmtpServer, token_for
 
@@ -429,3 +432,23 @@ async def test_an_episode_to_its_followers_runs_as_one_batched_campaign_run(
     assert not any(
         rcpt == f"{tag}-other@example.com" for envelope, _ in smtp_server.handler.messages for rcpt in envelope.rcpt_tos
     )
+
+
+async def test_an_event_whose_workflow_cannot_start_leaves_no_row_and_a_retry_succeeds(
+    engine: AsyncEngine, temporal_client: Client, settings: Settings, password_reset: tuple[str, dict[str, Any]]
+) -> None:
+    name, _ = password_reset
+    # A namespace the server does not have: every start is refused, as when Temporal is down.
+    refusing = await Client.connect(
+        temporal_client.service_client.config.target_host,
+        namespace="no-such-namespace",
+        data_converter=temporal_client.data_converter,
+    )
+    body = EventIn.model_validate(event(name, {"user_id": "nobody", "link": "https://cinema.example/r/2"}))
+    async with engine.connect() as conn:
+        with pytest.raises(Unavailable, match="could not start"):
+            await events.accept(conn, refusing, settings, "test", body, "http")
+        assert await conn.scalar(sa.text("SELECT count(*) FROM events WHERE id = :id"), {"id": body.id}) == 0
+        accepted = await events.accept(conn, temporal_client, settings, "test", body, "http")
+    assert not accepted.replayed
+    await temporal_client.get_workflow_handle(f"event-{body.id}").result()
