@@ -11,6 +11,9 @@ from temporalio.client import Client
 
 from admin import mount_admin
 from api import problems
+from api.bodylimit import BodyLimitMiddleware
+from api.deps import token_verifier
+from api.ratelimit import RateLimitMiddleware, RateLimits
 from api.routes import (
     analytics,
     campaigns,
@@ -81,6 +84,7 @@ def create_app(
     )
     app.state.settings = settings
     app.state.jwt_secret = settings.resolved_jwt_secret()
+    app.state.tokens = token_verifier(settings, app.state.jwt_secret)
     app.state.engine = engine
     app.state.history = history
     # Spans for each request and SQL statement when tracing is on (core.tracing).
@@ -106,4 +110,8 @@ def create_app(
     if settings.dev_tools:
         app.include_router(dev.router)
     mount_admin(app, engine, settings)
+    # The last added runs first: the rate limit refuses before any body is read.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, upload_bytes=settings.max_upload_bytes)
+    if settings.rate_limit_enabled:
+        app.add_middleware(RateLimitMiddleware, limits=RateLimits(settings))
     return app

@@ -7,11 +7,12 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
 from sqlalchemy.ext.asyncio import AsyncConnection
 from temporalio.client import Client
 
 from core import permissions
-from core.auth import InvalidToken, Principal, Role, decode_token
+from core.auth import InvalidToken, JwksKeys, KeysUnavailable, Principal, Role, TokenVerifier
 from core.config import Settings
 
 _bearer = HTTPBearer(auto_error=False)
@@ -32,17 +33,57 @@ def get_temporal(request: Request) -> Client:
     return client
 
 
-def get_principal(
+async def authenticate(request: Request) -> Principal | InvalidToken | KeysUnavailable | None:
+    """The request's bearer token checked once (the rate limiter asks first, then the route's
+    guard): its principal, why it was refused, or None without a token."""
+    state = request.state
+    if hasattr(state, "marquee_auth"):
+        result: Principal | InvalidToken | KeysUnavailable | None = state.marquee_auth
+        return result
+    scheme, token = get_authorization_scheme_param(request.headers.get("Authorization"))
+    result = None
+    if scheme.lower() == "bearer" and token:
+        verifier: TokenVerifier = request.app.state.tokens
+        try:
+            result = await verifier.verify(token)
+        except (InvalidToken, KeysUnavailable) as err:
+            result = err
+    state.marquee_auth = result
+    return result
+
+
+async def get_principal(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> Principal:
     challenge = {"WWW-Authenticate": "Bearer"}
     if credentials is None:
         raise HTTPException(401, "missing bearer token (Authorization: Bearer <jwt>)", headers=challenge)
-    settings: Settings = request.app.state.settings
-    try:
-        return decode_token(request.app.state.jwt_secret, credentials.credentials, settings.jwt_issuer)
-    except InvalidToken as err:
-        raise HTTPException(401, f"invalid token: {err}", headers=challenge) from err
+    result = await authenticate(request)
+    if isinstance(result, KeysUnavailable):
+        raise HTTPException(503, f"cannot check the token now: {result}", headers={"Retry-After": "10"})
+    if not isinstance(result, Principal):
+        raise HTTPException(401, f"invalid token: {result}", headers=challenge)
+    return result
+
+
+def token_verifier(settings: Settings, secret: str) -> TokenVerifier:
+    """The app's token checker, from the JWT settings (docs/security.md)."""
+    jwks = None
+    if settings.jwt_jwks_url:
+        jwks = JwksKeys(
+            settings.jwt_jwks_url,
+            cache_seconds=settings.jwt_jwks_cache_seconds,
+            min_refresh_seconds=settings.jwt_jwks_min_refresh_seconds,
+        )
+    return TokenVerifier(
+        secret=secret,
+        algorithms=settings.jwt_allowed_algorithms(),
+        issuer=settings.jwt_issuer,
+        audience=settings.jwt_audience,
+        role_claim=settings.jwt_role_claim,
+        leeway_seconds=settings.jwt_leeway_seconds,
+        jwks=jwks,
+    )
 
 
 def _only(roles: frozenset[Role]) -> Callable[[Principal], Principal]:

@@ -137,7 +137,15 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        titles = {401: "Unauthorized", 403: "Forbidden", 404: "Not found", 405: "Method not allowed"}
+        titles = {
+            401: "Unauthorized",
+            403: "Forbidden",
+            404: "Not found",
+            405: "Method not allowed",
+            413: "Content too large",
+            429: "Too many requests",
+            503: "Service unavailable",
+        }
         return problem_response(
             exc.status_code,
             titles.get(exc.status_code, "Error"),

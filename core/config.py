@@ -5,15 +5,17 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import json
 import secrets
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from cryptography.fernet import Fernet
 from pydantic import Field, PrivateAttr, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from core.auth import ASYMMETRIC_ALGORITHMS, SYMMETRIC_ALGORITHMS
 from core.templating import TemplateLimits
 
 DEV_SECRET_FILE = "jwt-secret"
@@ -54,6 +56,34 @@ class Settings(BaseSettings):
     jwt_secret: SecretStr | None = None
     jwt_issuer: str = "marquee"
     jwt_ttl_seconds: int = 3600
+
+    # API security (docs/security.md). Bearer tokens: HS256 with jwt_secret by default; with a
+    # JWKS URL, RS256/ES256 tokens of an auth service too, checked against its published keys
+    # (cached; fetched again when stale or a token names an unknown kid). Algorithms: a comma-
+    # separated list, empty meaning HS256 (plus RS256,ES256 when a JWKS URL is set). The role
+    # is read from jwt_role_claim (a string, or a list holding one Marquee role); aud is
+    # required and checked when jwt_audience is set.
+    jwt_jwks_url: str | None = None
+    jwt_algorithms: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    jwt_audience: str | None = None
+    jwt_role_claim: str = Field(default="role", min_length=1)
+    jwt_leeway_seconds: float = Field(default=0, ge=0, le=300)  # clock skew allowed on exp, nbf and iat
+    jwt_jwks_cache_seconds: float = Field(default=300, gt=0)
+    jwt_jwks_min_refresh_seconds: float = Field(default=10, ge=0)  # unknown kids fetch the set at most this often
+    # Requests per principal (the token's subject, else the client address) and route class:
+    # sending (POST /v1/notifications*, POST /v1/events), reading (GET), admin (other
+    # changes). Rates in the `limits` notation ("1000/second", "50/minute;1000/hour").
+    # Storage: memory:// (per process) or redis://host:port/db (shared by every API process).
+    rate_limit_enabled: bool = True
+    rate_limit_storage: str = "memory://"
+    rate_limit_strategy: Literal["fixed-window", "sliding-window-counter", "moving-window"] = "fixed-window"
+    rate_limit_sending: str = "1000/second"
+    rate_limit_reading: str = "1000/second"
+    rate_limit_admin: str = "100/second"
+    # Request bodies above this are refused with 413 while being read (Content-Length or not);
+    # segment member uploads (CSV of up to 100,000 user_ids) have their own larger limit.
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    max_upload_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
 
     # Email over SMTP. The dev stack points these at its capture server.
     smtp_host: str = "127.0.0.1"
@@ -168,6 +198,27 @@ class Settings(BaseSettings):
         except ValueError as err:
             raise ValueError("must be a Fernet key: 32 url-safe base64-encoded bytes (`marquee secrets-key`)") from err
         return value
+
+    @field_validator("jwt_algorithms", mode="before")
+    @classmethod
+    def _algorithm_list(cls, value: object) -> object:
+        """A comma-separated list ("RS256,ES256") or a JSON one; "none" and unknown names refused."""
+        if isinstance(value, str):
+            value = json.loads(value) if value.lstrip().startswith("[") else value.split(",")
+        if isinstance(value, list):
+            value = [str(item).strip() for item in value if str(item).strip()]
+            if any(item.lower() == "none" for item in value):
+                raise ValueError("'none' is never an allowed JWT algorithm")
+            unknown = set(value) - SYMMETRIC_ALGORITHMS - ASYMMETRIC_ALGORITHMS
+            if unknown:
+                known = ", ".join(sorted(SYMMETRIC_ALGORITHMS | ASYMMETRIC_ALGORITHMS))
+                raise ValueError(f"unknown JWT algorithm(s) {sorted(unknown)}; known: {known}")
+        return value
+
+    def jwt_allowed_algorithms(self) -> frozenset[str]:
+        if self.jwt_algorithms:
+            return frozenset(self.jwt_algorithms)
+        return frozenset({"HS256", "RS256", "ES256"} if self.jwt_jwks_url else {"HS256"})
 
     _signing_keys: dict[tuple[str, str], bytes] = PrivateAttr(default_factory=dict)
 

@@ -9,7 +9,16 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, EmailStr, Field, StringConstraints, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    EmailStr,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 from core.events import Clock, EventTypeName, RuleDefinition
 from core.models import Channel
@@ -25,6 +34,17 @@ Locale = Annotated[str, StringConstraints(pattern=r"^[a-z]{2,3}(-[A-Z]{2})?$")]
 Country = Annotated[str, StringConstraints(pattern=r"^[A-Z]{2}$")]
 PushToken = Annotated[str, StringConstraints(min_length=1, max_length=4096)]
 Tag_ = Annotated[str, StringConstraints(min_length=1, max_length=64, strip_whitespace=True)]
+
+
+def _json_bounded(value: dict[str, Any]) -> dict[str, Any]:
+    size = len(json.dumps(value, default=str).encode())
+    if size > MAX_PAYLOAD_BYTES:
+        raise ValueError(f"is {size:,} bytes as JSON; at most {MAX_PAYLOAD_BYTES:,}")
+    return value
+
+
+# A free-form object in a request: bounded like the payloads (nothing a client sends is unbounded).
+BoundedJson = Annotated[dict[str, Any], AfterValidator(_json_bounded)]
 
 
 def known_timezone(value: str) -> str:
@@ -46,13 +66,15 @@ class RecipientFields(BaseModel):
     timezone: str = Field(default="UTC", description="IANA time zone, e.g. Europe/Moscow")
     country: Country | None = Field(default=None, description="ISO 3166-1 alpha-2")
     opted_out_channels: list[Channel] = Field(
-        default_factory=list, description="Channels the recipient wants nothing on, but transactional types"
+        default_factory=list,
+        max_length=3,
+        description="Channels the recipient wants nothing on, but transactional types",
     )
     quiet_hours_start: Clock | None = Field(default=None, description="HH:MM local time; non-urgent sends wait")
     quiet_hours_end: Clock | None = Field(default=None, description="HH:MM local time when quiet hours end")
     tags: list[Tag_] = Field(default_factory=list, max_length=100, description="e.g. subscription plan, interests")
     last_active_at: datetime | None = None
-    attributes: dict[str, Any] = Field(default_factory=dict, description="Custom fields segments can filter on")
+    attributes: BoundedJson = Field(default_factory=dict, description="Custom fields segments can filter on")
 
     @field_validator("timezone")
     @classmethod
@@ -243,7 +265,7 @@ class TemplateDiff(BaseModel):
 class PreviewRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    variables: dict[str, Any] = Field(default_factory=dict, description="Missing ones use the examples")
+    variables: BoundedJson = Field(default_factory=dict, description="Missing ones use the examples")
     user_id: str | None = Field(default=None, description="Render for this recipient's data and locale")
     version: int | None = Field(default=None, ge=1)
     locale: str | None = None
@@ -327,7 +349,14 @@ class FilterCount(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     filter: Filter
-    channels: list[Channel] = Field(default_factory=lambda: [Channel.email])
+    channels: list[Channel] = Field(default_factory=lambda: [Channel.email], min_length=1, max_length=3)
+
+    @field_validator("channels")
+    @classmethod
+    def _distinct(cls, value: list[Channel]) -> list[Channel]:
+        if len(set(value)) != len(value):
+            raise ValueError("each channel may appear once")
+        return value
 
 
 class SendWindow(BaseModel):
@@ -398,7 +427,7 @@ class CampaignCreate(BaseModel):
     template_version: int | None = Field(default=None, ge=1, description="Pinned; the active version by default")
     segment_id: int
     channels: list[Channel] = Field(min_length=1, max_length=3)
-    variables: dict[str, Any] = Field(default_factory=dict)
+    variables: BoundedJson = Field(default_factory=dict)
     schedule: CampaignSchedule = Field(default_factory=CampaignSchedule)
     throttle_per_second: int | None = Field(default=None, ge=1, le=100_000, description="Messages per second")
 
@@ -467,7 +496,7 @@ class ScheduledSend(BaseModel):
     template: Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")]
     template_version: int | None = Field(default=None, ge=1)
     channels: list[Channel] = Field(min_length=1, max_length=3)
-    variables: dict[str, Any] = Field(default_factory=dict)
+    variables: BoundedJson = Field(default_factory=dict)
     user_ids: list[UserId] | None = Field(default=None, max_length=100_000)
     segment_id: int | None = None
     schedule: CampaignSchedule
@@ -525,8 +554,8 @@ class ProviderWrite(BaseModel):
     channel: str = Field(description="email, push or sms")
     kind: str = Field(description="smtp, fcm, sms-json, twilio or sandbox")
     priority: int = Field(default=100, description="Lower is tried first within the channel")
-    settings: dict[str, Any] = Field(default_factory=dict, description="The kind's settings (not secret)")
-    secrets: dict[str, Any] | None = Field(
+    settings: BoundedJson = Field(default_factory=dict, description="The kind's settings (not secret)")
+    secrets: BoundedJson | None = Field(
         default=None,
         description='Write-only. Left out: the stored secrets stay; a field set to "" is removed; '
         "other fields given replace the stored ones.",
@@ -757,7 +786,7 @@ class EventOut(BaseModel):
 class EventTypeIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     description: str = Field(default="", max_length=1000)
-    payload_schema: dict[str, Any] = Field(
+    payload_schema: BoundedJson = Field(
         alias="schema", description="A JSON Schema (2020-12) of type object for the payload"
     )
 
