@@ -19,6 +19,7 @@ from starlette.responses import Response
 
 from admin.pages import AdminPage, FormErrors, form_text, not_found
 from core.models import Channel
+from services import audit
 from services import dead_letters as ops
 from services.dead_letters import DeadLetterFilter, DeadLetterStatus, Outcome
 
@@ -119,9 +120,13 @@ class DeadLetterPages(AdminPage):
         if len(ids) > ops.MAX_BULK:
             Flash.error(request, f"At most {ops.MAX_BULK} at once.")
             return self.redirect(back)
+        reason = form_text(form, "reason")
+        if len(reason) < MIN_REASON:
+            Flash.error(request, f"Give the reason for the replay (at least {MIN_REASON} characters): it is audited.")
+            return self.redirect(back)
         async with self.connect() as conn:
             try:
-                results = await ops.replay(conn, self.temporal(), self.settings(), ids, self.actor(request))
+                results = await ops.replay(conn, self.temporal(), self.settings(), ids, self.actor(request), reason)
             except ops.ReplayImpossible as err:
                 Flash.error(request, f"Nothing was replayed: {err}.")
                 return self.redirect(back)
@@ -186,12 +191,14 @@ class AuditLogPage(AdminPage):
         form = {name: params.get(name, "").strip() for name in ("entity", "entity_id", "actor", "action")}
         errors = FormErrors()
         async with self.connect() as conn:
-            filters = {name: value or None for name, value in form.items()}
+            given = {name: value or None for name, value in form.items()}
+            filters = audit.AuditFilter(actor=given["actor"], action=given["action"], entity=given["entity"],
+                                        entity_id=given["entity_id"])  # fmt: skip
             try:
-                page = await ops.audit_entries(conn, **filters, limit=PAGE_SIZE, cursor=params.get("cursor") or None)
-            except ops.InvalidFilter as err:
+                page = await audit.search(conn, filters, limit=PAGE_SIZE, cursor=params.get("cursor") or None)
+            except audit.InvalidFilter as err:
                 errors.add(err.field, err.message)
-                page = await ops.audit_entries(conn, **filters, limit=PAGE_SIZE)
+                page = await audit.search(conn, filters, limit=PAGE_SIZE)
         older = request.url.include_query_params(cursor=page.next_cursor) if page.next_cursor else None
         context = {"title": "Audit log", "rows": page.rows, "form": form, "errors": errors, "older": older}
         return await self.render(request, "marquee/audit/list.html", context, 400 if errors else 200)

@@ -11,11 +11,13 @@ from temporalio.client import Client
 
 from admin import mount_admin
 from api import problems
+from api.audit_context import ClientAddress
 from api.bodylimit import BodyLimitMiddleware
 from api.deps import token_verifier
 from api.ratelimit import RateLimitMiddleware, RateLimits
 from api.routes import (
     analytics,
+    audit,
     campaigns,
     dead_letters,
     dev,
@@ -91,6 +93,7 @@ def create_app(
     instrument_app(app)
     instrument_engine(engine)
     problems.install(app)
+    app.add_middleware(ClientAddress)  # audit rows carry the request's client address
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(recipients.router)
@@ -102,6 +105,7 @@ def create_app(
     app.include_router(campaigns.router)
     app.include_router(providers.router)
     app.include_router(dead_letters.router)
+    app.include_router(audit.router)
     app.include_router(suppressions.router)
     app.include_router(webhooks.router)
     app.include_router(tracking.router)

@@ -333,9 +333,22 @@ class AuditEntry(SQLModel, table=True):
     details: dict[str, Any] = Field(
         default_factory=dict, sa_column=sa.Column(pg.JSONB, nullable=False, server_default="{}")
     )
+    # Why (required of destructive and risky actions), from where (the request's client
+    # address, after trusted proxies), and what changed: {field: {"before": .., "after": ..}}.
+    reason: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    client_address: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    changes: dict[str, Any] = Field(
+        default_factory=dict, sa_column=sa.Column(pg.JSONB, nullable=False, server_default="{}")
+    )
     at: datetime | None = Field(default=None, sa_column=sa.Column(_tz(), nullable=False, server_default=sa.func.now()))
 
-    __table_args__ = (sa.Index("ix_audit_log_entity", "entity", "entity_id", "at"),)
+    # Append-only: migration 0009's trigger refuses UPDATE, DELETE and TRUNCATE.
+    __table_args__ = (
+        sa.Index("ix_audit_log_entity", "entity", "entity_id", "at"),
+        sa.Index("ix_audit_log_at", "at", "id"),
+        sa.Index("ix_audit_log_actor", "actor", "at"),
+        sa.Index("ix_audit_log_action", "action", "at"),
+    )
 
 
 class Template(SQLModel, table=True):

@@ -44,7 +44,7 @@ from core.templating import Problem, Rendered, RenderError, checked_variables, c
 from services import campaign_store as store
 from services import segments
 from services import templates as template_store
-from services.audit import Actor, record_action
+from services.audit import Actor, diff, record_action, required_reason
 from services.templates import TemplateNotFound
 
 
@@ -201,17 +201,28 @@ async def launch(
         raise
     status = "running" if row.schedule.get("kind") == "now" else "scheduled"
     await store.set_campaign_status(conn, row.id, status)
-    await record_action(conn, actor, "campaign.launch", "campaign", row.id, {"schedule": row.schedule})
+    await record_action(conn, actor, "campaign.launch", "campaign", row.id, {"schedule": row.schedule},
+                        changes=diff({"status": row.status}, {"status": status}))  # fmt: skip
 
 
 async def create_and_launch(
-    conn: AsyncConnection, temporal: Client, settings: Settings, request: CampaignRequest, actor: Actor
+    conn: AsyncConnection,
+    temporal: Client,
+    settings: Settings,
+    request: CampaignRequest,
+    actor: Actor,
+    details: dict[str, Any] | None = None,
 ) -> uuid.UUID:
-    campaign_id = await create(conn, request, actor.subject, actor)
+    """One request, one audit row ("campaign.create_and_launch"), written with the launch: a
+    launch that fails leaves an unaudited draft, which sends nothing until someone launches it."""
+    campaign_id = await create(conn, request, actor.subject, None)
     # Committed before the run starts: its first activity reads the campaign (a launch that
     # fails leaves a draft to launch again, never a run without its campaign).
     await conn.commit()
-    await launch(conn, temporal, settings, campaign_id, actor)
+    await launch(conn, temporal, settings, campaign_id, None)
+    recorded = {"name": request.name, "template": request.template, "segment_id": request.segment_id,
+                "schedule": request.schedule, **(details or {})}  # fmt: skip
+    await record_action(conn, actor, "campaign.create_and_launch", "campaign", campaign_id, recorded)
     return campaign_id
 
 
@@ -222,12 +233,16 @@ async def schedule_send(
     static segment made for it."""
     name = body.name or f"scheduled {body.template} {uuid.uuid4().hex[:8]}"
     segment_id = body.segment_id
+    details: dict[str, Any] = {}
     if body.user_ids is not None:
+        # Part of this send: the campaign's audit row names it rather than a row of its own.
         listed = await segments.create(conn, actor, name=f"{name} (recipients {uuid.uuid4().hex[:8]})",
-                                       user_ids=body.user_ids)  # fmt: skip
+                                       user_ids=body.user_ids, audited=False)  # fmt: skip
         segment_id = listed.id
+        details = {"segment_made_for_it": listed.id, "user_ids": len(body.user_ids)}
     assert segment_id is not None  # ScheduledSend requires user_ids or a segment_id
-    return await create_and_launch(conn, temporal, settings, CampaignRequest.of(body, segment_id, name), actor)
+    request = CampaignRequest.of(body, segment_id, name)
+    return await create_and_launch(conn, temporal, settings, request, actor, details)
 
 
 async def _running_runs(temporal: Client, row: sa.Row[Any]) -> list[str]:
@@ -252,7 +267,8 @@ async def pause(
     for workflow_id in await _running_runs(temporal, row):
         await temporal.get_workflow_handle(workflow_id).signal(CAMPAIGN_PAUSE)
     await store.set_campaign_status(conn, row.id, "paused", reason)
-    await record_action(conn, actor, "campaign.pause", "campaign", row.id, {"reason": reason})
+    await record_action(conn, actor, "campaign.pause", "campaign", row.id, {"reason": reason}, reason=reason,
+                        changes=diff({"status": row.status}, {"status": "paused"}))  # fmt: skip
 
 
 async def resume(
@@ -267,14 +283,19 @@ async def resume(
         await temporal.get_workflow_handle(workflow_id).signal(CAMPAIGN_RESUME)
     started = await conn.scalar(sa.select(sa.func.count()).where(store.campaign_runs.c.campaign_id == row.id))
     # A one-off campaign resumed before its time is still waiting for it.
-    await store.set_campaign_status(conn, row.id, "running" if started and not recurring else "scheduled", reason)
-    await record_action(conn, actor, "campaign.resume", "campaign", row.id, {"reason": reason})
+    status = "running" if started and not recurring else "scheduled"
+    await store.set_campaign_status(conn, row.id, status, reason)
+    await record_action(conn, actor, "campaign.resume", "campaign", row.id, {"reason": reason}, reason=reason,
+                        changes=diff({"status": row.status}, {"status": status}))  # fmt: skip
 
 
 async def cancel(
     conn: AsyncConnection, temporal: Client, campaign_id: uuid.UUID, reason: str, actor: Actor | None = None
 ) -> None:
-    """Stop new batches, let in-flight ones record what they sent, keep the counts."""
+    """Stop new batches, let in-flight ones record what they sent, keep the counts. A person's
+    cancel needs a reason (ReasonRequired)."""
+    if actor is not None:
+        reason = required_reason(reason)
     row = await load(conn, campaign_id, lock=True)
     _require(row, "cancel", "draft", "scheduled", "running", "paused")
     if row.status != "draft":
@@ -286,7 +307,8 @@ async def cancel(
             if (await handle.describe()).status == WorkflowExecutionStatus.RUNNING:
                 await handle.cancel()
     await store.set_campaign_status(conn, row.id, "cancelled", reason)
-    await record_action(conn, actor, "campaign.cancel", "campaign", row.id, {"reason": reason})
+    await record_action(conn, actor, "campaign.cancel", "campaign", row.id, {"reason": reason},
+                        reason=reason, changes=diff({"status": row.status}, {"status": "cancelled"}))  # fmt: skip
 
 
 async def trigger(conn: AsyncConnection, temporal: Client, campaign_id: uuid.UUID, actor: Actor | None = None) -> None:

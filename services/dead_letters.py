@@ -221,12 +221,14 @@ def replay_workflow_id(notification_id: uuid.UUID, dead_letter_id: int, replay: 
 
 
 async def replay(
-    conn: AsyncConnection, temporal: Client, settings: Settings, ids: Sequence[int], actor: Actor
+    conn: AsyncConnection, temporal: Client, settings: Settings, ids: Sequence[int], actor: Actor, reason: str
 ) -> list[ActionResult]:
     """Resend each open dead letter's channel, once; one result per id, in the order given.
+    The reason (required) goes to the audit log.
 
     Runs in the caller's transaction and leaves it uncommitted. On ReplayUnavailable the
     caller rolls back: runs started before the error are found again by a retry (same ids)."""
+    reason = audit.required_reason(reason)
     if len(_unique(ids)) > MAX_BULK:
         raise InvalidFilter("ids", f"at most {MAX_BULK} at once")
     locked = await _lock(conn, ids)
@@ -241,7 +243,7 @@ async def replay(
         elif row.status != DeadLetterStatus.open.value:
             results.append(ActionResult(dead_letter_id, Outcome.not_open, row.status))
         else:
-            results.append(await _replay_one(conn, temporal, settings, row, inputs[row.id], actor))
+            results.append(await _replay_one(conn, temporal, settings, row, inputs[row.id], actor, reason))
     return results
 
 
@@ -260,6 +262,7 @@ async def _replay_one(
     row: sa.Row[Any],
     request: NotificationInput,
     actor: Actor,
+    reason: str,
 ) -> ActionResult:
     number = row.replays + 1
     for _ in range(_START_TRIES):
@@ -274,7 +277,7 @@ async def _replay_one(
     else:
         raise ReplayUnavailable(f"replay runs of dead letter {row.id} exist up to number {number - 1}")
     details = {"workflow_id": workflow_id, "run_id": run_id, "replay": number}
-    await _resolve(conn, row, DeadLetterStatus.replayed, actor, details, replays=number)
+    await _resolve(conn, row, DeadLetterStatus.replayed, actor, reason, details, replays=number)
     return ActionResult(row.id, Outcome.replayed, DeadLetterStatus.replayed.value, workflow_id)
 
 
@@ -283,6 +286,7 @@ async def _resolve(
     row: sa.Row[Any],
     status: DeadLetterStatus,
     actor: Actor,
+    reason: str,
     details: dict[str, Any],
     **values: Any,
 ) -> None:
@@ -302,14 +306,15 @@ async def _resolve(
         entity=ENTITY,
         entity_id=row.id,
         details={**details, "notification_id": str(row.notification_id), "channel": row.channel},
-    )
+        reason=reason,
+        changes=audit.diff({"status": row.status, "replays": row.replays},
+                           {"status": status.value, "replays": values.get("replays", row.replays)}),
+    )  # fmt: skip
 
 
 async def discard(conn: AsyncConnection, ids: Sequence[int], actor: Actor, reason: str) -> list[ActionResult]:
     """Close open dead letters without resending; the reason goes to the audit log."""
-    reason = reason.strip()
-    if not reason:
-        raise InvalidFilter("reason", "required")
+    reason = audit.required_reason(reason)
     if len(_unique(ids)) > MAX_BULK:
         raise InvalidFilter("ids", f"at most {MAX_BULK} at once")
     locked = await _lock(conn, ids)
@@ -322,7 +327,7 @@ async def discard(conn: AsyncConnection, ids: Sequence[int], actor: Actor, reaso
         if row.status != DeadLetterStatus.open.value:
             results.append(ActionResult(dead_letter_id, Outcome.not_open, row.status))
             continue
-        await _resolve(conn, row, DeadLetterStatus.discarded, actor, {"reason": reason})
+        await _resolve(conn, row, DeadLetterStatus.discarded, actor, reason, {})
         results.append(ActionResult(row.id, Outcome.discarded, DeadLetterStatus.discarded.value))
     return results
 
@@ -337,26 +342,19 @@ async def audit_entries(
     entity_id: str | None = None,
     actor: str | None = None,
     action: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
     limit: int = 50,
     cursor: str | None = None,
 ) -> Page:
-    """Audit rows newest first, in keyset pages."""
-    log = audit.audit_log
-    query = sa.select(log)
-    for column, value in ((log.c.entity, entity), (log.c.entity_id, entity_id), (log.c.actor, actor),
-                          (log.c.action, action)):  # fmt: skip
-        if value is not None:
-            query = query.where(column == value)
-    if cursor is not None:
-        at, last_id = decode_cursor(cursor)
-        query = query.where(
-            sa.tuple_(log.c.at, log.c.id)
-            < sa.tuple_(sa.literal(at, sa.DateTime(timezone=True)), sa.literal(last_id, sa.BigInteger))
-        )
-    rows = list((await conn.execute(query.order_by(log.c.at.desc(), log.c.id.desc()).limit(limit + 1))).all())
-    page = rows[:limit]
-    next_cursor = encode_cursor(page[-1].at, page[-1].id) if len(rows) > limit else None
-    return Page(page, next_cursor)
+    """Audit rows newest first, in keyset pages (services.audit.search)."""
+    filters = audit.AuditFilter(actor=actor, action=action, entity=entity, entity_id=entity_id, since=since,
+                                until=until)  # fmt: skip
+    try:
+        page = await audit.search(conn, filters, limit=limit, cursor=cursor)
+    except audit.InvalidFilter as err:
+        raise InvalidFilter(err.field, err.message) from err
+    return Page(page.rows, page.next_cursor)
 
 
 async def history(conn: AsyncConnection, dead_letter_id: int) -> list[sa.Row[Any]]:

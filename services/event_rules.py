@@ -22,7 +22,7 @@ from core.models import EventType, TriggerRule
 from core.segments import SegmentFilter
 from core.templating import TemplateContent, VariableSpec
 from services import templates as template_store
-from services.audit import Actor, record_action
+from services.audit import Actor, diff, record_action
 from services.templates import TemplateNotFound
 
 event_types = EventType.__table__  # type: ignore[attr-defined]
@@ -70,7 +70,8 @@ async def put_type(
 ) -> sa.Row[Any]:
     """Register an event type or replace its schema. Commits."""
     check_schema(schema)
-    before = await conn.scalar(sa.select(event_types.c.schema).where(event_types.c.name == name))
+    old = (await conn.execute(sa.select(event_types).where(event_types.c.name == name))).first()
+    before = old.schema if old is not None else None
     await conn.execute(
         insert(event_types)
         .values(name=name, schema=schema, description=description, created_by=actor.subject)
@@ -88,7 +89,9 @@ async def put_type(
                 details = "; ".join(f"{field}: {message}" for field, message in problems)
                 raise Conflict(f"the new schema breaks rule {rule.name!r}: {details}", title="Rule would break")
     action = "event_type.update" if before is not None else "event_type.create"
-    await record_action(conn, actor, action, "event_type", name, {"description": description})
+    changes = diff({"schema": old.schema, "description": old.description} if old is not None else {},
+                   {"schema": schema, "description": description})  # fmt: skip
+    await record_action(conn, actor, action, "event_type", name, {"description": description}, changes=changes)
     await conn.commit()
     return await get_type(conn, name)
 
@@ -104,14 +107,15 @@ async def list_types(conn: AsyncConnection) -> list[sa.Row[Any]]:
     return list((await conn.execute(sa.select(event_types).order_by(event_types.c.name))).all())
 
 
-async def delete_type(conn: AsyncConnection, actor: Actor, name: str) -> None:
-    await get_type(conn, name)
+async def delete_type(conn: AsyncConnection, actor: Actor, name: str, reason: str | None = None) -> None:
+    old = await get_type(conn, name)
     rules = await _rules_of(conn, name)
     if rules:
         names = ", ".join(rule.name for rule in rules)
         raise Conflict(f"rules still use event type {name!r}: {names}", title="Event type in use")
     await conn.execute(event_types.delete().where(event_types.c.name == name))
-    await record_action(conn, actor, "event_type.delete", "event_type", name)
+    await record_action(conn, actor, "event_type.delete", "event_type", name, reason=reason,
+                        changes=diff({"schema": old.schema, "description": old.description}, {}))  # fmt: skip
     await conn.commit()
 
 
@@ -197,6 +201,7 @@ async def save_rule(
         "definition": definition.model_dump(mode="json"),
         "cancel_on": list(definition.cancel_on),
     }
+    old: dict[str, Any] = {}
     if rule_id is None:
         rule_id = await conn.scalar(
             trigger_rules.insert().values(**values, created_by=actor.subject).returning(trigger_rules.c.id)
@@ -208,17 +213,22 @@ async def save_rule(
             trigger_rules.update().where(trigger_rules.c.id == rule_id).values(**values, updated_at=sa.func.now())
         )
         action = "trigger_rule.update"
-        values["before"] = {"enabled": before.enabled, "definition": before.definition.model_dump(mode="json")}
-    await record_action(conn, actor, action, "trigger_rule", rule_id, values)
+        previous = {"enabled": before.enabled, "definition": before.definition.model_dump(mode="json")}
+        values["before"] = previous
+        old = {"name": before.name, "event_type": before.event_type, **previous}
+    new = {field: values[field] for field in ("name", "event_type", "enabled", "definition")}
+    await record_action(conn, actor, action, "trigger_rule", rule_id, values, changes=diff(old, new))
     await conn.commit()
     assert rule_id is not None
     return await get_rule(conn, rule_id)
 
 
-async def delete_rule(conn: AsyncConnection, actor: Actor, rule_id: int) -> None:
+async def delete_rule(conn: AsyncConnection, actor: Actor, rule_id: int, reason: str | None = None) -> None:
     rule = await get_rule(conn, rule_id)
     await conn.execute(trigger_rules.delete().where(trigger_rules.c.id == rule_id))
-    await record_action(conn, actor, "trigger_rule.delete", "trigger_rule", rule_id, {"name": rule.name})
+    old = {"name": rule.name, "event_type": rule.event_type, "enabled": rule.enabled}
+    await record_action(conn, actor, "trigger_rule.delete", "trigger_rule", rule_id, {"name": rule.name},
+                        reason=reason, changes=diff(old, {}))  # fmt: skip
     await conn.commit()
 
 

@@ -33,6 +33,7 @@ from core.models import DeliveryStatus
 from core.queries import deliveries, notification_row, notifications, recipients
 from core.templating import coerce_variables
 from services import templates as template_store
+from services.audit import Actor, diff, record_action
 from services.delivery import CONTACT_FIELD, contact_for
 from services.templates import TemplateNotFound
 
@@ -157,12 +158,22 @@ async def start_workflow(
     return handle.result_run_id or ""
 
 
-async def cancel(conn: AsyncConnection, temporal: Client, notification_id: uuid.UUID) -> None:
+async def cancel(
+    conn: AsyncConnection,
+    temporal: Client,
+    notification_id: uuid.UUID,
+    actor: Actor | None = None,
+    reason: str | None = None,
+) -> None:
     """Cancel a notification still in progress; channels already sent stay sent. Returns
-    once the run recorded its cancellation (or after 10 s)."""
+    once the run recorded its cancellation (or after 10 s). The audit row is written in the
+    caller's transaction before the run is cancelled: the caller commits it."""
     row = await _row(conn, notification_id)
     if row.status != DeliveryStatus.pending.value:
         raise Conflict(f"notification is already {row.status}", title="Not cancellable")
+    await record_action(conn, actor, "notification.cancel", "notification", notification_id,
+                        {"workflow_id": row.workflow_id}, reason=reason,
+                        changes=diff({"status": row.status}, {"status": "cancelled"}))  # fmt: skip
     await temporal.get_workflow_handle(row.workflow_id).cancel()
     await wait_for_outcome(temporal, row.workflow_id, 10.0)
 

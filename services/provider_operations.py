@@ -28,7 +28,7 @@ from core.errors import Conflict, NotFound
 from core.schemas import BreakerOut, ProviderOut, ProviderTestRequest
 from core.secretbox import SecretsUnreadable, unseal
 from services import breaker as breakers
-from services.audit import record_action
+from services.audit import diff, record_action
 from services.providers import (
     ProviderRecord,
     check_provider,
@@ -161,6 +161,25 @@ def changed_fields(before: ProviderRecord | None, after: ProviderRecord) -> list
     return changed
 
 
+def provider_changes(before: ProviderRecord | None, after: ProviderRecord | None) -> dict[str, Any]:
+    """The audit's before/after of a save or removal: values of the plain fields and settings;
+    secrets only as set or not (their values never reach the log)."""
+
+    def flat(record: ProviderRecord | None) -> dict[str, Any]:
+        if record is None:
+            return {}
+        values = {name: getattr(record, name) for name in COMPARED_FIELDS}
+        values |= {f"settings.{name}": value for name, value in record.settings.items()}
+        return values | {f"secrets.{name}": "(set)" for name, value in record.secrets.items() if value}
+
+    changes = diff(flat(before), flat(after))
+    if before is not None and after is not None:  # a secret replaced by another value
+        for name in sorted(before.secrets.keys() & after.secrets.keys()):
+            if before.secrets[name] != after.secrets[name] and after.secrets[name]:
+                changes[f"secrets.{name}"] = {"before": "(set)", "after": "(changed)"}
+    return changes
+
+
 async def check_definition(conn: AsyncConnection, key: bytes, name: str, values: dict[str, Any]) -> list[str]:
     """Every problem save_audited would report, without writing (the admin's form checks
     this after its own parsing, so that all problems show at once)."""
@@ -168,7 +187,7 @@ async def check_definition(conn: AsyncConnection, key: bytes, name: str, values:
 
 
 async def save_audited(
-    conn: AsyncConnection, key: bytes, name: str, values: dict[str, Any], actor: Principal
+    conn: AsyncConnection, key: bytes, name: str, values: dict[str, Any], actor: Principal, reason: str | None = None
 ) -> tuple[ProviderRecord, bool]:
     """Create or replace `name`; returns (record, created). Raises ProviderInvalid with
     every problem (nothing written), SecretsUnreadable for a row sealed with another key,
@@ -180,11 +199,15 @@ async def save_audited(
         raise ProviderConflict(name) from err
     details = {"changed": changed_fields(existing, saved), "kind": saved.kind, "channel": saved.channel}
     action = "provider.create" if existing is None else "provider.update"
-    await record_action(conn, actor, action, ENTITY, name, details)
+    await record_action(conn, actor, action, ENTITY, name, details, reason=reason,
+                        changes=provider_changes(existing, saved))  # fmt: skip
     return saved, existing is None
 
 
-async def set_enabled(conn: AsyncConnection, name: str, enabled: bool, actor: Principal) -> None:
+async def set_enabled(
+    conn: AsyncConnection, name: str, enabled: bool, actor: Principal, reason: str | None = None
+) -> None:
+    was = await conn.scalar(sa.select(providers.c.enabled).where(providers.c.name == name))
     found = await conn.scalar(
         providers.update()
         .where(providers.c.name == name)
@@ -195,17 +218,22 @@ async def set_enabled(conn: AsyncConnection, name: str, enabled: bool, actor: Pr
     if found is None:
         raise ProviderNotFound(name)
     action = "provider.enable" if enabled else "provider.disable"
-    await record_action(conn, actor, action, ENTITY, name, {"enabled": enabled})
+    await record_action(conn, actor, action, ENTITY, name, {"enabled": enabled}, reason=reason,
+                        changes=diff({"enabled": was}, {"enabled": enabled}))  # fmt: skip
 
 
-async def remove(conn: AsyncConnection, name: str, actor: Principal) -> None:
-    kind = await conn.scalar(sa.select(providers.c.kind).where(providers.c.name == name))
-    if kind is None or not await delete_provider(conn, name):
+async def remove(conn: AsyncConnection, name: str, actor: Principal, reason: str | None = None) -> None:
+    row = (await conn.execute(sa.select(providers).where(providers.c.name == name))).first()
+    if row is None or not await delete_provider(conn, name):
         raise ProviderNotFound(name)
-    await record_action(conn, actor, "provider.delete", ENTITY, name, {"kind": kind})
+    # What was removed, secrets aside (they are sealed, and never logged).
+    before = {field: getattr(row, field) for field in COMPARED_FIELDS}
+    before |= {f"settings.{key}": value for key, value in (row.settings or {}).items()}
+    await record_action(conn, actor, "provider.delete", ENTITY, name, {"kind": row.kind}, reason=reason,
+                        changes=diff(before, {}))  # fmt: skip
 
 
-async def reset_breaker(conn: AsyncConnection, name: str, actor: Principal) -> None:
+async def reset_breaker(conn: AsyncConnection, name: str, actor: Principal, reason: str | None = None) -> None:
     """Close a provider's circuit by hand; also for a breaker whose provider has no row
     (a fallback provider configured by environment)."""
     known = await conn.scalar(sa.select(providers.c.id).where(providers.c.name == name))
@@ -215,7 +243,8 @@ async def reset_breaker(conn: AsyncConnection, name: str, actor: Principal) -> N
     await breakers.reset(conn, name)
     details = {"previous_state": before.state.value if before else "closed",
                "consecutive_failures": before.consecutive_failures if before else 0}  # fmt: skip
-    await record_action(conn, actor, "provider.breaker_reset", ENTITY, name, details)
+    await record_action(conn, actor, "provider.breaker_reset", ENTITY, name, details, reason=reason,
+                        changes=diff({"state": details["previous_state"]}, {"state": "closed"}))  # fmt: skip
 
 
 async def send_test(

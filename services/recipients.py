@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from core.errors import Invalid, NotFound
 from core.queries import recipients
 from core.schemas import PreferenceIn, RecipientUpsert
+from services.audit import Actor, diff, record_action
 from services.preferences import preferences
 
 _UPDATABLE = (
@@ -84,12 +85,16 @@ async def set_follows(conn: AsyncConnection, user_id: str, follows: Sequence[str
     return list(stored)
 
 
-async def delete(conn: AsyncConnection, user_id: str) -> None:
-    """Commits."""
+async def delete(conn: AsyncConnection, user_id: str, actor: Actor | None = None, reason: str | None = None) -> None:
+    """Commits, with its audit row. The row names the user_id only: the append-only log keeps
+    no contact details."""
     result = await conn.execute(sa.delete(recipients).where(recipients.c.user_id == user_id))
-    await conn.commit()
     if result.rowcount == 0:
+        await conn.rollback()
         raise NotFound(f"no recipient with user_id {user_id!r}")
+    await record_action(conn, actor, "recipient.delete", "recipient", user_id, reason=reason,
+                        changes=diff({"exists": True}, {"exists": False}))  # fmt: skip
+    await conn.commit()
 
 
 async def preferences_of(conn: AsyncConnection, user_id: str) -> list[sa.Row[Any]]:

@@ -35,8 +35,10 @@ async def create(
     description: str = "",
     filter: Filter | None = None,
     user_ids: list[str] | None = None,
+    audited: bool = True,
 ) -> SegmentOut:
-    """A filter segment, or a static list of user_ids (unknown ids are reported, not fatal)."""
+    """A filter segment, or a static list of user_ids (unknown ids are reported, not fatal).
+    `audited=False`: part of a larger action whose own audit row names it."""
     exists = await conn.scalar(sa.select(store.segments.c.id).where(store.segments.c.name == name))
     if exists is not None:
         raise SegmentExists(name)
@@ -55,7 +57,7 @@ async def create(
     unknown: list[str] = []
     if user_ids is not None:
         unknown = (await _add_members(conn, segment_id, user_ids)).unknown_user_ids
-    await record_action(conn, actor, "segment.create", "segment", segment_id,
+    await record_action(conn, actor if audited else None, "segment.create", "segment", segment_id,
                         {"name": name, "kind": kind, "members": len(user_ids or [])})  # fmt: skip
     return await describe(conn, await store.load_segment(conn, segment_id), unknown)
 

@@ -41,14 +41,23 @@ async def add(conn: AsyncConnection, actor: Actor, channel: str, address: str, r
     address = stored_address(channel, address)
     if not await suppress(conn, channel, address, reason, source=f"admin:{actor.subject}"):
         raise Conflict(f"{channel} address {address!r} is suppressed already", title="Already suppressed")
-    await audit.record_action(conn, actor, "suppression.add", ENTITY, _entity_id(channel, address), {"reason": reason})
+    await audit.record_action(
+        conn,
+        actor,
+        "suppression.add",
+        ENTITY,
+        _entity_id(channel, address),
+        {"reason": reason},
+        reason=reason,
+        changes=audit.diff({"suppressed": False}, {"suppressed": True}),
+    )
     row = await conn.execute(
         sa.select(suppressions).where(suppressions.c.channel == channel, suppressions.c.address == address)
     )
     return row.mappings().one()
 
 
-async def lift(conn: AsyncConnection, actor: Actor, channel: str, address: str) -> None:
+async def lift(conn: AsyncConnection, actor: Actor, channel: str, address: str, reason: str | None = None) -> None:
     """Send to the address again; NotFound if it is not suppressed."""
     address = stored_address(channel, address)
     lifted = (
@@ -61,4 +70,13 @@ async def lift(conn: AsyncConnection, actor: Actor, channel: str, address: str) 
     if lifted is None:
         raise NotFound(f"{channel} address {address!r} is not suppressed")
     details = {"reason": lifted.reason, "source": lifted.source}
-    await audit.record_action(conn, actor, "suppression.lift", ENTITY, _entity_id(channel, address), details)
+    await audit.record_action(
+        conn,
+        actor,
+        "suppression.lift",
+        ENTITY,
+        _entity_id(channel, address),
+        details,
+        reason=reason,
+        changes=audit.diff({"suppressed": True}, {"suppressed": False}),
+    )

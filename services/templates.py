@@ -26,7 +26,8 @@ from core.templating import (
     render,
     validate,
 )
-from services.audit import Actor, record_action
+from services import audit
+from services.audit import Actor, record_action, required_reason
 
 templates = Template.__table__  # type: ignore[attr-defined]
 versions = TemplateVersion.__table__  # type: ignore[attr-defined]
@@ -131,6 +132,7 @@ async def save_version(
     description: str | None = None,
     actor: Actor | None = None,
     action: str = "template.update",
+    reason: str | None = None,
 ) -> VersionRecord:
     """Store `content` as the next version and make it active."""
     check(content, limits)
@@ -152,7 +154,11 @@ async def save_version(
     if description is not None:
         changes["description"] = description
     await conn.execute(templates.update().where(templates.c.id == template.id).values(**changes))
-    await record_action(conn, actor, action, "template", key, {"version": number, "change_note": change_note})
+    before = {"active_version": template.active_version, "category": template.category,
+              "description": template.description}  # fmt: skip
+    after = {**before, **{field: changes[field] for field in before if field in changes}}
+    await record_action(conn, actor, action, "template", key, {"version": number, "change_note": change_note},
+                        reason=reason, changes=audit.diff(before, after))  # fmt: skip
     return await get(conn, key)
 
 
@@ -218,16 +224,22 @@ async def rollback(
     limits: TemplateLimits,
     actor: Actor | None = None,
 ) -> VersionRecord:
-    """Make an old version's content the new active version; history is never rewritten."""
+    """Make an old version's content the new active version; history is never rewritten.
+    A person's rollback needs a reason (ReasonRequired)."""
+    if actor is not None:
+        reason = required_reason(reason)
     old = await get(conn, key, version)
     return await save_version(conn, key, content=old.content, author=author, limits=limits, actor=actor,
-                              change_note=f"rollback to v{version}: {reason}", action="template.rollback")  # fmt: skip
+                              change_note=f"rollback to v{version}: {reason}", action="template.rollback",
+                              reason=reason)  # fmt: skip
 
 
-async def archive(conn: AsyncConnection, key: str, actor: Actor | None = None) -> None:
+async def archive(conn: AsyncConnection, key: str, actor: Actor | None = None, reason: str | None = None) -> None:
+    """Take the template out of use (the API's DELETE); a reason goes to the audit log."""
     template = await _template_row(conn, key, lock=True)
     await conn.execute(templates.update().where(templates.c.id == template.id).values(archived_at=sa.func.now()))
-    await record_action(conn, actor, "template.archive", "template", key)
+    changes = audit.diff({"archived": template.archived_at is not None}, {"archived": True})
+    await record_action(conn, actor, "template.archive", "template", key, reason=reason, changes=changes)
 
 
 async def list_templates(conn: AsyncConnection, search: str | None, limit: int) -> list[sa.Row[Any]]:

@@ -1,4 +1,4 @@
-"""Dead letters (notifications that failed for good): list, read, replay, discard; the audit log.
+"""Dead letters (notifications that failed for good): list, read, replay, discard.
 
 Replays and discards are for admins; admins, campaign managers and analysts may look.
 Each action and its audit row are one transaction: an error leaves nothing half-written.
@@ -12,11 +12,12 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from api.deps import ConnectionDep, SettingsDep, TemporalDep, permit
 from api.problems import InvalidInput, Problem
+from api.routes.audit import REASON_HELP, AuditOut, Reason, WithReason, audit_out
 from core.auth import Principal
 from core.models import Channel
 from services import dead_letters as ops
@@ -24,9 +25,7 @@ from services.dead_letters import DeadLetterFilter, DeadLetterStatus, Outcome
 
 Operator = Annotated[Principal, Depends(permit("dead_letters.resolve"))]
 Viewer = Annotated[Principal, Depends(permit("dead_letters.read"))]
-AuditReader = Annotated[Principal, Depends(permit("audit.read"))]
 
-Reason = Annotated[str, StringConstraints(min_length=3, max_length=1000, strip_whitespace=True)]
 Ids = Annotated[list[int], Field(min_length=1, max_length=ops.MAX_BULK)]
 
 
@@ -46,17 +45,6 @@ class DeadLetterOut(BaseModel):
     updated_at: datetime
 
 
-class AuditOut(BaseModel):
-    id: int
-    at: datetime
-    actor: str
-    role: str
-    action: str
-    entity: str
-    entity_id: str
-    details: dict[str, Any]
-
-
 class DeadLetterDetail(DeadLetterOut):
     request: dict[str, Any] = Field(description="The original request, as the workflow received it")
     history: list[AuditOut] = Field(description="What operators did to it, oldest first")
@@ -65,11 +53,6 @@ class DeadLetterDetail(DeadLetterOut):
 class DeadLetterPage(BaseModel):
     items: list[DeadLetterOut]
     next_cursor: str | None = Field(description="Pass as ?cursor= for the next page; null at the end")
-
-
-class AuditPage(BaseModel):
-    items: list[AuditOut]
-    next_cursor: str | None
 
 
 class ActionResultOut(BaseModel):
@@ -99,18 +82,11 @@ class Selection(BaseModel):
         return self
 
 
-class DiscardOne(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    reason: Reason
-
-
-class DiscardMany(Selection):
-    reason: Reason
+class ReasonedSelection(Selection):
+    reason: Reason = Field(description=REASON_HELP)
 
 
 dead_letter_router = APIRouter(prefix="/v1/dead-letters", tags=["dead letters"])
-audit_router = APIRouter(prefix="/v1/audit", tags=["audit"])
 
 
 @dead_letter_router.get("", response_model=DeadLetterPage)
@@ -145,17 +121,17 @@ async def get_dead_letter(dead_letter_id: int, conn: ConnectionDep, _: Viewer) -
 
 @dead_letter_router.post("/replay", response_model=BulkResult)
 async def replay_many(
-    body: Selection, conn: ConnectionDep, temporal: TemporalDep, settings: SettingsDep, operator: Operator
+    body: ReasonedSelection, conn: ConnectionDep, temporal: TemporalDep, settings: SettingsDep, operator: Operator
 ) -> Any:
     """Replay each open one; the others are reported ("not open", "not found"), never resent."""
     ids, more = await _selected(conn, body)
-    results = await _act(conn, ops.replay(conn, temporal, settings, ids, operator))
+    results = await _act(conn, ops.replay(conn, temporal, settings, ids, operator, body.reason))
     await conn.commit()
     return BulkResult(results=[_result(result) for result in results], more=more)
 
 
 @dead_letter_router.post("/discard", response_model=BulkResult)
-async def discard_many(body: DiscardMany, conn: ConnectionDep, operator: Operator) -> Any:
+async def discard_many(body: ReasonedSelection, conn: ConnectionDep, operator: Operator) -> Any:
     ids, more = await _selected(conn, body)
     results = await _act(conn, ops.discard(conn, ids, operator, body.reason))
     await conn.commit()
@@ -164,17 +140,22 @@ async def discard_many(body: DiscardMany, conn: ConnectionDep, operator: Operato
 
 @dead_letter_router.post("/{dead_letter_id}/replay", response_model=ActionResultOut)
 async def replay_one(
-    dead_letter_id: int, conn: ConnectionDep, temporal: TemporalDep, settings: SettingsDep, operator: Operator
+    dead_letter_id: int,
+    body: WithReason,
+    conn: ConnectionDep,
+    temporal: TemporalDep,
+    settings: SettingsDep,
+    operator: Operator,
 ) -> Any:
     """Resend its channel once. 409 unless it is open."""
-    [result] = await _act(conn, ops.replay(conn, temporal, settings, [dead_letter_id], operator))
+    [result] = await _act(conn, ops.replay(conn, temporal, settings, [dead_letter_id], operator, body.reason))
     _single(result, "replayed")
     await conn.commit()
     return _result(result)
 
 
 @dead_letter_router.post("/{dead_letter_id}/discard", response_model=ActionResultOut)
-async def discard_one(dead_letter_id: int, body: DiscardOne, conn: ConnectionDep, operator: Operator) -> Any:
+async def discard_one(dead_letter_id: int, body: WithReason, conn: ConnectionDep, operator: Operator) -> Any:
     """Close it without resending; the reason is kept in the audit log. 409 unless it is open."""
     [result] = await _act(conn, ops.discard(conn, [dead_letter_id], operator, body.reason))
     _single(result, "discarded")
@@ -182,30 +163,8 @@ async def discard_one(dead_letter_id: int, body: DiscardOne, conn: ConnectionDep
     return _result(result)
 
 
-@audit_router.get("", response_model=AuditPage)
-async def list_audit(
-    conn: ConnectionDep,
-    _: AuditReader,
-    entity: Annotated[str | None, Query(max_length=64, description="e.g. dead_letter")] = None,
-    entity_id: Annotated[str | None, Query(max_length=200)] = None,
-    actor: Annotated[str | None, Query(max_length=320)] = None,
-    action: Annotated[str | None, Query(max_length=64, description="e.g. dead_letter.replay")] = None,
-    limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    cursor: str | None = None,
-) -> Any:
-    """Who did what to which object, newest first."""
-    try:
-        page = await ops.audit_entries(
-            conn, entity=entity, entity_id=entity_id, actor=actor, action=action, limit=limit, cursor=cursor
-        )
-    except ops.InvalidFilter as err:
-        raise InvalidInput([err.field], err.message) from err
-    return AuditPage(items=[_audit(row) for row in page.rows], next_cursor=page.next_cursor)
-
-
 router = APIRouter()
 router.include_router(dead_letter_router)
-router.include_router(audit_router)
 
 
 async def _selected(conn: AsyncConnection, body: Selection) -> tuple[list[int], bool]:
@@ -244,16 +203,12 @@ async def _detail(conn: AsyncConnection, dead_letter_id: int) -> DeadLetterDetai
     row = await ops.get_dead_letter(conn, dead_letter_id)
     if row is None:
         raise Problem(404, "Not found", f"no dead letter {dead_letter_id}")
-    history = [_audit(entry) for entry in await ops.history(conn, dead_letter_id)]
+    history = [audit_out(entry) for entry in await ops.history(conn, dead_letter_id)]
     return DeadLetterDetail(**_out(row).model_dump(), request=row.request, history=history)
 
 
 def _out(row: Any) -> DeadLetterOut:
     return DeadLetterOut.model_validate(dict(row._mapping))
-
-
-def _audit(row: Any) -> AuditOut:
-    return AuditOut.model_validate(dict(row._mapping))
 
 
 def _result(result: ops.ActionResult) -> ActionResultOut:

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Query, Request, Response, status
 
 from api.deps import ConnectionDep, EventPublisher, EventReader, RuleEditor, RuleReader, SettingsDep, TemporalDep
+from api.routes.audit import ReasonQuery
 from core.events import EventTypeName, RuleDefinition
 from core.schemas import EventActionOut, EventIn, EventOut, EventTypeIn, EventTypeOut, TriggerRuleIn, TriggerRuleOut
 from services import event_rules, events
@@ -81,9 +82,9 @@ async def get_event_type(name: TypeName, conn: ConnectionDep, _: RuleReader) -> 
 
 
 @router.delete("/v1/event-types/{name}", status_code=status.HTTP_204_NO_CONTENT)
-async def delete_event_type(name: TypeName, conn: ConnectionDep, editor: RuleEditor) -> None:
+async def delete_event_type(name: TypeName, reason: ReasonQuery, conn: ConnectionDep, editor: RuleEditor) -> None:
     """Refused while a rule uses it."""
-    await event_rules.delete_type(conn, editor, name)
+    await event_rules.delete_type(conn, editor, name, reason)
 
 
 # --- Trigger rules -------------------------------------------------------------------------------
@@ -136,6 +137,6 @@ async def replace_rule(
 
 @router.delete("/v1/trigger-rules/{rule_id}", status_code=status.HTTP_204_NO_CONTENT)
 async def delete_rule(
-    rule_id: Annotated[int, Path(ge=1, le=2**63 - 1)], conn: ConnectionDep, editor: RuleEditor
+    rule_id: Annotated[int, Path(ge=1, le=2**63 - 1)], reason: ReasonQuery, conn: ConnectionDep, editor: RuleEditor
 ) -> None:
-    await event_rules.delete_rule(conn, editor, rule_id)
+    await event_rules.delete_rule(conn, editor, rule_id, reason)

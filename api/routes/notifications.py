@@ -13,6 +13,7 @@ from fastapi import APIRouter, Header, Query, Request, Response, status
 
 from api.deps import AnyRole, ConnectionDep, Sender, SettingsDep, TemporalDep
 from api.problems import InvalidInput
+from api.routes.audit import WithReason
 from core.contracts import workflow_id_for
 from core.models import DeliveryStatus
 from core.schemas import DeliveryOut, NotificationCreate, NotificationOut, NotificationPage
@@ -80,10 +81,17 @@ async def get_notification(notification_id: uuid.UUID, request: Request, conn: C
 
 @router.post("/{notification_id}/cancel", response_model=NotificationOut)
 async def cancel_notification(
-    notification_id: uuid.UUID, request: Request, conn: ConnectionDep, temporal: TemporalDep, _: Sender
+    notification_id: uuid.UUID,
+    body: WithReason,
+    request: Request,
+    conn: ConnectionDep,
+    temporal: TemporalDep,
+    principal: Sender,
 ) -> Any:
-    """Cancel a notification still in progress; channels already sent stay sent."""
-    await service.cancel(conn, temporal, notification_id)
+    """Cancel a notification still in progress; channels already sent stay sent. Audited
+    with its reason."""
+    await service.cancel(conn, temporal, notification_id, principal, body.reason)
+    await conn.commit()
     [found] = _present(await service.get(conn, notification_id), _base_url(request))
     return found
 

@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from api.deps import ConnectionDep, SettingsDep, permit
 from api.problems import Problem
+from api.routes.audit import ReasonQuery
 from core.auth import Principal, Role
 from core.config import Settings
 from core.schemas import BreakerOut, ProviderOut, ProviderTestRequest, ProviderTestResult, ProviderWrite
@@ -60,11 +61,17 @@ async def get_one(name: str, conn: ConnectionDep, settings: SettingsDep, _: Prov
 
 @router.put("/{name}", response_model=ProviderOut, responses={201: {"model": ProviderOut}})
 async def put_provider(
-    name: str, body: ProviderWrite, response: Response, conn: ConnectionDep, settings: SettingsDep, admin: ProviderAdmin
+    name: str,
+    body: ProviderWrite,
+    reason: ReasonQuery,
+    response: Response,
+    conn: ConnectionDep,
+    settings: SettingsDep,
+    admin: ProviderAdmin,
 ) -> Any:
     """Create (201) or replace (200) a provider. Every problem comes back at once (422)."""
     try:
-        _, created = await save_audited(conn, settings.fernet_key(), name, body.model_dump(), admin)
+        _, created = await save_audited(conn, settings.fernet_key(), name, body.model_dump(), admin, reason)
     except ProviderInvalid as err:
         raise _invalid(err) from None
     except SecretsUnreadable as err:
@@ -75,34 +82,40 @@ async def put_provider(
     return await read_provider(conn, settings, name)
 
 
-async def _toggle(name: str, enabled: bool, conn: AsyncConnection, settings: Settings, admin: Principal) -> Any:
-    await set_enabled(conn, name, enabled, admin)
+async def _toggle(
+    name: str, enabled: bool, reason: str, conn: AsyncConnection, settings: Settings, admin: Principal
+) -> Any:
+    await set_enabled(conn, name, enabled, admin, reason)
     await conn.commit()
     return await read_provider(conn, settings, name)
 
 
 @router.post("/{name}/enable", response_model=ProviderOut)
-async def enable(name: str, conn: ConnectionDep, settings: SettingsDep, admin: ProviderAdmin) -> Any:
-    return await _toggle(name, True, conn, settings, admin)
+async def enable(
+    name: str, reason: ReasonQuery, conn: ConnectionDep, settings: SettingsDep, admin: ProviderAdmin
+) -> Any:
+    return await _toggle(name, True, reason, conn, settings, admin)
 
 
 @router.post("/{name}/disable", response_model=ProviderOut)
-async def disable(name: str, conn: ConnectionDep, settings: SettingsDep, admin: ProviderAdmin) -> Any:
+async def disable(
+    name: str, reason: ReasonQuery, conn: ConnectionDep, settings: SettingsDep, admin: ProviderAdmin
+) -> Any:
     """Senders skip a disabled provider (the next by priority, or the channel's fallback)."""
-    return await _toggle(name, False, conn, settings, admin)
+    return await _toggle(name, False, reason, conn, settings, admin)
 
 
 @router.delete("/{name}", status_code=status.HTTP_204_NO_CONTENT)
-async def delete(name: str, conn: ConnectionDep, admin: ProviderAdmin) -> Response:
-    await remove(conn, name, admin)
+async def delete(name: str, reason: ReasonQuery, conn: ConnectionDep, admin: ProviderAdmin) -> Response:
+    await remove(conn, name, admin, reason)
     await conn.commit()
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @router.post("/{name}/breaker/reset", response_model=BreakerOut)
-async def breaker_reset(name: str, conn: ConnectionDep, admin: ProviderAdmin) -> Any:
+async def breaker_reset(name: str, reason: ReasonQuery, conn: ConnectionDep, admin: ProviderAdmin) -> Any:
     """Close the circuit now (e.g. after fixing the provider's credentials)."""
-    await reset_breaker(conn, name, admin)
+    await reset_breaker(conn, name, admin, reason)
     await conn.commit()
     return await read_breaker(conn, name)
 

@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Response, status
 
 from api.deps import AnyRole, ConnectionDep, RecipientWriter
+from api.routes.audit import ReasonQuery
 from core.schemas import (
     BatchResult,
     FollowsPut,
@@ -81,6 +82,9 @@ async def put_follows(user_id: str, body: FollowsPut, conn: ConnectionDep, _: Re
 
 
 @router.delete("/{user_id}", status_code=status.HTTP_204_NO_CONTENT)
-async def delete_recipient(user_id: str, conn: ConnectionDep, _: RecipientWriter) -> Response:
-    await service.delete(conn, user_id)
+async def delete_recipient(
+    user_id: str, reason: ReasonQuery, conn: ConnectionDep, principal: RecipientWriter
+) -> Response:
+    """Delete the recipient (their notifications stay); audited with the reason."""
+    await service.delete(conn, user_id, principal, reason)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

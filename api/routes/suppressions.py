@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, Query, Response, status
 from pydantic import BaseModel, ConfigDict, StringConstraints
 
 from api.deps import ConnectionDep, permit
+from api.routes.audit import ReasonQuery
 from core.auth import Principal
 from services import suppressions as ops
 
@@ -58,8 +59,10 @@ async def add_suppression(body: SuppressionIn, conn: ConnectionDep, principal: A
 
 
 @router.delete("/{channel}/{address}", status_code=status.HTTP_204_NO_CONTENT)
-async def lift_suppression(channel: ChannelName, address: str, conn: ConnectionDep, principal: Admin) -> Response:
+async def lift_suppression(
+    channel: ChannelName, address: str, reason: ReasonQuery, conn: ConnectionDep, principal: Admin
+) -> Response:
     """Send to the address again."""
-    await ops.lift(conn, principal, channel, address)
+    await ops.lift(conn, principal, channel, address, reason)
     await conn.commit()
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Response, status
 
 from api.deps import AnyRole, ConnectionDep, SettingsDep, TemplateEditor
+from api.routes.audit import ReasonQuery
 from core.schemas import (
     PreviewEmail,
     PreviewOut,
@@ -97,9 +98,9 @@ async def update_template(
 
 
 @router.delete("/{key}", status_code=status.HTTP_204_NO_CONTENT)
-async def archive_template(key: str, conn: ConnectionDep, editor: TemplateEditor) -> Response:
+async def archive_template(key: str, reason: ReasonQuery, conn: ConnectionDep, editor: TemplateEditor) -> Response:
     """Archive: the template disappears from use, its versions stay for the record."""
-    await template_store.archive(conn, key, actor=editor)
+    await template_store.archive(conn, key, actor=editor, reason=reason)
     await conn.commit()
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 

@@ -86,6 +86,11 @@ async def test_admin_replays_one_from_the_list(
     await expect(page.locator(".flash-message.alert-danger")).to_contain_text("Check the dead letters to replay")
 
     await row.locator("input.select-row").check()
+    # A replay needs a reason: without one nothing is replayed.
+    await page.click("#replay-selected")
+    await expect(page.locator(".flash-message.alert-danger")).to_contain_text("Give the reason for the replay")
+    await row.locator("input.select-row").check()
+    await page.fill("#replay-reason", "mailbox fixed")
     await page.click("#replay-selected")
     await expect(page.locator(".flash-message")).to_have_text("Replayed 1 dead letter.")
     # Back on the same filtered list, where it is no longer open.
@@ -125,6 +130,7 @@ async def test_admin_replays_from_the_detail_page(
     await page.goto(f"{api_url}/admin/dead-letters/view/{letter['id']}")
     await expect(page.locator("#dead-letter-status")).to_have_text("open")
     await expect(page.locator("#no-history")).to_be_visible()
+    await page.fill("#replay-reason", "mailbox fixed")
     await page.click("#replay-dead-letter")
     await page.wait_for_url(f"{api_url}/admin/dead-letters/view/{letter['id']}")
     await expect(page.locator(".flash-message")).to_have_text("Replayed 1 dead letter.")
@@ -238,6 +244,7 @@ async def test_audit_page_lists_the_actions(
     del smtp_server.handler.refuse[person["email"]]
     email = await signed_in(page, api_url, make_user, Role.admin)
     await page.goto(f"{api_url}/admin/dead-letters/view/{replayed['id']}")
+    await page.fill("#replay-reason", "mailbox fixed")
     await page.click("#replay-dead-letter")
     await expect(page.locator("#dead-letter-status")).to_have_text("replayed")
     await page.goto(f"{api_url}/admin/dead-letters/view/{discarded['id']}")
@@ -258,6 +265,8 @@ async def test_audit_page_lists_the_actions(
     await expect(entries.nth(0)).to_contain_text("sent by other means")
     await expect(entries.nth(1)).to_have_attribute("data-action", "dead_letter.replay")
     await expect(entries.nth(1)).to_contain_text(f"-replay-{replayed['id']}-1")
+    await expect(entries.nth(1).locator(".audit-reason")).to_have_text("mailbox fixed")
+    await expect(entries.locator(".audit-address")).to_have_text(["127.0.0.1", "127.0.0.1"])
     await expect(entries.locator(".audit-actor")).to_have_text([email, email])
     await page.screenshot(path=shot("audit"), full_page=True)
     # Each entry leads to its dead letter.

@@ -294,5 +294,5 @@ async def test_analyst_reads_the_event_pages_without_controls_and_cannot_change_
         assert (await manager_api.get(f"/v1/event-types/{name}")).json()["description"] == "closed"
         assert (await manager_api.get(f"/v1/event-types/{name}_x")).status_code == 404
     finally:
-        await manager_api.delete(f"/v1/trigger-rules/{rule_id}")
-        await manager_api.delete(f"/v1/event-types/{name}")
+        await manager_api.delete(f"/v1/trigger-rules/{rule_id}", params={"reason": "test cleanup"})
+        await manager_api.delete(f"/v1/event-types/{name}", params={"reason": "test cleanup"})

@@ -185,8 +185,8 @@ async def test_analyst_sees_the_list_without_buttons_and_cannot_change_anything(
     page: Page, api_url: str, admin_api: httpx.AsyncClient, engine: AsyncEngine, make_user
 ) -> None:
     name = f"adm-sms-{uuid.uuid4().hex[:8]}"
-    response = await admin_api.put(f"/v1/providers/{name}", json={"channel": "sms", "kind": "sandbox",
-                                                                  "priority": 900, "enabled": False})  # fmt: skip
+    body = {"channel": "sms", "kind": "sandbox", "priority": 900, "enabled": False}
+    response = await admin_api.put(f"/v1/providers/{name}", params={"reason": "test setup"}, json=body)
     assert response.status_code == 201, response.text
     try:
         await signed_in(page, api_url, make_user, Role.analyst)
@@ -221,4 +221,4 @@ async def test_analyst_sees_the_list_without_buttons_and_cannot_change_anything(
         assert (row_after.priority, row_after.enabled) == (900, False)
         assert await stored(engine, f"sneaky-{name}") is None
     finally:
-        await admin_api.delete(f"/v1/providers/{name}")
+        await admin_api.delete(f"/v1/providers/{name}", params={"reason": "test cleanup"})

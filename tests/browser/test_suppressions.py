@@ -65,10 +65,16 @@ async def test_add_list_and_lift_a_suppression(
     analyst = {"Authorization": f"Bearer {token_for(settings, Role.analyst, 'a')}"}
     async with httpx.AsyncClient(base_url=api_url, headers=analyst) as reader:
         assert (await reader.get("/v1/suppressions")).status_code == 200
-        assert (await reader.delete(f"/v1/suppressions/email/{address}")).status_code == 403
+        assert (
+            await reader.delete(f"/v1/suppressions/email/{address}", params={"reason": "mailbox fixed"})
+        ).status_code == 403
 
-    assert (await admin.delete(f"/v1/suppressions/email/{address.upper()}")).status_code == 204  # any case
-    assert (await admin.delete(f"/v1/suppressions/email/{address}")).status_code == 404
+    assert (
+        await admin.delete(f"/v1/suppressions/email/{address.upper()}", params={"reason": "mailbox fixed"})
+    ).status_code == 204  # any case
+    assert (
+        await admin.delete(f"/v1/suppressions/email/{address}", params={"reason": "mailbox fixed"})
+    ).status_code == 404
     sent = (await api.post("/v1/notifications?wait=true", json=email)).json()
     assert sent["status"] == "sent"
     assert len(smtp_server.handler.to(address)) == 1

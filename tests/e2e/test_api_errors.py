@@ -122,9 +122,9 @@ async def test_recipient_read_update_delete(api: httpx.AsyncClient, user_id: str
     created = await api.put(f"/v1/recipients/{user_id}", json={"email": "Mixed@Example.com", "push_tokens": ["t1"]})
     assert created.json()["email"] == "mixed@example.com"
     assert (await api.get(f"/v1/recipients/{user_id}")).json()["push_tokens"] == ["t1"]
-    assert (await api.delete(f"/v1/recipients/{user_id}")).status_code == 204
+    assert (await api.delete(f"/v1/recipients/{user_id}", params={"reason": "account closed"})).status_code == 204
     _problem(await api.get(f"/v1/recipients/{user_id}"), 404)
-    _problem(await api.delete(f"/v1/recipients/{user_id}"), 404)
+    _problem(await api.delete(f"/v1/recipients/{user_id}", params={"reason": "account closed"}), 404)
 
 
 async def test_authentication_and_roles(api_url: str, settings: Settings, recipient: dict) -> None:
@@ -148,7 +148,7 @@ async def test_authentication_and_roles(api_url: str, settings: Settings, recipi
 
 async def test_not_found_and_bad_cursor(api: httpx.AsyncClient) -> None:
     _problem(await api.get(f"/v1/notifications/{uuid.uuid4()}"), 404)
-    _problem(await api.post(f"/v1/notifications/{uuid.uuid4()}/cancel"), 404)
+    _problem(await api.post(f"/v1/notifications/{uuid.uuid4()}/cancel", json={"reason": "not wanted"}), 404)
     assert _fields(_problem(await api.get("/v1/notifications/not-a-uuid"), 422)) == ["notification_id"]
     assert _fields(_problem(await api.get("/v1/notifications", params={"cursor": "garbage"}), 422)) == ["cursor"]
     assert _fields(_problem(await api.get("/v1/notifications", params={"limit": 0}), 422)) == ["limit"]

@@ -60,7 +60,7 @@ async def test_template_segment_and_campaign_actions_are_audited(
     campaign = (await manager.post("/v1/campaigns", json=body)).json()
     assert (await manager.post(f"/v1/campaigns/{campaign['id']}/launch")).status_code == 200
     await wait_campaign(manager, campaign["id"], "completed")
-    assert (await manager.delete(f"/v1/templates/{key}")).status_code == 204
+    assert (await manager.delete(f"/v1/templates/{key}", params={"reason": "premiere over"})).status_code == 204
 
     assert await trail(analyst, "template", key) == [
         ("template.create", *who), ("template.update", *who), ("template.rollback", *who), ("template.archive", *who),

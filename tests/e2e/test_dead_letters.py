@@ -29,6 +29,7 @@ from tests.stack import SmtpServer, token_for, wait_for_status
 POLICY_REFUSAL = "550 5.7.1 Message rejected by policy"
 NO_SUCH_USER = "550 5.1.1 No such user"
 OPERATOR = "ops-alice"
+REPLAY = {"reason": "mailbox fixed"}  # a replay needs a reason, kept in the audit log
 
 
 async def _client(api_url: str, settings: Settings, role: Role, subject: str) -> AsyncIterator[httpx.AsyncClient]:
@@ -204,7 +205,7 @@ async def test_replay_sends_once_and_cannot_be_repeated(
     assert smtp_server.handler.to(person["email"]) == []
     del smtp_server.handler.refuse[person["email"]]  # the provider accepts it again
 
-    response = await admin.post(f"/v1/dead-letters/{letter['id']}/replay")
+    response = await admin.post(f"/v1/dead-letters/{letter['id']}/replay", json=REPLAY)
     assert response.status_code == 200, response.text
     result = response.json()
     assert result == {"id": letter["id"], "outcome": "replayed", "status": "replayed",
@@ -224,7 +225,7 @@ async def test_replay_sends_once_and_cannot_be_repeated(
     assert (entry["action"], entry["actor"], entry["role"]) == ("dead_letter.replay", OPERATOR, "admin")
 
     # Once replayed, it is not open: 409, no new run, no new message.
-    again = await admin.post(f"/v1/dead-letters/{letter['id']}/replay")
+    again = await admin.post(f"/v1/dead-letters/{letter['id']}/replay", json=REPLAY)
     assert again.status_code == 409, again.text
     assert again.headers["content-type"] == "application/problem+json"
     assert again.json()["detail"] == f"dead letter {letter['id']} is replayed; only open ones can be replayed"
@@ -232,7 +233,7 @@ async def test_replay_sends_once_and_cannot_be_repeated(
     assert len(smtp_server.handler.to(person["email"])) == 1
     assert len(await audit_rows(engine, letter["id"])) == 1
 
-    missing = await admin.post("/v1/dead-letters/999999999/replay")
+    missing = await admin.post("/v1/dead-letters/999999999/replay", json=REPLAY)
     assert missing.status_code == 404
 
 
@@ -244,7 +245,9 @@ async def test_concurrent_replays_of_one_dead_letter_send_once(
     letter = await fail_for_good(api, admin, smtp_server, person, POLICY_REFUSAL)
     del smtp_server.handler.refuse[person["email"]]
 
-    responses = await asyncio.gather(*(admin.post(f"/v1/dead-letters/{letter['id']}/replay") for _ in range(5)))
+    responses = await asyncio.gather(
+        *(admin.post(f"/v1/dead-letters/{letter['id']}/replay", json=REPLAY) for _ in range(5))
+    )
     codes = sorted(response.status_code for response in responses)
     assert codes == [200, 409, 409, 409, 409], [response.text for response in responses]
     [won] = [response.json() for response in responses if response.status_code == 200]
@@ -265,7 +268,7 @@ async def test_bulk_replay_by_ids_and_by_filter(
 
     # By ids: unknown ones are reported, not fatal; a repeated id counts once.
     ids = [letters[0]["id"], 999999999, letters[1]["id"], letters[0]["id"]]
-    response = await admin.post("/v1/dead-letters/replay", json={"ids": ids})
+    response = await admin.post("/v1/dead-letters/replay", json={**REPLAY, "ids": ids})
     assert response.status_code == 200, response.text
     body = response.json()
     assert [(r["id"], r["outcome"]) for r in body["results"]] == [
@@ -274,7 +277,7 @@ async def test_bulk_replay_by_ids_and_by_filter(
     assert body["more"] is False
 
     # By filter: the open ones that match (here, the third recipient's).
-    response = await admin.post("/v1/dead-letters/replay", json={"filter": {"user_id": people[2]["user_id"]}})
+    response = await admin.post("/v1/dead-letters/replay", json={**REPLAY, "filter": {"user_id": people[2]["user_id"]}})
     assert response.status_code == 200, response.text
     [third] = response.json()["results"]
     assert (third["id"], third["outcome"]) == (letters[2]["id"], "replayed")
@@ -286,11 +289,11 @@ async def test_bulk_replay_by_ids_and_by_filter(
         assert len(smtp_server.handler.to(person["email"])) == 1
 
     # The same bulk again: nothing is open any more, nothing is sent.
-    again = (await admin.post("/v1/dead-letters/replay", json={"ids": ids[:3]})).json()
+    again = (await admin.post("/v1/dead-letters/replay", json={**REPLAY, "ids": ids[:3]})).json()
     assert [r["outcome"] for r in again["results"]] == ["not open", "not found", "not open"]
-    assert (await admin.post("/v1/dead-letters/replay", json={"filter": {"user_id": people[2]["user_id"]}})).json()[
-        "results"
-    ] == []
+    assert (
+        await admin.post("/v1/dead-letters/replay", json={**REPLAY, "filter": {"user_id": people[2]["user_id"]}})
+    ).json()["results"] == []
 
     # Bad selections: 422 naming the field.
     for payload, field in (
@@ -302,7 +305,7 @@ async def test_bulk_replay_by_ids_and_by_filter(
         ({"filter": {"channel": "fax"}}, "filter.channel"),
         ({"filter": {"colour": "red"}}, "filter.colour"),
     ):
-        refused = await admin.post("/v1/dead-letters/replay", json=payload)
+        refused = await admin.post("/v1/dead-letters/replay", json={**REPLAY, **payload})
         assert refused.status_code == 422, (payload, refused.text)
         fields = [error["field"] for error in refused.json()["errors"]]
         assert all(f.startswith(field) for f in fields), (payload, fields)
@@ -330,10 +333,10 @@ async def test_discard_needs_a_reason_and_is_final(
     assert (detail["status"], detail["resolved_by"], detail["replays"]) == ("discarded", OPERATOR, 0)
     [entry] = detail["history"]
     assert entry["action"] == "dead_letter.discard"
-    assert entry["details"]["reason"] == "customer closed the account"
+    assert entry["reason"] == "customer closed the account"
 
     # Discarded is final: no replay, no second discard.
-    assert (await admin.post(f"/v1/dead-letters/{letter['id']}/replay")).status_code == 409
+    assert (await admin.post(f"/v1/dead-letters/{letter['id']}/replay", json=REPLAY)).status_code == 409
     assert (await admin.post(f"/v1/dead-letters/{letter['id']}/discard", json={"reason": "again"})).status_code == 409
     assert len(await audit_rows(engine, letter["id"])) == 1
     assert smtp_server.handler.to(person["email"]) == []
@@ -371,8 +374,8 @@ async def test_roles(
     assert (await api.get("/v1/dead-letters")).status_code == 403  # a service only sends
 
     for caller in (analyst, manager, api):
-        for path, payload in ((f"/v1/dead-letters/{letter['id']}/replay", None),
-                              ("/v1/dead-letters/replay", {"ids": [letter["id"]]}),
+        for path, payload in ((f"/v1/dead-letters/{letter['id']}/replay", REPLAY),
+                              ("/v1/dead-letters/replay", {"ids": [letter["id"]], **REPLAY}),
                               (f"/v1/dead-letters/{letter['id']}/discard", {"reason": "not mine to say"}),
                               ("/v1/dead-letters/discard", {"ids": [letter["id"]], "reason": "not mine"})):  # fmt: skip
             refused = await caller.post(path, json=payload)
@@ -399,7 +402,7 @@ async def test_audit_log_lists_actions_newest_first(
     replayed = await fail_for_good(api, admin, smtp_server, person, POLICY_REFUSAL)
     discarded = await fail_for_good_again(api, admin, smtp_server, person)
     del smtp_server.handler.refuse[person["email"]]
-    result = (await admin.post(f"/v1/dead-letters/{replayed['id']}/replay")).json()
+    result = (await admin.post(f"/v1/dead-letters/{replayed['id']}/replay", json=REPLAY)).json()
     await admin.post(f"/v1/dead-letters/{discarded['id']}/discard", json={"reason": "duplicate of the replayed one"})
     await replay_finished(temporal_client, result["workflow_id"])
 
@@ -411,7 +414,8 @@ async def test_audit_log_lists_actions_newest_first(
     assert replay_entry["details"]["workflow_id"] == result["workflow_id"]
     assert replay_entry["details"]["notification_id"] == replayed["notification_id"]
     assert replay_entry["details"]["channel"] == "email"
-    assert discard_entry["details"]["reason"] == "duplicate of the replayed one"
+    assert discard_entry["reason"] == "duplicate of the replayed one"
+    assert replay_entry["reason"] == REPLAY["reason"]
 
     one = (await analyst.get("/v1/audit", params={"entity": "dead_letter", "entity_id": str(replayed["id"])})).json()
     assert [e["action"] for e in one["items"]] == ["dead_letter.replay"]
@@ -437,7 +441,7 @@ async def test_a_replay_that_fails_again_reopens_the_dead_letter(
     letter = await fail_for_good(api, admin, smtp_server, person, POLICY_REFUSAL)
     smtp_server.handler.refuse[person["email"]] = "550 5.7.1 Still rejected by policy"  # the refusal stays
 
-    result = (await admin.post(f"/v1/dead-letters/{letter['id']}/replay")).json()
+    result = (await admin.post(f"/v1/dead-letters/{letter['id']}/replay", json=REPLAY)).json()
     assert result["outcome"] == "replayed"
     await replay_finished(temporal_client, result["workflow_id"])
     detail = (await admin.get(f"/v1/dead-letters/{letter['id']}")).json()
@@ -450,7 +454,7 @@ async def test_a_replay_that_fails_again_reopens_the_dead_letter(
     assert [item["id"] for item in listed["items"]] == [letter["id"]]
 
     del smtp_server.handler.refuse[person["email"]]
-    again = (await admin.post(f"/v1/dead-letters/{letter['id']}/replay")).json()
+    again = (await admin.post(f"/v1/dead-letters/{letter['id']}/replay", json=REPLAY)).json()
     assert again["workflow_id"] == replay_id(letter, 2)
     await replay_finished(temporal_client, again["workflow_id"])
     await wait_for_status(api, letter["notification_id"], "sent")
@@ -469,7 +473,7 @@ async def test_replay_after_the_recipient_fixed_a_bad_address(
     response = await api.put(f"/v1/recipients/{person['user_id']}", json={"email": new_email})
     assert response.status_code == 200, response.text
 
-    result = (await admin.post(f"/v1/dead-letters/{letter['id']}/replay")).json()
+    result = (await admin.post(f"/v1/dead-letters/{letter['id']}/replay", json=REPLAY)).json()
     await replay_finished(temporal_client, result["workflow_id"])
     await wait_for_status(api, letter["notification_id"], "sent")
     assert len(smtp_server.handler.to(new_email)) == 1
@@ -494,7 +498,7 @@ async def test_a_bad_stored_request_stops_the_whole_bulk_before_any_send(
             .returning(dead_letters.c.id)
         )  # fmt: skip
 
-    response = await admin.post("/v1/dead-letters/replay", json={"ids": [good["id"], broken_id]})
+    response = await admin.post("/v1/dead-letters/replay", json={**REPLAY, "ids": [good["id"], broken_id]})
     assert response.status_code == 409, response.text
     assert f"dead letter {broken_id} cannot be replayed" in response.json()["detail"]
     # Nothing happened to the good one either.

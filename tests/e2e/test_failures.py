@@ -87,13 +87,13 @@ async def test_cancel_through_the_api_leaves_the_channel_cancelled(
 ) -> None:
     smtp_server.handler.refuse[recipient["email"]] = "421 4.3.2 Service shutting down"
     accepted = (await api.post("/v1/notifications", json=_email(recipient["user_id"]))).json()
-    response = await api.post(f"/v1/notifications/{accepted['id']}/cancel")
+    response = await api.post(f"/v1/notifications/{accepted['id']}/cancel", json={"reason": "sent by mistake"})
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["status"] == "cancelled"
     assert body["channels"][0]["status"] == "cancelled"
 
-    again = await api.post(f"/v1/notifications/{accepted['id']}/cancel")
+    again = await api.post(f"/v1/notifications/{accepted['id']}/cancel", json={"reason": "sent by mistake"})
     assert again.status_code == 409
     assert again.json()["detail"] == "notification is already cancelled"
 

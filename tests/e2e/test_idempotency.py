@@ -74,7 +74,9 @@ async def test_keys_are_scoped_to_the_caller(
 async def test_a_replay_is_answered_even_after_the_recipient_is_gone(api: httpx.AsyncClient, recipient: dict) -> None:
     body = {**_request(recipient["user_id"]), "idempotency_key": f"k-{uuid.uuid4()}"}
     first = await api.post("/v1/notifications?wait=true", json=body)
-    assert (await api.delete(f"/v1/recipients/{recipient['user_id']}")).status_code == 204
+    assert (
+        await api.delete(f"/v1/recipients/{recipient['user_id']}", params={"reason": "account closed"})
+    ).status_code == 204
     again = await api.post("/v1/notifications", json=body)
     assert again.status_code == 202
     assert again.json()["id"] == first.json()["id"]

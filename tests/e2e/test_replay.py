@@ -69,7 +69,7 @@ async def test_fresh_histories_replay(
     pending = await api.post(
         "/v1/notifications", json={"user_id": user, "type": "account", "channels": ["email"], "title": "C", "body": "B"}
     )
-    await api.post(f"/v1/notifications/{pending.json()['id']}/cancel")
+    await api.post(f"/v1/notifications/{pending.json()['id']}/cancel", json={"reason": "test over"})
     await wait_for_status(api, pending.json()["id"], "cancelled")
 
     runs = {"notification_sent": sent, "notification_rejected": rejected, "notification_cancelled": pending}

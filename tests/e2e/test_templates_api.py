@@ -157,7 +157,7 @@ async def test_duplicate_key_and_roles(editor: httpx.AsyncClient, api: httpx.Asy
 
 async def test_archive_hides_the_template(editor: httpx.AsyncClient, key: str) -> None:
     await editor.post("/v1/templates", json=episode_template(key))
-    assert (await editor.delete(f"/v1/templates/{key}")).status_code == 204
+    assert (await editor.delete(f"/v1/templates/{key}", params={"reason": "retired"})).status_code == 204
     assert (await editor.get(f"/v1/templates/{key}")).status_code == 404
     assert (await editor.post("/v1/templates", json=episode_template(key))).status_code == 409
 
