@@ -80,6 +80,7 @@ async def in_process_stack(workdir: Path, capture: MailCapture, **settings: Any)
         smtp_pool_size=20,
         database_pool_size=20,
         public_url=f"http://127.0.0.1:{api_port}",
+        rate_limit_enabled=False,  # the benchmark's one token would be throttled: it measures the service
         **settings,
     )
     try:

@@ -95,6 +95,8 @@ class RecipientBatch(BaseModel):
 class RecipientOut(RecipientFields):
     model_config = ConfigDict(extra="ignore", from_attributes=True)
 
+    # What is stored is shown as it is, even if stored before requests were bounded.
+    attributes: dict[str, Any] = Field(default_factory=dict)
     user_id: str
     created_at: datetime
     updated_at: datetime
