@@ -250,11 +250,10 @@ class EventConsumer:
                     conn, self._temporal, self._settings, f"nats:{msg.subject}", event, SOURCE
                 )
         except Invalid as err:
-            reason = "unknown_type" if err.problems[0][0] == "type" else "invalid_payload"
-            await self._dead_letter(msg, reason, err.problems)
+            await self._dead_letter(msg, events.rejection_reason(err), err.problems)
             return
         except Conflict as err:
-            await self._dead_letter(msg, "conflict", [("id", err.detail)])
+            await self._dead_letter(msg, events.rejection_reason(err), [("id", err.detail)])
             return
         except Unavailable as err:
             await self._retry(msg, err.detail)

@@ -104,14 +104,15 @@ async def accept(
     try:
         accepted = await _accept(conn, temporal, settings, received_by, event, source)
     except DomainError as err:
-        EVENTS_REJECTED.labels(source=source, reason=_reason(err)).inc()
+        EVENTS_REJECTED.labels(source=source, reason=rejection_reason(err)).inc()
         raise
     if not accepted.replayed:
         EVENTS_ACCEPTED.labels(type=event.type, source=source).inc()
     return accepted
 
 
-def _reason(err: DomainError) -> str:
+def rejection_reason(err: DomainError) -> str:
+    """Why an event was refused, as /metrics and the NATS dead letters name it."""
     if isinstance(err, Invalid):
         return "unknown_type" if err.problems[0][0] == "type" else "invalid_payload"
     return {Conflict: "conflict", Unavailable: "unavailable"}.get(type(err), "error")
