@@ -44,8 +44,9 @@ STATIC_DIR = Path(__file__).parent / "static"
 class PasswordLogin(AuthenticationBackend):
     """Email + password against admin_users; the role rides in the signed session cookie."""
 
-    def __init__(self, secret_key: str, engine: AsyncEngine) -> None:
-        super().__init__(secret_key=secret_key, same_site="strict", https_only=False)
+    def __init__(self, secret_key: str, engine: AsyncEngine, https_only: bool = False) -> None:
+        # https_only: the session cookie is Secure, never sent over plain HTTP.
+        super().__init__(secret_key=secret_key, same_site="strict", https_only=https_only)
         self._engine = engine
 
     async def login(self, request: Request) -> bool:
@@ -182,7 +183,9 @@ def mount_admin(app: FastAPI, engine: AsyncEngine, settings: Settings) -> Admin:
         app,
         engine=engine,
         title="Marquee admin",
-        authentication_backend=PasswordLogin(session_secret(settings, app.state.jwt_secret), engine),
+        authentication_backend=PasswordLogin(
+            session_secret(settings, app.state.jwt_secret), engine, https_only=settings.served_over_tls
+        ),
         authorization_backend=RolePermissions(),
         templates_dir=str(TEMPLATES_DIR),
         # StaticFiles looks in the directory first, then in SQLAdmin's package.

@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from cryptography.fernet import Fernet
-from pydantic import Field, PrivateAttr, SecretStr, field_validator
+from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from core.auth import ASYMMETRIC_ALGORITHMS, SYMMETRIC_ALGORITHMS
+from core.codec import parse_keys as parse_codec_keys
 from core.templating import TemplateLimits
 
 DEV_SECRET_FILE = "jwt-secret"
@@ -38,6 +39,19 @@ class Settings(BaseSettings):
     temporal_port: int = 7233
     temporal_ui_port: int = 8233
     temporal_ui_url: str | None = None  # links to runs from the API and admin; default: the dev UI port
+
+    # Data protection (docs/data-protection.md). TLS: with both PEM files set (or `marquee api
+    # --tls-cert --tls-key`) the API, admin and codec server serve HTTPS, TLS 1.3 and nothing
+    # older. Temporal payloads are encrypted (AES-GCM) when codec keys are set, written
+    # "id:base64key,..." (`marquee codec-key` prints one): the first encrypts, all decrypt.
+    # Unset: payloads go to Temporal in clear. The codec server (`marquee codec-server`) lets
+    # the Temporal Web UI decode for an admin; CORS origins default to the Web UI's.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    temporal_codec_keys: SecretStr | None = None
+    codec_server_host: str = "127.0.0.1"
+    codec_server_port: int = Field(default=8234, ge=1, le=65535)
+    codec_server_origins: list[str] = Field(default_factory=list)
 
     # ClickHouse. Unset: chDB (in-process ClickHouse) under data_dir/chdb.
     clickhouse_url: str | None = None
@@ -262,6 +276,29 @@ class Settings(BaseSettings):
 
     def temporal_ui_base(self) -> str:
         return (self.temporal_ui_url or f"http://127.0.0.1:{self.temporal_ui_port}").rstrip("/")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("MARQUEE_TLS_CERT and MARQUEE_TLS_KEY go together: set both or neither")
+        return self
+
+    def temporal_codec_keyring(self) -> list[tuple[str, bytes]]:
+        """(key id, key) in order, the encrypting key first; empty: no codec. Checked here
+        (at connect), not by a validator: pydantic's errors would print the keys."""
+        return parse_codec_keys(self.temporal_codec_keys.get_secret_value()) if self.temporal_codec_keys else []
+
+    @property
+    def served_over_tls(self) -> bool:
+        """Clients reach the API over TLS: ours, or a proxy's in front (an https public URL)."""
+        return self.tls_cert is not None or self.public_url.startswith("https://")
+
+    def codec_server_cors_origins(self) -> list[str]:
+        if self.codec_server_origins:
+            return self.codec_server_origins
+        base = self.temporal_ui_base()
+        # The dev Web UI is reached as 127.0.0.1 or localhost alike.
+        return [base, base.replace("//127.0.0.1:", "//localhost:")] if "//127.0.0.1:" in base else [base]
 
     def template_limits(self) -> TemplateLimits:
         return TemplateLimits(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit, urlunsplit
+
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -10,7 +12,15 @@ def async_url(url: str) -> str:
     """Accept plain postgresql:// URLs from operators and use the asyncpg driver."""
     for prefix in ("postgresql://", "postgres://"):
         if url.startswith(prefix):
-            return "postgresql+asyncpg://" + url[len(prefix) :]
+            url = "postgresql+asyncpg://" + url[len(prefix) :]
+            break
+    # SQLAlchemy hands the query to asyncpg.connect() as keywords, where libpq's `sslmode`
+    # is spelled `ssl` (same values: disable ... verify-full). pg_dump and asyncpg DSNs
+    # read sslmode, so operators write that one URL for everything.
+    parts = urlsplit(url)
+    if url.startswith("postgresql+asyncpg://") and "sslmode" in parse_qs(parts.query):
+        query = [("ssl" if name == "sslmode" else name, value) for name, value in parse_qsl(parts.query)]
+        url = urlunsplit(parts._replace(query=urlencode(query)))
     return url
 
 

@@ -1,4 +1,5 @@
-"""The `marquee` command: dev, api, worker, events, migrate, backup, restore, tokens, users and the secrets key."""
+"""The `marquee` command: dev, api, worker, events, migrate, backup, restore, tokens, users, the secrets
+key, and the Temporal codec server and its keys."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from cryptography.fernet import Fernet
 
 from api.app import create_app
 from core.auth import Role, create_token
+from core.codec import CodecKeyError
+from core.codec import new_key as new_codec_key
 from core.config import Settings
 from core.db import create_engine
 from core.errors import Conflict, Invalid
@@ -24,8 +27,10 @@ from core.logging import configure_logging
 from core.migrate import upgrade
 from core.tracing import tracing
 from entrypoints import backup
+from entrypoints.codec_server import create_codec_app
 from entrypoints.dev import run_dev
 from entrypoints.event_consumer import NatsUnavailable, run_consumer
+from entrypoints.tls import uvicorn_tls, with_tls
 from services import admin_users
 from services.history import open_store
 from worker import run_worker
@@ -38,11 +43,31 @@ def _cmd_dev(settings: Settings, _: argparse.Namespace) -> int:
 
 
 def _cmd_api(settings: Settings, args: argparse.Namespace) -> int:
-
+    settings = with_tls(settings, args.tls_cert, args.tls_key)
     configure_logging(settings)
     with tracing(settings, "marquee-api"):
         uvicorn.run(create_app(settings), host=args.host or settings.api_host, port=args.port or settings.api_port,
-                    log_config=None, proxy_headers=True)  # fmt: skip
+                    log_config=None, proxy_headers=True, **uvicorn_tls(settings))  # fmt: skip
+    return 0
+
+
+def _cmd_codec_server(settings: Settings, args: argparse.Namespace) -> int:
+    settings = with_tls(settings, args.tls_cert, args.tls_key)
+    configure_logging(settings)
+    try:
+        app = create_codec_app(settings)
+    except (CodecKeyError, RuntimeError) as err:
+        raise SystemExit(f"marquee codec-server: {err}") from err
+    uvicorn.run(app, host=args.host or settings.codec_server_host, port=args.port or settings.codec_server_port,
+                log_config=None, **uvicorn_tls(settings))  # fmt: skip
+    return 0
+
+
+def _cmd_codec_key(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        print(new_codec_key(args.id))
+    except CodecKeyError as err:
+        raise SystemExit(f"marquee codec-key: {err}") from err
     return 0
 
 
@@ -155,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     api = commands.add_parser("api", help="run the HTTP API and admin")
     api.add_argument("--host")
     api.add_argument("--port", type=int)
+    _tls_arguments(api)
     api.set_defaults(handler=_cmd_api)
     worker = commands.add_parser("worker", help="run a Temporal worker")
     worker.add_argument("--health-port", type=int, metavar="PORT",
@@ -186,6 +212,19 @@ def build_parser() -> argparse.ArgumentParser:
     create_token.add_argument("--ttl", type=int, help="lifetime in seconds (default: MARQUEE_JWT_TTL_SECONDS, 3600)")
     create_token.set_defaults(handler=_cmd_token)
 
+    codec = commands.add_parser(
+        "codec-server", help="serve the Temporal codec endpoint (/decode, /encode) for the Web UI, to admins"
+    )
+    codec.add_argument("--host", help="default: MARQUEE_CODEC_SERVER_HOST (127.0.0.1)")
+    codec.add_argument("--port", type=int, help="default: MARQUEE_CODEC_SERVER_PORT (8234)")
+    _tls_arguments(codec)
+    codec.set_defaults(handler=_cmd_codec_server)
+    codec_key = commands.add_parser(
+        "codec-key", help="print a new key entry (id:base64) for MARQUEE_TEMPORAL_CODEC_KEYS"
+    )
+    codec_key.add_argument("--id", help="the key's id, kept in each payload it encrypts (default: random)")
+    codec_key.set_defaults(handler=_cmd_codec_key)
+
     commands.add_parser(
         "secrets-key", help="print a new key for MARQUEE_SECRETS_KEY (encrypts provider secrets)"
     ).set_defaults(handler=_cmd_secrets_key)
@@ -197,6 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
     create_user.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
     create_user.set_defaults(handler=_cmd_user)
     return parser
+
+
+def _tls_arguments(parser: argparse.ArgumentParser) -> None:
+    tls_cert_help = "serve HTTPS, TLS 1.3 only, with this certificate chain (default: MARQUEE_TLS_CERT)"
+    parser.add_argument("--tls-cert", type=Path, metavar="PEM", help=tls_cert_help)
+    parser.add_argument("--tls-key", type=Path, metavar="PEM", help="its private key (default: MARQUEE_TLS_KEY)")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

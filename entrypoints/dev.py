@@ -26,6 +26,7 @@ from core.models import AdminUser
 from core.temporal import connect
 from entrypoints.embedded import EmbeddedPostgres, TemporalDevServer, ensure_database, start_capture_smtp
 from entrypoints.event_consumer import EventConsumer, NatsUnavailable, nats_url, open_consumer, shown
+from entrypoints.tls import uvicorn_tls, with_tls
 from worker import create_worker, worker_services
 
 DEV_ADMIN_EMAIL = "admin@marquee.localhost"
@@ -54,6 +55,7 @@ async def ensure_dev_admin(settings: Settings, database_url: str) -> str | None:
 
 
 async def run_dev(settings: Settings) -> None:
+    settings = with_tls(settings)  # MARQUEE_TLS_CERT/KEY: HTTPS, TLS 1.3 only
     configure_logging(settings)
     data_dir = settings.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -93,8 +95,9 @@ async def run_dev(settings: Settings) -> None:
         services = await stack.enter_async_context(worker_services(settings, engine))
         worker = create_worker(client, settings, services)
         app = create_app(settings, engine=engine, temporal=client, history=services.history)
+        tls = uvicorn_tls(settings)
         server = uvicorn.Server(
-            uvicorn.Config(app, host=settings.api_host, port=settings.api_port, log_config=None, lifespan="on")
+            uvicorn.Config(app, host=settings.api_host, port=settings.api_port, log_config=None, lifespan="on", **tls)
         )
         token = create_token(jwt_secret, "dev-service", Role.service, ttl_seconds=30 * 24 * 3600)
         base = settings.public_url

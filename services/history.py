@@ -583,7 +583,7 @@ class ClickHouseServer:
         return cls(
             scheme=parsed.scheme or "http",
             host=parsed.hostname or "127.0.0.1",
-            port=parsed.port or 8123,
+            port=parsed.port or (8443 if parsed.scheme == "https" else 8123),  # ClickHouse's HTTP(S) ports
             username=parsed.username or "default",
             password=parsed.password or "",
             database=(parsed.path or "/").lstrip("/") or "default",
