@@ -61,7 +61,7 @@ async def test_every_operation_answers_every_role_as_the_table_says(
                     unknown.append(route)
                     continue
                 allowed = roles(ROUTE_ACTIONS[route])
-                body = {} if "requestBody" in operation else None
+                body: dict[str, Any] | None = {} if "requestBody" in operation else None
                 for role, token in tokens.items():
                     response = await client.request(
                         route[0], _path(path, operation), json=body, headers={"Authorization": f"Bearer {token}"}
