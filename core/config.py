@@ -278,6 +278,15 @@ class Settings(BaseSettings):
         return (self.temporal_ui_url or f"http://127.0.0.1:{self.temporal_ui_port}").rstrip("/")
 
     @model_validator(mode="after")
+    def _public_url_follows_port(self) -> Settings:
+        """Unset, the public URL is where this API listens (links in mail must reach it)."""
+        if "public_url" not in self.model_fields_set:
+            host = "127.0.0.1" if self.api_host in ("0.0.0.0", "::", "") else self.api_host
+            # Not an assignment: it would mark the field as set, and TLS would keep http.
+            self.__dict__["public_url"] = f"http://{host}:{self.api_port}"
+        return self
+
+    @model_validator(mode="after")
     def _tls_pair(self) -> Settings:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("MARQUEE_TLS_CERT and MARQUEE_TLS_KEY go together: set both or neither")

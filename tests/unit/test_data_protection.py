@@ -110,7 +110,7 @@ def test_tls_settings(tmp_path: Path) -> None:
     assert uvicorn_tls(_settings()) == {}
     served = with_tls(_settings(api_port=8443), cert, key)
     assert served.served_over_tls
-    assert served.public_url == "https://127.0.0.1:8000"  # the default URL, now https
+    assert served.public_url == "https://127.0.0.1:8443"  # the default URL (where it listens), now https
     options = uvicorn_tls(served)
     assert (options["ssl_certfile"], options["ssl_keyfile"]) == (str(cert), str(key))
     assert options["ssl_context_factory"] is _tls13_only
