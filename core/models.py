@@ -656,3 +656,24 @@ class DigestItem(SQLModel, table=True):
     __table_args__ = (
         sa.Index("ix_digest_items_open", "rule_id", "user_id", postgresql_where=sa.text("batch IS NULL")),
     )
+
+
+class Erasure(SQLModel, table=True):
+    """A GDPR erasure, kept as proof that it happened without saying of whom: the user_id
+    only as an HMAC keyed by Settings.signing_key("gdpr-erasure") (services.gdpr), who
+    erased, when, and how many rows or objects each store gave up. The reason is on the
+    audit row (action recipient.erase, entity_id "erased:<subject_hash>")."""
+
+    __tablename__ = "erasures"
+
+    id: int | None = Field(default=None, sa_column=sa.Column(sa.BigInteger, primary_key=True, autoincrement=True))
+    subject_hash: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    actor: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    role: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    # {store: {what: count}}, e.g. {"postgresql": {"notifications": 3}, "clickhouse": {...}}.
+    counts: dict[str, Any] = Field(sa_column=sa.Column(pg.JSONB, nullable=False))
+    erased_at: datetime | None = Field(
+        default=None, sa_column=sa.Column(_tz(), nullable=False, server_default=sa.func.now())
+    )
+
+    __table_args__ = (sa.Index("ix_erasures_subject", "subject_hash"),)

@@ -23,6 +23,9 @@ _OTHERS: Mapping[str, frozenset[Role]] = {
     "notifications.read": _EVERY_ROLE,
     "recipients.read": _EVERY_ROLE,
     "recipients.write": frozenset({Role.service}),
+    # GDPR: a person's whole record out (export), or removed everywhere (erase).
+    "recipients.export": _NO_ONE_BUT_ADMINS,
+    "recipients.erase": _NO_ONE_BUT_ADMINS,
     "templates.read": _EVERY_ROLE,
     "templates.write": frozenset({Role.campaign_manager}),
     "segments.read": _EVERY_ROLE,

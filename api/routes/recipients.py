@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Response, status
+from fastapi import APIRouter, Depends, Request, Response, status
+from pydantic import BaseModel, Field
 
-from api.deps import AnyRole, ConnectionDep, RecipientWriter
-from api.routes.audit import ReasonQuery
+from api.deps import AnyRole, ConnectionDep, RecipientWriter, SettingsDep, TemporalDep, permit
+from api.routes.audit import ReasonQuery, WithReason
+from core.auth import Principal
 from core.schemas import (
     BatchResult,
     FollowsPut,
@@ -19,9 +21,19 @@ from core.schemas import (
     RecipientUpsert,
     UserId,
 )
+from services import gdpr
 from services import recipients as service
 
 router = APIRouter(prefix="/v1/recipients", tags=["recipients"])
+
+Exporter = Annotated[Principal, Depends(permit("recipients.export"))]
+Eraser = Annotated[Principal, Depends(permit("recipients.erase"))]
+
+
+class ErasureOut(BaseModel):
+    erasure_id: int = Field(description="The erasures row: the record that it was done")
+    subject_hash: str = Field(description="HMAC-SHA256 of the user_id (docs/gdpr.md); the record holds no user_id")
+    counts: dict[str, dict[str, int]] = Field(description="What each store gave up: {store: {what: count}}")
 
 
 @router.post("", status_code=status.HTTP_200_OK, response_model=RecipientOut)
@@ -88,3 +100,27 @@ async def delete_recipient(
     """Delete the recipient (their notifications stay); audited with the reason."""
     await service.delete(conn, user_id, principal, reason)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.get("/{user_id}/export", response_model=dict[str, Any])
+async def export_recipient(user_id: str, request: Request, conn: ConnectionDep, principal: Exporter) -> Any:
+    """GDPR export: everything held about the person as one JSON document (docs/gdpr.md);
+    404 when nothing is. Admins only; audited."""
+    return await gdpr.export(conn, request.app.state.history, user_id, actor=principal)
+
+
+@router.post("/{user_id}/erase", response_model=ErasureOut)
+async def erase_recipient(
+    user_id: str,
+    body: WithReason,
+    request: Request,
+    conn: ConnectionDep,
+    temporal: TemporalDep,
+    settings: SettingsDep,
+    principal: Eraser,
+) -> ErasureOut:
+    """GDPR erasure: the person removed from PostgreSQL, ClickHouse, Temporal and captured
+    dev mail; an erasure record and an audit row (with the reason, which must not name the
+    person) are what remains (docs/gdpr.md). Admins only; 404 when nothing is held."""
+    report = await gdpr.erase(conn, request.app.state.history, temporal, settings, user_id, principal, body.reason)
+    return ErasureOut(erasure_id=report.erasure_id, subject_hash=report.subject_hash, counts=report.counts)

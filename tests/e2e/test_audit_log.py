@@ -59,6 +59,7 @@ AUDITED: dict[tuple[str, str], str] = {
     ("POST", "/v1/notifications/{notification_id}/cancel"): "notification.cancel",
     ("POST", "/v1/notifications/scheduled"): "campaign.create_and_launch",
     ("DELETE", "/v1/recipients/{user_id}"): "recipient.delete",
+    ("POST", "/v1/recipients/{user_id}/erase"): "recipient.erase",
     ("POST", "/v1/templates"): "template.create",
     ("PUT", "/v1/templates/{key}"): "template.update",
     ("DELETE", "/v1/templates/{key}"): "template.archive",
@@ -346,7 +347,7 @@ async def _events(w: World) -> dict[tuple[str, str], Call]:
 
 
 async def _people(w: World) -> dict[tuple[str, str], Call]:
-    person = await new_recipient(w.api)
+    person, erased = await new_recipient(w.api), await new_recipient(w.api)
     return {
         ("POST", "/v1/notifications/{notification_id}/cancel"): Call(
             "POST",
@@ -356,6 +357,9 @@ async def _people(w: World) -> dict[tuple[str, str], Call]:
         ),
         ("DELETE", "/v1/recipients/{user_id}"): Call(
             "DELETE", f"/v1/recipients/{person['user_id']}", params=reasoned("account closed"), reason_in="params"
+        ),
+        ("POST", "/v1/recipients/{user_id}/erase"): Call(
+            "POST", f"/v1/recipients/{erased['user_id']}/erase", reasoned("GDPR request"), reason_in="json"
         ),
     }
 

@@ -35,6 +35,8 @@ EXPECTED: dict[str, set[Role]] = {
     "notifications.read": EVERYONE,
     "recipients.read": EVERYONE,
     "recipients.write": {S},
+    "recipients.export": set(),
+    "recipients.erase": set(),
     "templates.read": EVERYONE,
     "templates.write": {M},
     "segments.read": EVERYONE,
@@ -74,6 +76,8 @@ PUT    /v1/recipients/{user_id}/preferences                   recipients.write
 DELETE /v1/recipients/{user_id}/preferences/{category}/{channel} recipients.write
 GET    /v1/recipients/{user_id}/follows                       recipients.read
 PUT    /v1/recipients/{user_id}/follows                       recipients.write
+GET    /v1/recipients/{user_id}/export                        recipients.export
+POST   /v1/recipients/{user_id}/erase                         recipients.erase
 POST   /v1/templates                                          templates.write
 GET    /v1/templates                                          templates.read
 GET    /v1/templates/{key}                                    templates.read
