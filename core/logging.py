@@ -101,6 +101,9 @@ def configure_logging(settings: Settings) -> None:
     # Per-command chatter of the capture SMTP server and Alembic drowns the useful lines.
     for noisy in ("uvicorn.access", "mail.log", "alembic.runtime.migration"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # The SDK's worker logs each activity completion at DEBUG with its payloads (addresses,
+    # names, titles, bodies): never below INFO, whatever MARQUEE_LOG_LEVEL says.
+    logging.getLogger("temporalio.worker").setLevel(max(level, logging.INFO))
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
