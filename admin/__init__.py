@@ -27,12 +27,14 @@ from admin.event_views import (
     EventTypePages,
     TriggerRulePages,
 )
+from admin.notification_views import NOTIFICATIONS, NotificationPages
 from admin.pages import CAMPAIGNS, TEMPLATES, TEMPLATES_DIR, ReadOnlyView, signed_in
 from admin.provider_views import PROVIDERS, ProviderPages
+from admin.recipient_views import RECIPIENTS, RecipientPages
 from admin.template_views import TemplatePages
 from core.auth import Role
 from core.config import Settings
-from core.models import AdminUser, Delivery, Notification, Recipient, Suppression
+from core.models import AdminUser, Suppression
 from core.permissions import allowed
 from services import admin_users
 from services import suppressions as suppression_ops
@@ -67,15 +69,6 @@ class PasswordLogin(AuthenticationBackend):
         return "user_id" in request.session
 
 
-class RecipientAdmin(ReadOnlyView, model=Recipient):
-    name_plural = "Recipients"
-    icon = "fa-solid fa-user"
-    column_list = ["user_id", "email", "phone", "locale", "timezone", "country", "opted_out_channels", "updated_at"]
-    column_searchable_list = ["user_id", "email", "phone"]
-    column_sortable_list = ["user_id", "updated_at"]
-    can_delete = True
-
-
 class SuppressionAdmin(ReadOnlyView, model=Suppression):
     """Addresses nothing is sent to. Deleting one (admins) lifts it, audited."""
 
@@ -96,25 +89,6 @@ class SuppressionAdmin(ReadOnlyView, model=Suppression):
             await suppression_ops.lift(conn, signed_in(request), channel, address)
 
 
-class NotificationAdmin(ReadOnlyView, model=Notification):
-    name_plural = "Notifications"
-    icon = "fa-solid fa-bell"
-    column_list = ["id", "status", "user_id", "category", "channels", "title", "created_at"]
-    column_searchable_list = ["user_id", "title", "category"]
-    column_sortable_list = ["created_at", "status"]
-    column_default_sort = ("created_at", True)
-    column_details_exclude_list = ["request_hash"]
-
-
-class DeliveryAdmin(ReadOnlyView, model=Delivery):
-    name_plural = "Deliveries"
-    icon = "fa-solid fa-paper-plane"
-    column_list = ["notification_id", "channel", "status", "address", "attempts", "error", "sent_at", "updated_at"]
-    column_searchable_list = ["address", "status"]
-    column_sortable_list = ["updated_at", "status", "attempts"]
-    column_default_sort = ("updated_at", True)
-
-
 class AdminUserAdmin(ReadOnlyView, model=AdminUser):
     identity = "admin-user"
     name_plural = "Admin users"
@@ -133,9 +107,10 @@ class ViewActions:
 
 
 VIEW_ACTIONS: dict[str, ViewActions] = {
-    NotificationAdmin.identity: ViewActions("notifications.read"),
-    DeliveryAdmin.identity: ViewActions("notifications.read"),
-    RecipientAdmin.identity: ViewActions("recipients.read", "recipients.write"),
+    # The list, a notification's or campaign send's page; cancelling is the API's notifications.send.
+    NOTIFICATIONS: ViewActions("notifications.read", "notifications.send"),
+    # The list and a person's page; GDPR export and erase ask recipients.export/.erase themselves.
+    RECIPIENTS: ViewActions("recipients.read", "recipients.write"),
     SuppressionAdmin.identity: ViewActions("suppressions.read", "suppressions.write"),
     AdminUserAdmin.identity: ViewActions("admin_users.manage", "admin_users.manage"),
     CAMPAIGNS: ViewActions("campaigns.read", "campaigns.write"),  # the list and the pages
@@ -192,7 +167,7 @@ def mount_admin(app: FastAPI, engine: AsyncEngine, settings: Settings) -> Admin:
         static_files_kwargs={"directory": str(STATIC_DIR)},
     )
     views: tuple[type[BaseView] | type[ModelView], ...] = (
-        *(NotificationAdmin, DeliveryAdmin, DeadLetterPages, RecipientAdmin, SuppressionAdmin, AdminUserAdmin),
+        *(NotificationPages, DeadLetterPages, RecipientPages, SuppressionAdmin, AdminUserAdmin),
         *(TemplatePages, CampaignAdmin, CampaignPages, SegmentAdmin),
         *(EventTypePages, TriggerRulePages, EventAdmin, EventPages),
         *(ProviderPages, AuditLogPage, AnalyticsPages),

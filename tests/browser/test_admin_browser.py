@@ -126,7 +126,7 @@ async def test_wrong_password_shows_the_form_again_without_a_session(
     assert not [cookie for cookie in await context.cookies() if cookie["name"] == "session"]
 
     # Still signed out: the panel sends us back to the login form.
-    await page.goto(f"{api_url}/admin/notification/list")
+    await page.goto(f"{api_url}/admin/notifications")
     assert page.url == f"{api_url}/admin/login"
     await expect(page.locator("input[name=password]")).to_be_visible()
 
@@ -141,29 +141,26 @@ async def test_admin_sees_a_notification_in_the_list_and_its_details(
     await sign_in(page, api_url, email, password)
     assert page.url == f"{api_url}/admin/"
     assert [cookie for cookie in await context.cookies() if cookie["name"] == "session"]
-    await expect(menu_links(page)).to_contain_text(
-        ["Notifications", "Deliveries", "Dead letters", "Recipients", "Admin users"]
-    )
+    await expect(menu_links(page)).to_contain_text(["Notifications", "Dead letters", "Recipients", "Admin users"])
 
     await page.locator("a.nav-link", has_text="Notifications").click()
-    await page.wait_for_url(f"{api_url}/admin/notification/list")
-    row = page.locator("tbody tr", has_text=notification["id"])
+    await page.wait_for_url(f"{api_url}/admin/notifications")
+    row = page.locator(f"#results tr[data-id='{notification['id']}']")
     await expect(row).to_have_count(1)
     await expect(row).to_contain_text(title)
     await expect(row).to_contain_text(recipient["user_id"])
     await expect(row).to_contain_text("sent")
     await page.screenshot(path=str(SCREENSHOT), full_page=False)
 
-    details_url = f"{api_url}/admin/notification/details/{notification['id']}"
-    await row.locator(f"a[href='{details_url}']").click()
+    details_url = f"{api_url}/admin/notifications/view/{notification['id']}"
+    await row.locator("a.notification-link").click()
     await page.wait_for_url(details_url)
-    await expect(page.locator(".card-title").first).to_contain_text(notification["id"])
-    details = page.locator("table tbody")
-    await expect(details.locator("tr", has_text="title")).to_contain_text(title)
-    await expect(details.locator("tr", has_text="body")).to_contain_text("Episode 6 is out.")
-    await expect(details.locator("tr", has_text="user_id")).to_contain_text(recipient["user_id"])
-    # The request hash is excluded from the details page.
-    await expect(details.locator("tr", has_text="request_hash")).to_have_count(0)
+    await expect(page.locator(".page-title")).to_contain_text(notification["id"])
+    await expect(page.locator("#content-title")).to_have_text(title)
+    await expect(page.locator("#content-body")).to_have_text("Episode 6 is out.")
+    await expect(page.locator("#recipient-link")).to_have_text(recipient["user_id"])
+    # The request hash is not shown.
+    await expect(page.locator("body")).not_to_contain_text("request_hash")
 
 
 async def test_analyst_reads_notifications_but_not_admin_users(
@@ -177,14 +174,14 @@ async def test_analyst_reads_notifications_but_not_admin_users(
     titles = await menu_links(page).all_inner_texts()
     # Everything an analyst may read; "Admin users" is not among it.
     assert [t.strip() for t in titles] == [
-        "Notifications", "Deliveries", "Dead letters", "Recipients", "Suppressions", "Templates", "Campaigns",
+        "Notifications", "Dead letters", "Recipients", "Suppressions", "Templates", "Campaigns",
         "Segments", "Event types", "Trigger rules", "Events", "Providers", "Audit log", "Analytics",
     ]  # fmt: skip
 
     await page.locator("a.nav-link", has_text="Notifications").click()
-    await page.wait_for_url(f"{api_url}/admin/notification/list")
+    await page.wait_for_url(f"{api_url}/admin/notifications")
     # Read-only: rows are listed, with no way to create, edit or delete.
-    await expect(page.locator("tbody tr", has_text=notification["id"])).to_have_count(1)
+    await expect(page.locator(f"#results tr[data-id='{notification['id']}']")).to_have_count(1)
     await expect(page.locator("a[href$='/admin/notification/create']")).to_have_count(0)
     await expect(page.locator("a[href*='/admin/notification/edit/']")).to_have_count(0)
 
