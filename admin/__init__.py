@@ -36,7 +36,7 @@ from core.auth import Role
 from core.config import Settings
 from core.models import AdminUser, Suppression
 from core.permissions import allowed
-from services import admin_users
+from services import admin_users, audit
 from services import suppressions as suppression_ops
 
 # Files of our own served beside SQLAdmin's under /admin/statics: vendor/chartjs (Chart.js).
@@ -70,7 +70,8 @@ class PasswordLogin(AuthenticationBackend):
 
 
 class SuppressionAdmin(ReadOnlyView, model=Suppression):
-    """Addresses nothing is sent to. Deleting one (admins) lifts it, audited."""
+    """Addresses nothing is sent to. Deleting one (admins) lifts it, audited with the reason
+    typed in the delete dialog (sqladmin/modals/delete.html sends it as ?reason=)."""
 
     name_plural = "Suppressions"
     icon = "fa-solid fa-ban"
@@ -79,14 +80,17 @@ class SuppressionAdmin(ReadOnlyView, model=Suppression):
     column_sortable_list = ["created_at", "channel"]
     column_default_sort = ("created_at", True)
     can_delete = True
+    delete_needs_reason = True
 
     async def delete_model(self, request: Request, pk: Any) -> None:
-        # Lifted as the API lifts one, audit row included, in one transaction.
+        # Lifted as the API lifts one, audit row included, in one transaction. Without a
+        # reason nothing is lifted: SQLAdmin shows the error above the list.
+        reason = audit.required_reason(request.query_params.get("reason"))
         channel, address = object_identifier_values(str(pk), Suppression)
         engine = self._admin_ref.engine
         assert isinstance(engine, AsyncEngine)  # mount_admin's
         async with engine.begin() as conn:
-            await suppression_ops.lift(conn, signed_in(request), channel, address)
+            await suppression_ops.lift(conn, signed_in(request), channel, address, reason)
 
 
 class AdminUserAdmin(ReadOnlyView, model=AdminUser):

@@ -23,7 +23,17 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.requests import Request
 from starlette.responses import Response
 
-from admin.pages import AdminPage, FormErrors, ReadOnlyView, form_text, not_found, parse_json, pretty_json, when
+from admin.pages import (
+    AdminPage,
+    FormErrors,
+    ReadOnlyView,
+    form_text,
+    not_found,
+    parse_json,
+    pretty_json,
+    reason_of,
+    when,
+)
 from core.errors import Conflict, Invalid, NotFound
 from core.events import Delay, Digest, EventTypeName, RuleDefinition
 from core.models import Event
@@ -247,21 +257,30 @@ class EventTypePages(AdminPage):
         self.require_change(request)
         name = request.path_params["name"]
         errors = FormErrors()
+        reason = ""
         async with self.connect() as conn:
             row = await self._type(conn, name)
             if request.method == "POST":
+                submitted = await request.form()
+                reason = form_text(submitted, "reason")
+                checked = reason_of(submitted, errors)  # audited, as the API requires it
                 try:
-                    await event_rules.delete_type(conn, self.actor(request), name)
+                    if not errors:
+                        await event_rules.delete_type(conn, self.actor(request), name, checked)
                 except Conflict as err:
                     errors.add("event_type", err.detail)
                 except NotFound as err:  # deleted meanwhile
                     raise not_found(f"event type {name!r}") from err
                 else:
-                    Flash.success(request, f"Event type {name} deleted.")
-                    return self.redirect(request.url_for("admin:view-event-types"))
+                    if not errors:
+                        Flash.success(request, f"Event type {name} deleted.")
+                        return self.redirect(request.url_for("admin:view-event-types"))
             rules = await event_rules.list_rules(conn, name)
-        context = {"title": f"Delete event type {name}", "row": row, "rules": rules, "errors": errors}
-        return await self.render(request, "marquee/event_types/delete.html", context, 409 if errors else 200)
+        context = {"title": f"Delete event type {name}", "row": row, "rules": rules, "errors": errors,
+                   "reason": reason}  # fmt: skip
+        # In use: 409 whatever else is missing; only a missing reason: 400.
+        code = 409 if errors and (rules or errors.has("event_type")) else 400 if errors else 200
+        return await self.render(request, "marquee/event_types/delete.html", context, code)
 
     @staticmethod
     async def _type(conn: AsyncConnection, name: str) -> sa.Row[Any]:
@@ -393,17 +412,24 @@ class TriggerRulePages(AdminPage):
     @expose("/trigger-rules/delete/{rule_id:int}", methods=["GET", "POST"], identity="trigger-rule-delete")
     async def delete_page(self, request: Request) -> Response:
         self.require_change(request)
+        errors = FormErrors()
+        reason = ""
         async with self.connect() as conn:
             rule = await self._rule(conn, request.path_params["rule_id"])
             if request.method == "POST":
-                try:
-                    await event_rules.delete_rule(conn, self.actor(request), rule.id)
-                except NotFound as err:
-                    raise not_found(f"trigger rule {rule.id}") from err
-                Flash.success(request, f"Trigger rule {rule.name} deleted.")
-                return self.redirect(request.url_for("admin:view-trigger-rules"))
-        context = {"title": f"Delete trigger rule {rule.name}", "rule": rule, **_summaries()}
-        return await self.render(request, "marquee/event_rules/delete.html", context)
+                submitted = await request.form()
+                reason = form_text(submitted, "reason")
+                checked = reason_of(submitted, errors)  # audited, as the API requires it
+                if not errors:
+                    try:
+                        await event_rules.delete_rule(conn, self.actor(request), rule.id, checked)
+                    except NotFound as err:
+                        raise not_found(f"trigger rule {rule.id}") from err
+                    Flash.success(request, f"Trigger rule {rule.name} deleted.")
+                    return self.redirect(request.url_for("admin:view-trigger-rules"))
+        context = {"title": f"Delete trigger rule {rule.name}", "rule": rule, "errors": errors, "reason": reason,
+                   **_summaries()}  # fmt: skip
+        return await self.render(request, "marquee/event_rules/delete.html", context, 400 if errors else 200)
 
     @staticmethod
     async def _rule(conn: AsyncConnection, rule_id: int) -> RuleRecord:

@@ -28,6 +28,7 @@ from temporalio.client import Client
 
 from core.auth import Principal, Role
 from core.config import Settings
+from services.audit import ReasonRequired, required_reason
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"
 
@@ -126,6 +127,16 @@ def when(moment: datetime | None) -> str:
 def form_text(form: Any, name: str) -> str:
     value = form.get(name)
     return value.strip() if isinstance(value, str) else ""
+
+
+def reason_of(form: Any, errors: FormErrors, name: str = "reason") -> str:
+    """The form's reason for a destructive or risky action (audited), as the API requires
+    it (services.audit.required_reason); its problem into `errors` when there is none."""
+    try:
+        return required_reason(form_text(form, name))
+    except ReasonRequired as err:
+        errors.add(name, str(err))
+        return ""
 
 
 class ReadOnlyView(ModelView):

@@ -20,7 +20,7 @@ from sqladmin.flash import Flash
 from starlette.requests import Request
 from starlette.responses import Response
 
-from admin.pages import AdminPage, FormErrors, form_text, not_found, parse_json, pretty_json
+from admin.pages import AdminPage, FormErrors, form_text, not_found, parse_json, pretty_json, reason_of
 from core.models import Channel
 from core.schemas import ProviderOut, ProviderTestRequest, ProviderWrite
 from core.secretbox import SecretsUnreadable
@@ -44,6 +44,9 @@ PROVIDERS = "providers"  # the permission identity: only admins change providers
 
 NUMBER_FIELDS = ("priority", "rate_limit_per_second", "max_concurrency", "cost_per_message")
 FORM_FIELDS = ("name", "channel", "kind", *NUMBER_FIELDS, "currency", "settings")
+# The list's one-click actions: the confirmation page's title and what the flash says was done.
+ACTIONS = {"enable": ("Enable", "enabled"), "disable": ("Disable", "disabled"),
+           "reset-breaker": ("Reset the breaker of", "breaker reset to closed")}  # fmt: skip
 STORED_PLACEHOLDER = "stored — leave empty to keep"
 BREAKER_COLOURS = {"closed": "green", "half_open": "yellow", "open": "red"}
 # What a new provider's settings start from, per kind (the secrets go in their own fields).
@@ -194,6 +197,9 @@ class ProviderPages(AdminPage):
             form["name"] = record.name
         enabled = submitted.get("enabled") == "on"
         errors = FormErrors()
+        # A provider change is risky (where messages go): audited with its reason, as in the API.
+        form["reason"] = form_text(submitted, "reason")
+        reason = reason_of(submitted, errors)
         settings_value = parse_json(errors, "settings", form["settings"] or "{}", want=dict)
         secrets = read_secrets(submitted, form["kind"], errors)
         payload: dict[str, Any] = {"channel": form["channel"], "kind": form["kind"],
@@ -218,7 +224,7 @@ class ProviderPages(AdminPage):
                     add_problems(errors, await check_definition(conn, key, name, stand_in),
                                  skip=[problem.part.split(".")[0] for problem in errors.problems])  # fmt: skip
                 if not errors and body is not None:
-                    await save_audited(conn, key, name, body.model_dump(), self.actor(request))
+                    await save_audited(conn, key, name, body.model_dump(), self.actor(request), reason)
                     await conn.commit()
                     Flash.success(request, f"Provider {name} {'created' if record is None else 'saved'}.")
                     return self.redirect(request.url_for("admin:view-providers"))
@@ -254,42 +260,61 @@ class ProviderPages(AdminPage):
                    "placeholder": STORED_PLACEHOLDER, **kinds_context()}  # fmt: skip
         return await self.render(request, "marquee/providers/form.html", context, status_code)
 
-    @expose("/providers/act/{name}/{operation}", methods=["POST"], identity="provider-act")
+    @expose("/providers/act/{name}/{operation}", methods=["GET", "POST"], identity="provider-act")
     async def act(self, request: Request) -> Response:
-        """Enable, disable or reset the breaker; the outcome comes back as a flash message."""
+        """Enable, disable or reset the breaker, after asking why (audited): the outcome
+        comes back to the list as a flash message; without a reason, the form again."""
         self.require_change(request)
         name, operation = request.path_params["name"], request.path_params["operation"]
-        if operation not in ("enable", "disable", "reset-breaker"):
+        if operation not in ACTIONS:
             raise not_found(f"action {operation!r}")
+        errors = FormErrors()
+        reason = ""
         async with self.connect() as conn:
             try:
-                if operation == "reset-breaker":
-                    await reset_breaker(conn, name, self.actor(request))
-                else:
-                    await set_enabled(conn, name, operation == "enable", self.actor(request))
+                record = await read_provider(conn, self.settings(), name)
+                if request.method == "POST":
+                    submitted = await request.form()
+                    reason = form_text(submitted, "reason")
+                    checked = reason_of(submitted, errors)
+                    if not errors:
+                        if operation == "reset-breaker":
+                            await reset_breaker(conn, name, self.actor(request), checked)
+                        else:
+                            await set_enabled(conn, name, operation == "enable", self.actor(request), checked)
+                        await conn.commit()
+                        Flash.success(request, f"Provider {name}: {ACTIONS[operation][1]}.")
+                        return self.redirect(request.url_for("admin:view-providers"))
             except ProviderNotFound as err:
                 raise not_found(f"provider {name!r}") from err
-            await conn.commit()
-        done = {"enable": "enabled", "disable": "disabled", "reset-breaker": "breaker reset to closed"}
-        Flash.success(request, f"Provider {name}: {done[operation]}.")
-        return self.redirect(request.url_for("admin:view-providers"))
+        context = {"title": f"{ACTIONS[operation][0]} provider {name}", "record": record, "operation": operation,
+                   "action_label": ACTIONS[operation][0], "reason": reason, "errors": errors,
+                   "breaker_badge": breaker_badge}  # fmt: skip
+        return await self.render(request, "marquee/providers/act.html", context, 400 if errors else 200)
 
     @expose("/providers/delete/{name}", methods=["GET", "POST"], identity="provider-delete")
     async def delete_page(self, request: Request) -> Response:
         self.require_change(request)
         name = request.path_params["name"]
+        errors = FormErrors()
+        reason = ""
         async with self.connect() as conn:
             try:
                 record = await read_provider(conn, self.settings(), name)
                 if request.method == "POST":
-                    await remove(conn, name, self.actor(request))
-                    await conn.commit()
-                    Flash.success(request, f"Provider {name} deleted.")
-                    return self.redirect(request.url_for("admin:view-providers"))
+                    submitted = await request.form()
+                    reason = form_text(submitted, "reason")
+                    checked = reason_of(submitted, errors)
+                    if not errors:
+                        await remove(conn, name, self.actor(request), checked)
+                        await conn.commit()
+                        Flash.success(request, f"Provider {name} deleted.")
+                        return self.redirect(request.url_for("admin:view-providers"))
             except ProviderNotFound as err:
                 raise not_found(f"provider {name!r}") from err
-        context = {"title": f"Delete provider {name}", "record": record, "breaker_badge": breaker_badge}
-        return await self.render(request, "marquee/providers/delete.html", context)
+        context = {"title": f"Delete provider {name}", "record": record, "breaker_badge": breaker_badge,
+                   "reason": reason, "errors": errors}  # fmt: skip
+        return await self.render(request, "marquee/providers/delete.html", context, 400 if errors else 200)
 
     @expose("/providers/test/{name}", methods=["GET", "POST"], identity="provider-test")
     async def test_page(self, request: Request) -> Response:

@@ -214,10 +214,14 @@ async def test_manager_registers_a_type_sees_a_bad_rules_problems_and_saves_a_go
     # Delete the rule (after its confirmation), then the type.
     await page.goto(f"{api_url}/admin/trigger-rules/view/{rule_id}")
     await page.click("#delete-rule")
+    await page.fill("#field-reason", "rule retired")
     await page.click("#confirm-delete")
     await page.wait_for_url(f"{api_url}/admin/trigger-rules")
     await expect(page.locator(f"tr.rule[data-rule='{rule_name}']")).to_have_count(0)
     await page.goto(f"{api_url}/admin/event-types/delete/{name}")
+    await page.click("#confirm-delete")  # without a reason: refused, named on the form
+    await expect(page.locator("#field-reason")).to_have_class(re.compile(r"\bis-invalid\b"))
+    await page.fill("#field-reason", "type retired")
     await page.click("#confirm-delete")
     await page.wait_for_url(f"{api_url}/admin/event-types")
     await expect(page.locator(f"tr.event-type[data-name='{name}']")).to_have_count(0)

@@ -88,10 +88,11 @@ async def test_admin_creates_edits_tests_resets_and_deletes_a_provider(
     await page.fill("#field-settings", smtp_settings(70000))
     await page.fill("#field-secret-smtp-password", password)
     await page.uncheck("#field-enabled")  # no send of another test goes through it
-    await page.click("#save-provider")
+    await page.click("#save-provider")  # nor a reason: named too
     problems = page.locator("#form-problems tr.problem")
-    await expect(problems).to_have_count(2)
+    await expect(problems).to_have_count(3)
     texts = " | ".join(await problems.all_inner_texts())
+    assert "reason" in texts, texts
     assert "name" in texts, texts
     assert "settings.port" in texts, texts
     await expect(page.locator("#field-name")).to_have_class(re.compile(r"\bis-invalid\b"))
@@ -106,6 +107,7 @@ async def test_admin_creates_edits_tests_resets_and_deletes_a_provider(
     await page.fill("#field-secret-smtp-password", password)
     await page.fill("#field-priority", "20")
     await page.fill("#field-rate_limit_per_second", "15")
+    await page.fill("#field-reason", "new relay")
     await page.click("#save-provider")
     await page.wait_for_url(f"{api_url}/admin/providers")
     row = page.locator(f"tr.provider[data-provider='{name}']")
@@ -130,6 +132,7 @@ async def test_admin_creates_edits_tests_resets_and_deletes_a_provider(
     await expect(secret_input).to_have_attribute("placeholder", "stored — leave empty to keep")
     assert password not in await page.content()
     await page.fill("#field-priority", "5")
+    await page.fill("#field-reason", "try it first")
     await page.click("#save-provider")
     await page.wait_for_url(f"{api_url}/admin/providers")
     edited = await stored(engine, name)
@@ -158,6 +161,11 @@ async def test_admin_creates_edits_tests_resets_and_deletes_a_provider(
     await expect(row.locator(".breaker-error")).to_have_text("SMTP 421 on MAIL: too busy")
     await page.screenshot(path=shot("breaker-open"), full_page=True)
     await row.locator(".provider-reset").click()
+    await page.wait_for_url(f"{api_url}/admin/providers/act/{name}/reset-breaker")
+    await page.click("#confirm-act")  # without a reason: refused, named on the form
+    await expect(page.locator("#field-reason")).to_have_class(re.compile(r"\bis-invalid\b"))
+    await page.fill("#field-reason", "relay recovered")
+    await page.click("#confirm-act")
     await page.wait_for_url(f"{api_url}/admin/providers")
     await expect(row.locator(".breaker-state")).to_have_text("closed")
     await expect(row.locator(".provider-reset")).to_have_count(0)
@@ -165,6 +173,7 @@ async def test_admin_creates_edits_tests_resets_and_deletes_a_provider(
     # Delete, after a confirmation page.
     await row.locator(".provider-delete").click()
     await page.wait_for_url(f"{api_url}/admin/providers/delete/{name}")
+    await page.fill("#field-reason", "replaced by another relay")
     await page.click("#confirm-delete")
     await page.wait_for_url(f"{api_url}/admin/providers")
     await expect(row).to_have_count(0)
@@ -200,7 +209,7 @@ async def test_analyst_sees_the_list_without_buttons_and_cannot_change_anything(
         await page.screenshot(path=shot("analyst"), full_page=True)
 
         for path in ("/admin/providers/new", f"/admin/providers/change/{name}", f"/admin/providers/test/{name}",
-                     f"/admin/providers/delete/{name}"):  # fmt: skip
+                     f"/admin/providers/delete/{name}", f"/admin/providers/act/{name}/disable"):  # fmt: skip
             answer = await page.goto(f"{api_url}{path}")
             assert answer is not None
             assert answer.status == 403, path

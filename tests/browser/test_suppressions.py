@@ -3,6 +3,7 @@ a lifted address gets mail again."""
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -102,6 +103,9 @@ async def test_an_admin_lifts_a_suppression_in_the_panel(
     row = page.locator("tbody tr", has_text=address)
     await expect(row).to_contain_text("bounce: 5.1.1")
     await row.locator("a[data-bs-target='#modal-delete']").click()  # the row's trash icon
+    await page.locator("#modal-delete-button").click()  # no reason: the dialog asks for one
+    await expect(page.locator("#modal-delete-reason")).to_have_class(re.compile(r"\bis-invalid\b"))
+    await page.fill("#modal-delete-reason", "mailbox fixed")
     await page.locator("#modal-delete-button").click()
     await expect(page.locator("tbody tr", has_text=address)).to_have_count(0)
 
