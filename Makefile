@@ -41,11 +41,17 @@ lock: install ## re-resolve requirements.lock after changing dependencies in pyp
 	$(BIN)/python -m pip install --quiet uv
 	$(BIN)/uv pip compile pyproject.toml --group dev --python-version 3.11 --generate-hashes --quiet -o requirements.lock
 
-bench: install ## measure: a 100,000-recipient campaign, instant notifications, events over HTTP and NATS, analytics over 10M history rows (docs/benchmarks.md)
-	$(BIN)/python -m bench.campaign --recipients 100000
+# Ceilings, then the service against them, in one run; bench.report rewrites docs/benchmarks.md
+# and docs/benchmarks/*.png. `make bench BENCH_PROFILE=--profile` adds py-spy on the API and worker.
+BENCH_PROFILE ?=
+bench: install ## measure against the machine's ceilings: campaigns (1 and 2 workers, naive), instant (open loop), events, analytics (docs/benchmarks.md)
+	$(BIN)/python -m bench.ceilings --smtp-messages 100000 --workflows 600
+	$(BIN)/python -m bench.campaign --recipients 100000 --workers 1,2 --naive 2000 $(BENCH_PROFILE)
+	$(BIN)/python -m bench.instant --rates 25,50,100,150 --duration 20 $(BENCH_PROFILE)
 	$(BIN)/python -m bench.instant --count 1000 --concurrency 32
 	$(BIN)/python -m bench.events --count 1000 --concurrency 32
 	$(BIN)/python -m bench.analytics --rows 10000000
+	$(BIN)/python -m bench.report
 
 clean:
 	rm -rf $(VENV) .data .pytest_cache .mypy_cache .ruff_cache .coverage

@@ -1,35 +1,49 @@
 """A bulk campaign end to end on this machine: PostgreSQL -> Temporal -> worker(s) -> SMTP.
 
-Loads N recipients, then times one campaign from launch until its run is completed, with
-real `marquee worker` processes sending into an SMTP server in its own process, and checks
-that the server received exactly N messages.
+Loads N recipients, then for each worker count (`--workers 1,2`) times one campaign from
+its launch (POST /v1/campaigns/{id}/launch on a `marquee api` process) until its run is
+completed, with real `marquee worker` processes sending into Postfix's smtp-sink (the
+aiosmtpd sink, with a warning, when the binary cannot be fetched; see bench/postfix.py).
+Every run must reach the SMTP server exactly N times. Also measured in the same run: the
+C-to-C SMTP ceiling (smtp-source -> smtp-sink, 20 sessions, 1 KB), each run's sends per
+second over time (the sink's count, sampled), the peak RSS (VmHWM) of the workers and the
+API, and with `--naive N` the naive design on N recipients: one NotificationWorkflow per
+recipient through POST /v1/notifications (32 concurrent clients, one worker).
 
-    .venv/bin/python -m bench.campaign --recipients 100000 --workers 1
+    .venv/bin/python -m bench.campaign --recipients 100000 --workers 1,2 --naive 2000 [--profile]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import secrets
-import signal
-import subprocess
-import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
+from typing import Any
 
 import asyncpg
+import httpx
 import sqlalchemy as sa
 
-from bench.common import fresh_database
-from core.config import Settings
+from bench.ceilings import smtp_c_to_c
+from bench.common import (
+    MarqueeChild,
+    Profiler,
+    drop_database,
+    fresh_database,
+    marquee_env,
+    profile_path,
+    save_result,
+)
+from bench.postfix import Sink, find_postfix, start_sink
+from core.auth import Role, create_token
 from core.db import create_engine
 from core.migrate import upgrade_async
 from core.templating import TemplateContent, TemplateLimits
-from core.temporal import connect
-from entrypoints.embedded import TemporalDevServer, free_port, wait_for_port
+from entrypoints.embedded import TemporalDevServer, free_port
 from services import campaigns as campaign_control
 from services import templates as template_store
 from services.campaign_store import campaign_runs, segments
@@ -57,117 +71,219 @@ async def _load_recipients(database_url: str, count: int) -> None:
     await conn.close()
 
 
-async def run(recipients: int, workers: int, batch_size: int, window: int, concurrency: int) -> dict[str, float]:
+async def run(
+    recipients: int, workers: list[int], batch_size: int, window: int, concurrency: int,
+    naive: int, ceiling_messages: int, profile: bool,
+) -> dict[str, Any]:  # fmt: skip
     workdir = Path(tempfile.mkdtemp(prefix="marquee-bench-"))
+    postfix = find_postfix()
+    ceiling = await asyncio.to_thread(smtp_c_to_c, postfix, workdir, ceiling_messages) if postfix else None
+    if ceiling:
+        print(f"C-to-C ceiling: {ceiling['per_minute']:,.0f}/min", flush=True)
     database_url, embedded = await fresh_database(workdir)
     await upgrade_async(database_url)
-    await _load_recipients(database_url, recipients)
+    await _load_recipients(database_url, max(recipients, naive))
     temporal_port = free_port()
     temporal = TemporalDevServer(workdir / "temporal.db", temporal_port, free_port(), workdir / "temporal.log")
     await asyncio.to_thread(temporal.start)
-    smtp_port = free_port()
-    sink = subprocess.Popen(
-        [sys.executable, "-m", "bench.smtp_sink", str(smtp_port)], stdout=subprocess.PIPE, text=True
-    )
-    wait_for_port("127.0.0.1", smtp_port, 10)
-    settings = Settings(
-        _env_file=None,
-        data_dir=workdir,
-        database_url=database_url,
-        temporal_address=f"127.0.0.1:{temporal_port}",
-        jwt_secret=secrets.token_urlsafe(32),
-        campaign_batch_size=batch_size,
-        campaign_window=window,
-    )
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("MARQUEE_")},
-        "MARQUEE_DATABASE_URL": database_url,
-        "MARQUEE_TEMPORAL_ADDRESS": f"127.0.0.1:{temporal_port}",
-        "MARQUEE_SMTP_PORT": str(smtp_port),
-        "MARQUEE_SMTP_HOST": "127.0.0.1",
-        "MARQUEE_SMTP_POOL_SIZE": str(concurrency * 2),
-        "MARQUEE_CAMPAIGN_SEND_CONCURRENCY": str(concurrency),
-        "MARQUEE_DATABASE_POOL_SIZE": "20",
-        "MARQUEE_LOG_LEVEL": "WARNING",
-        "MARQUEE_JWT_SECRET": settings.resolved_jwt_secret(),  # workers sign tracking links
-    }
-    processes = [
-        subprocess.Popen(
-            [str(Path(sys.executable).parent / "marquee"), "worker"],
-            env={**env, "MARQUEE_DATA_DIR": str(workdir / f"worker{n}")},
-        )
-        for n in range(workers)
-    ]
+    sink = start_sink(workdir, postfix)
+    secret = secrets.token_urlsafe(32)
+    api_port = free_port()
+    env = marquee_env(
+        database_url, f"127.0.0.1:{temporal_port}", sink.port, secret,
+        MARQUEE_API_PORT=str(api_port),
+        MARQUEE_SMTP_POOL_SIZE=str(concurrency * 2),
+        MARQUEE_CAMPAIGN_SEND_CONCURRENCY=str(concurrency),
+        MARQUEE_CAMPAIGN_BATCH_SIZE=str(batch_size),
+        MARQUEE_CAMPAIGN_WINDOW=str(window),
+        MARQUEE_DATABASE_POOL_SIZE="20",
+    )  # fmt: skip
+    logs = workdir / "logs"
+    api = MarqueeChild("api", {**env, "MARQUEE_DATA_DIR": str(workdir / "api")}, logs)
     engine = create_engine(database_url, 5)
-    client = await connect(settings)
+    token = create_token(secret, "bench", Role.admin, 3600)
+    runs: list[dict[str, Any]] = []
+    naive_result: dict[str, Any] | None = None
     try:
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{api_port}", headers={"Authorization": f"Bearer {token}"}, timeout=60
+        ) as http:
+            await api.wait_ready()
+            segment_id = await _template_and_segment(engine)
+            for count in workers:
+                runs.append(
+                    await _campaign(engine, http, sink, api, env, workdir, segment_id, recipients, count, profile)
+                )
+                print(_run_line(runs[-1], ceiling), flush=True)
+            if naive:
+                naive_result = await _naive(http, sink, env, workdir, naive)
+                print(f"naive: {naive} recipients in {naive_result['seconds']:.1f} s = "
+                      f"{naive_result['per_minute']:,.0f}/min", flush=True)  # fmt: skip
+        api_peak = api.peak_rss_mib()
+    finally:
+        await asyncio.to_thread(api.stop)
+        received = await asyncio.to_thread(sink.stop)
+        await engine.dispose()
+        await asyncio.to_thread(temporal.stop)
+        if embedded is not None:
+            await asyncio.to_thread(embedded.stop)
+        else:
+            await drop_database(database_url)
+    return {
+        "recipients": recipients,
+        "batch_size": batch_size,
+        "window": window,
+        "sends_per_batch_in_flight": concurrency,
+        "receiver": sink.kind,
+        "ceiling": ceiling,
+        "runs": runs,
+        "naive": naive_result,
+        "received_by_smtp_server": received,
+        "api_peak_rss_mib": api_peak,
+        "logs": str(logs),
+    }
+
+
+async def _template_and_segment(engine: Any) -> int:
+    async with engine.begin() as conn:
+        await template_store.create(conn, key="bench", category="marketing", description="", content=TEMPLATE,
+                                    author="bench", change_note="", limits=TemplateLimits())  # fmt: skip
+        segment_id: int = await conn.scalar(
+            segments.insert()
+            .values(name="bench", kind="filter", created_by="bench",
+                    filter={"field": "tags", "op": "contains", "value": "bench"})
+            .returning(segments.c.id)
+        )  # fmt: skip
+    return segment_id
+
+
+async def _campaign(
+    engine: Any, http: httpx.AsyncClient, sink: Sink, api: MarqueeChild, env: dict[str, str], workdir: Path,
+    segment_id: int, recipients: int, count: int, profile: bool,
+) -> dict[str, Any]:  # fmt: skip
+    """One campaign to the whole segment with `count` fresh worker processes."""
+    name = f"bench-{count}w-{uuid.uuid4().hex[:4]}"
+    logs = workdir / "logs"
+    workers = [
+        MarqueeChild("worker", {**env, "MARQUEE_DATA_DIR": str(workdir / name / str(n))}, logs, f"{name}-{n}")
+        for n in range(count)
+    ]
+    profilers: dict[str, Profiler] = {}
+    try:
+        await asyncio.gather(*(worker.wait_ready() for worker in workers))
         async with engine.begin() as conn:
-            await template_store.create(conn, key="bench", category="marketing", description="", content=TEMPLATE,
-                                        author="bench", change_note="", limits=TemplateLimits())  # fmt: skip
-            segment_id = await conn.scalar(
-                segments.insert()
-                .values(name="bench", kind="filter", created_by="bench",
-                        filter={"field": "tags", "op": "contains", "value": "bench"})
-                .returning(segments.c.id)
-            )  # fmt: skip
             campaign_id = await campaign_control.create(
                 conn,
                 campaign_control.CampaignRequest(
-                    name="bench", category="marketing", template="bench", template_version=None,
+                    name=name, category="marketing", template="bench", template_version=None,
                     segment_id=segment_id, channels=["email"], variables={"film": "Dune"},
                     schedule={"kind": "now"}, throttle_per_second=None,
                 ),
                 "bench",
             )  # fmt: skip
+        if profile:
+            children = [("api", api), *((f"worker {n}", worker) for n, worker in enumerate(workers))]
+            profilers = {
+                label: Profiler(child.pid, profile_path(f"campaign-{count}w", label.replace(" ", "")))
+                for label, child in children
+            }
+        before = sink.count()
         began = time.perf_counter()
-        async with engine.begin() as conn:
-            await campaign_control.launch(conn, client, settings, campaign_id)
+        (await http.post(f"/v1/campaigns/{campaign_id}/launch")).raise_for_status()
+        samples: list[tuple[float, int]] = [(0.0, 0)]
         run_id = f"campaign-{campaign_id}"
         while True:
+            await asyncio.sleep(0.5)
+            samples.append((time.perf_counter() - began, sink.count() - before))
             async with engine.connect() as conn:
                 row = (await conn.execute(sa.select(campaign_runs).where(campaign_runs.c.id == run_id))).first()
             if row is not None and row.status == "completed":
                 break
-            if dead := [p.returncode for p in processes if p.poll() is not None]:
-                raise RuntimeError(f"a worker exited (codes {dead}) before the campaign completed")
-            await asyncio.sleep(0.2)
+            for worker in workers:
+                worker.check_alive()
         elapsed = time.perf_counter() - began
+        received = await asyncio.to_thread(sink.wait_for, before + recipients, 10) - before
+        samples.append((time.perf_counter() - began, received))
+        profiles = {name: profiler.stop() for name, profiler in profilers.items()}
+        peaks = [worker.peak_rss_mib() for worker in workers]
     finally:
-        for process in processes:
-            process.send_signal(signal.SIGTERM)
-        for process in processes:
-            process.wait(60)
-        sink.send_signal(signal.SIGTERM)
-        received = int((sink.communicate(timeout=30)[0] or "0").split()[-1])
-        await engine.dispose()
-        await asyncio.to_thread(temporal.stop)
-        if embedded is not None:
-            await asyncio.to_thread(embedded.stop)
+        for profiler in profilers.values():
+            profiler.stop()
+        for worker in workers:
+            await asyncio.to_thread(worker.stop)
     return {
-        "recipients": recipients,
-        "workers": workers,
-        "batch_size": batch_size,
-        "window": window,
-        "sends_per_batch_in_flight": concurrency,
+        "workers": count,
         "sent_recorded": row.sent,
         "received_by_smtp_server": received,
         "seconds": elapsed,
         "per_minute": recipients / elapsed * 60,
+        "worker_peak_rss_mib": peaks,
+        "samples": samples,
+        "profiles": profiles,
     }
+
+
+async def _naive(http: httpx.AsyncClient, sink: Sink, env: dict[str, str], workdir: Path, count: int) -> dict[str, Any]:
+    """One NotificationWorkflow per recipient through the API, one worker, 32 clients at a time."""
+    worker = MarqueeChild("worker", {**env, "MARQUEE_DATA_DIR": str(workdir / "naive")}, workdir / "logs", "naive")
+    try:
+        await worker.wait_ready()
+        # Warm: one notification all the way through before the clock starts.
+        warm = {"user_id": "bench-0", "type": "bench", "channels": ["email"], "title": "warm", "body": "x"}
+        (await http.post("/v1/notifications", params={"wait": "true"}, json=warm)).raise_for_status()
+        before = sink.count()
+        pending = iter(range(count))
+
+        async def client() -> None:
+            for n in pending:
+                body = {"user_id": f"bench-{n}", "type": "bench", "channels": ["email"], "title": "Dune", "body": "x"}
+                (await http.post("/v1/notifications", json=body)).raise_for_status()
+
+        began = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(32)))
+        deadline = time.monotonic() + 600
+        while (received := sink.count() - before) < count and time.monotonic() < deadline:
+            worker.check_alive()
+            await asyncio.sleep(0.1)
+        elapsed = time.perf_counter() - began
+    finally:
+        await asyncio.to_thread(worker.stop)
+    return {"recipients": count, "received": received, "seconds": elapsed, "per_minute": count / elapsed * 60}
+
+
+def _run_line(row: dict[str, Any], ceiling: dict[str, Any] | None) -> str:
+    ratio = f", {row['per_minute'] / ceiling['per_minute']:.2f} of the C-to-C ceiling" if ceiling else ""
+    return (
+        f"{row['workers']} worker(s): {row['received_by_smtp_server']:,} received, {row['sent_recorded']:,} recorded, "
+        f"{row['seconds']:.1f} s = {row['per_minute']:,.0f}/min{ratio}; worker peak RSS {row['worker_peak_rss_mib']}"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipients", type=int, default=100_000)
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--workers", default="1,2", help="worker process counts, one campaign each")
     parser.add_argument("--batch-size", type=int, default=2000)
     parser.add_argument("--window", type=int, default=8)
     parser.add_argument("--concurrency", type=int, default=20)
+    parser.add_argument("--naive", type=int, default=0, help="recipients for the naive design (0: skip)")
+    parser.add_argument("--ceiling-messages", type=int, default=100_000, help="smtp-source messages for the ceiling")
+    parser.add_argument("--profile", action="store_true", help="py-spy on the workers and the API")
     args = parser.parse_args()
-    result = asyncio.run(run(args.recipients, args.workers, args.batch_size, args.window, args.concurrency))
-    print("| metric | value |\n|---|---|")
-    for name, value in result.items():
-        print(f"| {name} | {value:,.1f} |" if isinstance(value, float) else f"| {name} | {value:,} |")
+    workers = [int(count) for count in args.workers.split(",")]
+    result = asyncio.run(
+        run(args.recipients, workers, args.batch_size, args.window, args.concurrency, args.naive,
+            args.ceiling_messages, args.profile)
+    )  # fmt: skip
+    naive = result["naive"]
+    if naive and result["runs"]:
+        print(f"campaign ({result['runs'][0]['workers']} worker) / naive: "
+              f"{result['runs'][0]['per_minute'] / naive['per_minute']:.0f}x")  # fmt: skip
+    for run_result in result["runs"]:
+        for name, found in run_result["profiles"].items():
+            print(f"py-spy, {name}: {found.get('samples', 0)} samples, top: "
+                  + "; ".join(f"{row['function']} {row['own']:.1%}" for row in found["top"][:5]))  # fmt: skip
+    print(f"written to {save_result('campaign', result)}")
 
 
 if __name__ == "__main__":

@@ -4,15 +4,25 @@ one), and the whole service in one process as `marquee dev` runs it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import math
+import os
+import re
 import secrets
+import signal
+import subprocess
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+import httpx
 import uvicorn
 from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.client import Client
@@ -22,7 +32,14 @@ from core.config import Settings
 from core.db import create_engine
 from core.migrate import upgrade_async
 from core.temporal import connect
-from entrypoints.embedded import EmbeddedPostgres, MailCapture, TemporalDevServer, free_port, start_capture_smtp
+from entrypoints.embedded import (
+    EmbeddedPostgres,
+    MailCapture,
+    TemporalDevServer,
+    free_port,
+    start_capture_smtp,
+    venv_binary,
+)
 from worker import create_worker, worker_services
 
 
@@ -107,3 +124,160 @@ async def in_process_stack(workdir: Path, capture: MailCapture, **settings: Any)
             await asyncio.to_thread(embedded.stop)
         else:
             await drop_database(database_url)
+
+
+RESULTS = Path(__file__).resolve().parent.parent / ".data" / "bench"
+
+
+def save_result(name: str, result: dict[str, Any]) -> Path:
+    """The run's figures as .data/bench/<name>.json, for bench/report.py."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    stamp = {"measured_at": datetime.now(UTC).isoformat(timespec="seconds"), "load_average": os.getloadavg()}
+    path.write_text(json.dumps({**stamp, **result}, indent=1))
+    return path
+
+
+def profile_path(bench: str, process: str) -> Path:
+    """Where a run's raw py-spy stacks are kept (.data/bench/profiles/)."""
+    (RESULTS / "profiles").mkdir(parents=True, exist_ok=True)
+    return RESULTS / "profiles" / f"{bench}-{process}.txt"
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    """The nearest-rank percentile (0 for no values)."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
+
+
+def peak_rss_mib(pid: int) -> float:
+    """The process's peak resident set (VmHWM) so far, in MiB; 0 once it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0.0
+    found = re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE)
+    return int(found.group(1)) / 1024 if found else 0.0
+
+
+class Profiler:
+    """py-spy sampling one process for the length of a run (`--profile`): raw collapsed stacks
+    into `output`, summarised by summarise_profile."""
+
+    def __init__(self, pid: int, output: Path) -> None:
+        self.output = output
+        command = [str(venv_binary("py-spy")), "record", "--pid", str(pid), "--rate", "100",
+                   "--format", "raw", "--output", str(output), "--nonblocking"]  # fmt: skip
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def stop(self) -> dict[str, Any]:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+        try:
+            _, err = self.process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            _, err = self.process.communicate()
+        if not self.output.exists():
+            return {"error": (err or b"").decode(errors="replace")[-500:], "top": []}
+        return summarise_profile(self.output)
+
+
+_LINE = re.compile(r":\d+\)$")
+
+
+def summarise_profile(raw: Path, top: int = 15) -> dict[str, Any]:
+    """The functions with the most own samples (the stack's leaf) and their total share."""
+    own: Counter[str] = Counter()
+    total: Counter[str] = Counter()
+    samples = 0
+    for line in raw.read_text(errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        # Frames read "function (file:line)": the line is dropped so a function counts once.
+        frames = [_LINE.sub(")", frame) for frame in stack.split(";") if not frame.startswith(("process ", "thread "))]
+        if not frames:
+            continue
+        samples += count
+        own[frames[-1]] += count
+        for frame in set(frames):
+            total[frame] += count
+    return {
+        "file": str(raw),
+        "samples": samples,
+        "top": [
+            {"function": name, "own": count / samples, "total": total[name] / samples}
+            for name, count in own.most_common(top)
+        ],
+    }
+
+
+def marquee_env(
+    database_url: str, temporal_address: str, smtp_port: int, jwt_secret: str, **overrides: str
+) -> dict[str, str]:
+    """The environment of a `marquee api` / `marquee worker` child: the run's servers, the
+    machine's MARQUEE_* settings left out so a developer's .env does not change the figures."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("MARQUEE_", "OTEL_"))}
+    env.update(
+        MARQUEE_DATABASE_URL=database_url,
+        MARQUEE_TEMPORAL_ADDRESS=temporal_address,
+        MARQUEE_SMTP_HOST="127.0.0.1",
+        MARQUEE_SMTP_PORT=str(smtp_port),
+        MARQUEE_JWT_SECRET=jwt_secret,  # workers sign tracking links; the API checks the bench's token
+        MARQUEE_LOG_LEVEL="WARNING",
+        MARQUEE_DEV_TOOLS="true",  # no warning per process about clear Temporal payloads
+        MARQUEE_RATE_LIMIT_ENABLED="false",  # the benchmark's one token would be throttled: it measures the service
+    )
+    env.update(overrides)
+    return env
+
+
+class MarqueeChild:
+    """`marquee <command>` as its own process, output in files under `logs`."""
+
+    def __init__(self, command: str, env: dict[str, str], logs: Path, name: str | None = None) -> None:
+        self.name = name or command
+        if command == "worker":  # its health port says when it polls: the bench times nothing before
+            env = {**env, "MARQUEE_WORKER_HEALTH_PORT": str(free_port())}
+            self.ready_url = f"http://127.0.0.1:{env['MARQUEE_WORKER_HEALTH_PORT']}/readyz"
+        else:
+            self.ready_url = f"http://127.0.0.1:{env['MARQUEE_API_PORT']}/healthz"
+        logs.mkdir(parents=True, exist_ok=True)
+        self.log = logs / f"{self.name}.log"
+        with self.log.open("wb") as out:
+            self.process = subprocess.Popen([str(venv_binary("marquee")), command], env=env, stdout=out, stderr=out)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def peak_rss_mib(self) -> float:
+        return peak_rss_mib(self.process.pid)
+
+    def check_alive(self) -> None:
+        if self.process.poll() is not None:
+            tail = self.log.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{tail}")
+
+    async def wait_ready(self, seconds: float = 60) -> None:
+        async with httpx.AsyncClient(timeout=5) as http:
+            for _ in range(int(seconds / 0.1)):
+                self.check_alive()
+                with contextlib.suppress(httpx.TransportError):
+                    if (await http.get(self.ready_url)).status_code == 200:
+                        return
+                await asyncio.sleep(0.1)
+        raise RuntimeError(f"{self.name} was not ready in {seconds} s; see {self.log}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()

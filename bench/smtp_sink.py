@@ -1,6 +1,7 @@
-"""An SMTP server that accepts and counts every message (the benchmark's receiving end).
+"""An SMTP server that accepts and counts every message (the benchmark's fallback receiver
+when Postfix's smtp-sink is missing; see bench/postfix.py).
 
-python -m bench.smtp_sink PORT      # prints the count on SIGTERM/SIGINT
+python -m bench.smtp_sink PORT      # writes `mesg=N` as the count changes, and on SIGTERM/SIGINT
 """
 
 from __future__ import annotations
@@ -29,10 +30,14 @@ def main() -> None:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    print("ready", flush=True)
-    stop.wait()
+    written = -1
+    # The same running-count format as smtp-sink -c, a few times a second rather than per message.
+    while not stop.wait(0.1):
+        if counter.messages != written:
+            written = counter.messages
+            print(f"mesg={written}", flush=True)
     controller.stop()
-    print(counter.messages, flush=True)
+    print(f"mesg={counter.messages}", flush=True)
 
 
 if __name__ == "__main__":
