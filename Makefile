@@ -51,6 +51,7 @@ bench: install ## measure against the machine's ceilings: campaigns (1 and 2 wor
 	$(BIN)/python -m bench.instant --count 1000 --concurrency 32
 	$(BIN)/python -m bench.events --count 1000 --concurrency 32
 	$(BIN)/python -m bench.analytics --rows 10000000
+	$(BIN)/python -m bench.admin_pages --notifications 1000000
 	$(BIN)/python -m bench.report
 
 clean:
