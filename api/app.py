@@ -14,7 +14,7 @@ from api import problems
 from api.audit_context import ClientAddress
 from api.bodylimit import BodyLimitMiddleware
 from api.deps import token_verifier
-from api.ratelimit import RateLimitMiddleware, RateLimits
+from api.ratelimit import RateLimitMiddleware, RateLimits, route_class
 from api.routes import (
     analytics,
     audit,
@@ -33,6 +33,7 @@ from api.routes import (
     tracking,
     webhooks,
 )
+from api.security_headers import SecurityHeaders
 from core.config import Settings
 from core.db import create_engine
 from core.temporal import connect
@@ -93,6 +94,8 @@ def create_app(
     instrument_app(app)
     instrument_engine(engine)
     problems.install(app)
+    # The OpenAPI shows each operation's problem answers (401/403/404/409/413/422/429/503).
+    problems.document(app, rate_limited=lambda method, path: route_class(method, path) is not None)
     app.add_middleware(ClientAddress)  # audit rows carry the request's client address
     app.include_router(health.router)
     app.include_router(metrics.router)
@@ -118,4 +121,5 @@ def create_app(
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, upload_bytes=settings.max_upload_bytes)
     if settings.rate_limit_enabled:
         app.add_middleware(RateLimitMiddleware, limits=RateLimits(settings))
+    app.add_middleware(SecurityHeaders)  # outermost: refusals (413, 429) carry the headers too
     return app

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -18,6 +20,43 @@ from services.segments import NotStatic, SegmentExists
 from services.templates import PreviewFailed, TemplateExists, TemplateNotFound, problems_as_errors
 
 PROBLEM_JSON = "application/problem+json"
+
+# The body of every error answer, as the OpenAPI shows it (components/schemas/Problem).
+PROBLEM_SCHEMA: dict[str, Any] = {
+    "title": "Problem",
+    "description": "RFC 9457 problem details; `errors` names each field at fault.",
+    "type": "object",
+    "required": ["type", "title", "status"],
+    "properties": {
+        "type": {"type": "string"},
+        "title": {"type": "string"},
+        "status": {"type": "integer", "minimum": 400, "maximum": 599},
+        "detail": {"type": "string"},
+        "errors": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["field", "message"],
+                "properties": {"field": {"type": "string"}, "message": {"type": "string"}},
+            },
+        },
+    },
+}
+
+# Which problem answers an operation documents: (status, description, applies to it).
+# `guarded`: it takes a bearer token; `mutating`: not a read; the rest read the operation.
+_Facts = dict[str, Any]
+PROBLEM_ANSWERS: list[tuple[int, str, Callable[[_Facts], bool]]] = [
+    (400, "The body is not valid JSON", lambda op: op["body"]),
+    (401, "No bearer token, or one that is not valid", lambda op: op["guarded"]),
+    (403, "The token's role may not do this (the permission table, core.permissions)", lambda op: op["guarded"]),
+    (404, "Not found", lambda op: op["path_parameters"]),
+    (409, "Not possible in the current state", lambda op: op["guarded"] and op["mutating"]),
+    (413, "The request body is too large", lambda op: op["body"]),
+    (422, "Invalid request: `errors` names each field at fault", lambda op: op["parameters"] or op["body"]),
+    (429, "Too many requests: retry after `Retry-After` seconds", lambda op: op["rate_limited"]),
+    (503, "A dependency (Temporal, the token keys, analytics) is unavailable", lambda op: op["guarded"]),
+]
 
 
 class Problem(Exception):
@@ -74,7 +113,129 @@ def domain_status(exc: DomainError) -> int:
     return next((DOMAIN_STATUS[kind] for kind in type(exc).__mro__ if kind in DOMAIN_STATUS), 400)
 
 
+# PostgreSQL stores no NUL character in text or jsonb: such a string is refused up front (422
+# naming it), and the OpenAPI says so with this pattern on every free-form string.
+NO_NUL_PATTERN = "^[^\\u0000]*$"
+
+
+def _nul_at(value: Any, at: list[str | int]) -> list[str | int] | None:
+    """Where the first string (or object key) holding a NUL is, or None."""
+    if isinstance(value, str):
+        return at if "\x00" in value else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        if isinstance(key, str) and "\x00" in key:
+            return [*at, "[key]"]
+        found = _nul_at(item, [*at, key])
+        if found is not None:
+            return found
+    return None
+
+
+async def refuse_nul(request: Request) -> None:
+    """A dependency of every route: NUL in a path or query parameter or in a body is a 422
+    before the route runs (and so before anything is written)."""
+    for kind, params in (("path", request.path_params), ("query", request.query_params)):
+        for name, value in params.items():
+            if isinstance(value, str) and "\x00" in value:
+                raise InvalidInput([kind, name], "must not contain the NUL character")
+    if request.method in ("GET", "HEAD", "OPTIONS"):
+        return
+    body = await request.body()  # starlette keeps it: the route reads the same bytes
+    form = request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded")
+    if b"\x00" in body or (form and b"%00" in body):
+        raise InvalidInput(["body"], "must not contain the NUL character")
+    if b"\\u0000" in body:  # JSON's escape for NUL (or an escaped backslash: parsing tells)
+        try:
+            found = _nul_at(json.loads(body), [])
+        except ValueError:
+            return  # not JSON: the route answers for that
+        if found is not None:
+            raise InvalidInput(["body", *found], "must not contain the NUL character")
+
+
+def document(app: FastAPI, *, rate_limited: Callable[[str, str], bool]) -> None:
+    """Serve an OpenAPI in which every operation declares its problem answers (see
+    PROBLEM_ANSWERS) as application/problem+json with the Problem schema, in place of
+    FastAPI's HTTPValidationError: the answers the handlers below give. Generic, so a new
+    route is documented without a word of its own; `rate_limited(method, path)` tells the
+    operations the rate limiter counts."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            _add_problems(generate(), rate_limited)  # generate() caches the schema; amend it once
+        return app.openapi_schema or {}
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _add_problems(schema: dict[str, Any], rate_limited: Callable[[str, str], bool]) -> None:
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    _forbid_nul(components)
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            _forbid_nul(operation.get("parameters", []))
+            _forbid_nul(operation.get("requestBody", {}))
+    components["Problem"] = PROBLEM_SCHEMA
+    content = {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    for path, operations in schema.get("paths", {}).items():
+        for method, operation in operations.items():
+            parameters = operation.get("parameters", [])
+            facts = {
+                "guarded": bool(operation.get("security")),
+                "mutating": method not in ("get", "head", "options"),
+                "path_parameters": any(p.get("in") == "path" for p in parameters),
+                "parameters": bool(parameters),
+                "body": "requestBody" in operation,
+                "rate_limited": rate_limited(method.upper(), path),
+            }
+            responses = operation.setdefault("responses", {})
+            for status, description, applies in PROBLEM_ANSWERS:
+                if applies(facts) or str(status) in responses:
+                    answer = responses.setdefault(str(status), {"description": description})
+                    if status == 422:
+                        answer["description"] = description
+                        answer["content"] = content
+                    answer.setdefault("content", content)
+                    if status == 429:
+                        answer["headers"] = {"Retry-After": {"schema": {"type": "integer"}}}
+            # A route's own 4xx without a body of its own is a problem too (e.g. a 400).
+            for status, answer in responses.items():
+                if status.startswith("4"):
+                    answer.setdefault("content", content)
+    if not _refers(schema.get("paths"), "#/components/schemas/HTTPValidationError"):
+        components.pop("HTTPValidationError", None)
+        components.pop("ValidationError", None)
+
+
+def _forbid_nul(node: Any) -> None:
+    """Add NO_NUL_PATTERN to every string schema that has no pattern, format or enum of its own."""
+    if isinstance(node, dict):
+        if node.get("type") == "string" and not node.keys() & {"pattern", "format", "enum", "const"}:
+            node["pattern"] = NO_NUL_PATTERN
+        if node.get("type") == "object" and node.get("additionalProperties") and "propertyNames" not in node:
+            node["propertyNames"] = {"pattern": NO_NUL_PATTERN}
+        for value in node.values():
+            _forbid_nul(value)
+    elif isinstance(node, list):
+        for value in node:
+            _forbid_nul(value)
+
+
+def _refers(node: Any, ref: str) -> bool:
+    if isinstance(node, dict):
+        return node.get("$ref") == ref or any(_refers(value, ref) for value in node.values())
+    if isinstance(node, list):
+        return any(_refers(value, ref) for value in node)
+    return False
+
+
 def install(app: FastAPI) -> None:
+    """Answer every error as a problem; call before the routers are included (the NUL check
+    is a dependency of each route included after)."""
+    app.router.dependencies.append(Depends(refuse_nul))
+
     @app.exception_handler(DomainError)
     async def _domain(_: Request, exc: DomainError) -> JSONResponse:
         errors = (

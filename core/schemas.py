@@ -34,6 +34,12 @@ Locale = Annotated[str, StringConstraints(pattern=r"^[a-z]{2,3}(-[A-Z]{2})?$")]
 Country = Annotated[str, StringConstraints(pattern=r"^[A-Z]{2}$")]
 PushToken = Annotated[str, StringConstraints(min_length=1, max_length=4096)]
 Tag_ = Annotated[str, StringConstraints(min_length=1, max_length=64, strip_whitespace=True)]
+# The ranges of the columns these go to (BIGINT ids, INTEGER versions and counts): a number
+# beyond them is a 422 naming the field, never a query PostgreSQL refuses.
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+INT64_MAX = 2**63 - 1
+RowId = Annotated[int, Field(ge=1, le=INT64_MAX)]
+Version = Annotated[int, Field(ge=1, le=INT32_MAX)]
 
 
 def _json_bounded(value: dict[str, Any]) -> dict[str, Any]:
@@ -123,7 +129,7 @@ class NotificationCreate(BaseModel):
     template: Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")] | None = Field(
         default=None, description="Template key; the active version unless template_version is given"
     )
-    template_version: int | None = Field(default=None, ge=1)
+    template_version: Version | None = Field(default=None)
     variables: dict[str, Any] = Field(default_factory=dict, description="Values for the template's variables")
     idempotency_key: Annotated[str, StringConstraints(min_length=1, max_length=255)] | None = Field(
         default=None, description="Same as the Idempotency-Key header; one of the two is enough"
@@ -253,7 +259,7 @@ class VersionSummary(BaseModel):
 class RollbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    version: int = Field(ge=1)
+    version: Version
     reason: str = Field(min_length=3, max_length=1000)
 
 
@@ -269,7 +275,7 @@ class PreviewRequest(BaseModel):
 
     variables: BoundedJson = Field(default_factory=dict, description="Missing ones use the examples")
     user_id: str | None = Field(default=None, description="Render for this recipient's data and locale")
-    version: int | None = Field(default=None, ge=1)
+    version: Version | None = None
     locale: str | None = None
 
 
@@ -426,8 +432,8 @@ class CampaignCreate(BaseModel):
     name: Annotated[str, StringConstraints(min_length=1, max_length=200, strip_whitespace=True)]
     category: Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")] = "marketing"
     template: Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")]
-    template_version: int | None = Field(default=None, ge=1, description="Pinned; the active version by default")
-    segment_id: int
+    template_version: Version | None = Field(default=None, description="Pinned; the active version by default")
+    segment_id: RowId
     channels: list[Channel] = Field(min_length=1, max_length=3)
     variables: BoundedJson = Field(default_factory=dict)
     schedule: CampaignSchedule = Field(default_factory=CampaignSchedule)
@@ -496,11 +502,11 @@ class ScheduledSend(BaseModel):
     name: str | None = Field(default=None, max_length=200)
     category: Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")] = "scheduled"
     template: Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")]
-    template_version: int | None = Field(default=None, ge=1)
+    template_version: Version | None = Field(default=None)
     channels: list[Channel] = Field(min_length=1, max_length=3)
     variables: BoundedJson = Field(default_factory=dict)
     user_ids: list[UserId] | None = Field(default=None, max_length=100_000)
-    segment_id: int | None = None
+    segment_id: RowId | None = None
     schedule: CampaignSchedule
 
     @model_validator(mode="after")
@@ -555,7 +561,9 @@ class ProviderWrite(BaseModel):
 
     channel: str = Field(description="email, push or sms")
     kind: str = Field(description="smtp, fcm, sms-json, twilio or sandbox")
-    priority: int = Field(default=100, description="Lower is tried first within the channel")
+    priority: int = Field(
+        default=100, ge=INT32_MIN, le=INT32_MAX, description="Lower is tried first within the channel"
+    )
     settings: BoundedJson = Field(default_factory=dict, description="The kind's settings (not secret)")
     secrets: BoundedJson | None = Field(
         default=None,
@@ -563,7 +571,9 @@ class ProviderWrite(BaseModel):
         "other fields given replace the stored ones.",
     )
     rate_limit_per_second: float | None = Field(default=None, description="Across all workers; empty = no limit")
-    max_concurrency: int = Field(default=10, description="Sends in flight at once, per worker")
+    max_concurrency: int = Field(
+        default=10, ge=INT32_MIN, le=INT32_MAX, description="Sends in flight at once, per worker"
+    )
     cost_per_message: float = Field(default=0.0)
     currency: str = Field(default="USD", description="ISO 4217 code of cost_per_message, such as USD or EUR")
     enabled: bool = True

@@ -11,7 +11,7 @@ from collections.abc import Awaitable
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Path, Query
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -20,13 +20,14 @@ from api.problems import InvalidInput, Problem
 from api.routes.audit import REASON_HELP, AuditOut, Reason, WithReason, audit_out
 from core.auth import Principal
 from core.models import Channel
+from core.schemas import INT64_MAX, RowId
 from services import dead_letters as ops
 from services.dead_letters import DeadLetterFilter, DeadLetterStatus, Outcome
 
 Operator = Annotated[Principal, Depends(permit("dead_letters.resolve"))]
 Viewer = Annotated[Principal, Depends(permit("dead_letters.read"))]
 
-Ids = Annotated[list[int], Field(min_length=1, max_length=ops.MAX_BULK)]
+Ids = Annotated[list[RowId], Field(min_length=1, max_length=ops.MAX_BULK)]
 
 
 class DeadLetterOut(BaseModel):
@@ -115,7 +116,9 @@ async def list_dead_letters(
 
 
 @dead_letter_router.get("/{dead_letter_id}", response_model=DeadLetterDetail)
-async def get_dead_letter(dead_letter_id: int, conn: ConnectionDep, _: Viewer) -> Any:
+async def get_dead_letter(
+    dead_letter_id: Annotated[int, Path(ge=1, le=INT64_MAX)], conn: ConnectionDep, _: Viewer
+) -> Any:
     return await _detail(conn, dead_letter_id)
 
 
@@ -140,7 +143,7 @@ async def discard_many(body: ReasonedSelection, conn: ConnectionDep, operator: O
 
 @dead_letter_router.post("/{dead_letter_id}/replay", response_model=ActionResultOut)
 async def replay_one(
-    dead_letter_id: int,
+    dead_letter_id: Annotated[int, Path(ge=1, le=INT64_MAX)],
     body: WithReason,
     conn: ConnectionDep,
     temporal: TemporalDep,
@@ -155,7 +158,9 @@ async def replay_one(
 
 
 @dead_letter_router.post("/{dead_letter_id}/discard", response_model=ActionResultOut)
-async def discard_one(dead_letter_id: int, body: WithReason, conn: ConnectionDep, operator: Operator) -> Any:
+async def discard_one(
+    dead_letter_id: Annotated[int, Path(ge=1, le=INT64_MAX)], body: WithReason, conn: ConnectionDep, operator: Operator
+) -> Any:
     """Close it without resending; the reason is kept in the audit log. 409 unless it is open."""
     [result] = await _act(conn, ops.discard(conn, [dead_letter_id], operator, body.reason))
     _single(result, "discarded")

@@ -10,9 +10,9 @@ import email
 import email.policy
 from html import escape
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, PlainTextResponse
 
 from api.deps import ConnectionDep, SettingsDep
@@ -42,7 +42,7 @@ def _mail_files(mail_dir: Path, limit: int) -> list[Path]:
 
 # Plain `def`: FastAPI runs these in its thread pool, so file reads do not block the loop.
 @router.get("/mail")
-def list_mail(settings: SettingsDep, limit: int = 100) -> list[dict[str, Any]]:
+def list_mail(settings: SettingsDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[dict[str, Any]]:
     """Messages received by the capture SMTP server, newest first."""
     return [_summary(path) for path in _mail_files(settings.mail_capture_dir, limit)]
 
@@ -56,7 +56,9 @@ def raw_mail(message_id: str, settings: SettingsDep) -> str:
 
 
 @router.get("/outbox")
-async def list_sandbox(conn: ConnectionDep, channel: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+async def list_sandbox(
+    conn: ConnectionDep, channel: str | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+) -> list[dict[str, Any]]:
     """Push and SMS messages the sandbox providers would have sent, newest first."""
     return [dict(row) for row in await sandbox.recent_messages(conn, channel=channel, limit=limit)]
 

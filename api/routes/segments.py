@@ -6,12 +6,12 @@ import csv
 import io
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request, status
+from fastapi import APIRouter, Path, Query, Request, status
 
 from api.deps import AnyRole, ConnectionDep, TemplateEditor
 from api.problems import InvalidInput, Problem
 from core.models import Channel
-from core.schemas import FilterCount, MembersResult, SegmentCount, SegmentCreate, SegmentOut
+from core.schemas import INT64_MAX, FilterCount, MembersResult, SegmentCount, SegmentCreate, SegmentOut
 from services import segments
 
 router = APIRouter(prefix="/v1/segments", tags=["segments"])
@@ -41,12 +41,44 @@ async def list_segments(conn: ConnectionDep, _: AnyRole) -> Any:
 
 
 @router.get("/{segment_id}", response_model=SegmentOut)
-async def get_segment(segment_id: int, conn: ConnectionDep, _: AnyRole) -> Any:
+async def get_segment(segment_id: Annotated[int, Path(ge=1, le=INT64_MAX)], conn: ConnectionDep, _: AnyRole) -> Any:
     return await segments.get(conn, segment_id)
 
 
-@router.post("/{segment_id}/members", response_model=MembersResult)
-async def add_members(segment_id: int, request: Request, conn: ConnectionDep, editor: TemplateEditor) -> Any:
+# The route reads its body itself (JSON or CSV): the OpenAPI is told what it takes.
+MEMBERS_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["user_ids"],
+                    "properties": {
+                        "user_ids": {
+                            "type": "array",
+                            "minItems": 1,
+                            "maxItems": MAX_MEMBERS_PER_UPLOAD,
+                            "items": {"type": "string", "minLength": 1},
+                        }
+                    },
+                }
+            },
+            "text/csv": {"schema": {"type": "string", "description": "one user_id per line, or a user_id column"}},
+        },
+    }
+}
+
+
+@router.post(
+    "/{segment_id}/members",
+    response_model=MembersResult,
+    openapi_extra=MEMBERS_BODY,
+    responses={415: {"description": "Neither application/json nor text/csv"}},
+)
+async def add_members(
+    segment_id: Annotated[int, Path(ge=1, le=INT64_MAX)], request: Request, conn: ConnectionDep, editor: TemplateEditor
+) -> Any:
     """Add user_ids to a static segment: JSON {"user_ids": [...]} or a CSV upload
     (text/csv, one user_id per line or a `user_id` column)."""
     await segments.load_static(conn, segment_id)  # a missing or filter segment is refused before the body is read
@@ -88,7 +120,7 @@ async def _read_user_ids(request: Request) -> list[str]:
 
 @router.get("/{segment_id}/count", response_model=SegmentCount)
 async def count_segment(
-    segment_id: int,
+    segment_id: Annotated[int, Path(ge=1, le=INT64_MAX)],
     conn: ConnectionDep,
     _: AnyRole,
     channels: Annotated[list[Channel], Query()] = [Channel.email],  # noqa: B006 - FastAPI reads, never mutates

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Response, status
+from fastapi import APIRouter, Path, Query, Response, status
 
 from api.deps import AnyRole, ConnectionDep, SettingsDep, TemplateEditor
 from api.routes.audit import ReasonQuery
 from core.schemas import (
+    INT32_MAX,
     PreviewEmail,
     PreviewOut,
     PreviewPush,
@@ -120,7 +121,9 @@ async def list_versions(key: str, conn: ConnectionDep, _: AnyRole) -> Any:
 
 
 @router.get("/{key}/versions/{version}", response_model=TemplateOut)
-async def get_version(key: str, version: int, conn: ConnectionDep, _: AnyRole) -> Any:
+async def get_version(
+    key: str, version: Annotated[int, Path(ge=1, le=INT32_MAX)], conn: ConnectionDep, _: AnyRole
+) -> Any:
     return _out(await template_store.get(conn, key, version))
 
 
@@ -142,8 +145,8 @@ async def diff_versions(
     key: str,
     conn: ConnectionDep,
     _: AnyRole,
-    from_: Annotated[int, Query(alias="from", ge=1)],
-    to: Annotated[int, Query(ge=1)],
+    from_: Annotated[int, Query(alias="from", ge=1, le=INT32_MAX)],
+    to: Annotated[int, Query(ge=1, le=INT32_MAX)],
 ) -> Any:
     old = await template_store.get(conn, key, from_)
     new = await template_store.get(conn, key, to)

@@ -84,11 +84,22 @@ def _what(category: str) -> str:
     return "all" if category == "*" else category
 
 
+# A person follows these links in a browser: a bad one is a page, not a problem document.
+BAD_LINK_PAGE: dict[int | str, dict[str, Any]] = {
+    400: {"description": "Damaged link, or not made by us", "content": {"text/html": {}}}
+}
+
+
 def _bad_unsubscribe_link() -> HTMLResponse:
     return _page("Invalid link", "<p>This unsubscribe link is damaged or was not made by us.</p>", 400)
 
 
-@router.get(tracking.UNSUBSCRIBE_PATH + "{token}", response_class=HTMLResponse, summary="Unsubscribe page")
+@router.get(
+    tracking.UNSUBSCRIBE_PATH + "{token}",
+    response_class=HTMLResponse,
+    summary="Unsubscribe page",
+    responses=BAD_LINK_PAGE,
+)
 async def unsubscribe_page(token: str, settings: SettingsDep) -> HTMLResponse:
     """Asks first: link scanners fetch every URL of a mail, and a GET must not unsubscribe."""
     found = tracking.read_unsubscribe_token(settings, token)
@@ -103,7 +114,9 @@ async def unsubscribe_page(token: str, settings: SettingsDep) -> HTMLResponse:
     return _page(f"Unsubscribe from {_what(category)} emails?", form)
 
 
-@router.post(tracking.UNSUBSCRIBE_PATH + "{token}", response_class=HTMLResponse, summary="Unsubscribe")
+@router.post(
+    tracking.UNSUBSCRIBE_PATH + "{token}", response_class=HTMLResponse, summary="Unsubscribe", responses=BAD_LINK_PAGE
+)
 async def unsubscribe(token: str, conn: ConnectionDep, settings: SettingsDep) -> HTMLResponse:
     """The page's button and RFC 8058 one-click (a mail client POSTing
     `List-Unsubscribe=One-Click`) both land here; either way the recipient is opted out."""
