@@ -531,6 +531,12 @@ def _bound(params: Mapping[str, Any] | None) -> dict[str, str]:
             for name, value in (params or {}).items()}  # fmt: skip
 
 
+def _escaped(params: dict[str, str]) -> dict[str, str]:
+    """chDB reads parameters in ClickHouse's escaped text format, where a tab or newline ends
+    the value (a 500 for a filter holding one): escape as clickhouse-connect does for HTTP."""
+    return {name: "".join("\\" + c if c in "\\\t\n'" else c for c in value) for name, value in params.items()}
+
+
 class ChdbStore(_ClickHouse):
     """chDB: ClickHouse's engine inside this process. A path may be open in one process only."""
 
@@ -555,7 +561,7 @@ class ChdbStore(_ClickHouse):
 
     def query(self, sql: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
         with self._lock:
-            result = self._session.query(sql, "JSONEachRow", params=_bound(params) or None)
+            result = self._session.query(sql, "JSONEachRow", params=_escaped(_bound(params)) or None)
         text = result.bytes().decode()
         return [json.loads(line) for line in text.splitlines() if line.strip()]
 
