@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test install lint typecheck unit browser lock bench clean
+.PHONY: run test install lint typecheck unit browser lock bench fuzz clean
 
 run: install ## start API, admin, worker, Temporal dev server, PostgreSQL and capture SMTP
 	$(BIN)/marquee dev
@@ -53,6 +53,9 @@ bench: install ## measure against the machine's ceilings: campaigns (1 and 2 wor
 	$(BIN)/python -m bench.analytics --rows 10000000
 	$(BIN)/python -m bench.admin_pages --notifications 1000000
 	$(BIN)/python -m bench.report
+
+fuzz: install ## Schemathesis against a dev stack of its own, every role and every check (FUZZ_EXAMPLES per operation)
+	$(BIN)/python scripts/fuzz.py --max-examples $(or $(FUZZ_EXAMPLES),100)
 
 clean:
 	rm -rf $(VENV) .data .pytest_cache .mypy_cache .ruff_cache .coverage

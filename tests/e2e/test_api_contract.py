@@ -1,0 +1,113 @@
+"""The API contract as an outside client probes it: Schemathesis generates requests from the
+served OpenAPI for every operation and every role's token, and each answer must be no server
+error and exactly what the OpenAPI says (a documented status, content type, headers and a body
+that fits its schema; problem answers included). A short run here; `make fuzz` runs longer,
+with every check, against a dev stack of its own (docs/api.md, "API contract").
+
+The server runs on this test's event loop, and Schemathesis' calls block: they run in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import hypothesis
+import pytest
+import requests
+import schemathesis
+from hypothesis import HealthCheck, Phase
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from core.auth import Role
+from core.config import Settings
+from tests.stack import settle_providers, token_for
+
+EXAMPLES_PER_OPERATION = 3
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+]
+
+
+def _probe(api_url: str, token: str) -> tuple[int, list[str]]:
+    """(requests made, one line per operation that failed a check)."""
+    schema = schemathesis.openapi.from_url(f"{api_url}/openapi.json")
+    session = requests.Session()
+    session.headers["Authorization"] = f"Bearer {token}"
+    calls = 0
+    failures: list[str] = []
+    for result in schema.get_all_operations():
+        operation = result.ok()  # type: ignore[union-attr]  # an invalid schema raises here, failing the test
+
+        @hypothesis.settings(
+            max_examples=EXAMPLES_PER_OPERATION,
+            deadline=None,
+            database=None,
+            derandomize=True,  # the same requests every run: a failure here reproduces
+            phases=[Phase.explicit, Phase.generate],
+            suppress_health_check=list(HealthCheck),
+        )
+        @hypothesis.given(operation.as_strategy())
+        def call(case: schemathesis.Case) -> None:
+            nonlocal calls
+            calls += 1
+            case.call_and_validate(base_url=api_url, session=session, checks=CHECKS)
+
+        try:
+            call()
+        except Exception as err:  # every failure is collected, then reported at once
+            failures.append(f"{operation.label}: {err}")
+    return calls, failures
+
+
+async def _providers(client: httpx.AsyncClient) -> set[str]:
+    response = await client.get("/v1/providers")
+    assert response.status_code == 200, response.text
+    return {provider["name"] for provider in response.json()}
+
+
+@pytest.mark.parametrize("role", list(Role), ids=lambda role: role.value)
+async def test_every_operation_answers_as_the_openapi_says(api_url: str, settings: Settings, role: Role) -> None:
+    admin = {"Authorization": f"Bearer {token_for(settings, Role.admin, 'contract-cleanup')}"}
+    async with httpx.AsyncClient(base_url=api_url, headers=admin, timeout=30) as client:
+        before = await _providers(client)
+        try:
+            calls, failures = await asyncio.to_thread(
+                _probe, api_url, token_for(settings, role, f"contract-{role.value}")
+            )
+        finally:
+            # A generated provider would change how other tests' sends are routed.
+            for name in await _providers(client) - before:
+                await client.delete(f"/v1/providers/{name}", params={"reason": "contract test cleanup"})
+            await settle_providers()
+    assert calls > 0
+    assert failures == [], "\n\n".join(failures)
+
+
+def _operations(spec: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    return [(f"{method.upper()} {path}", op) for path, ops in spec["paths"].items() for method, op in ops.items()]
+
+
+async def test_every_guarded_operation_documents_its_problem_answers(api_url: str) -> None:
+    async with httpx.AsyncClient(base_url=api_url) as client:
+        spec = (await client.get("/openapi.json")).json()
+    problem = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    for label, operation in _operations(spec):
+        responses = operation["responses"]
+        if operation.get("security"):
+            for status in ("401", "403", "503"):
+                assert responses.get(status, {}).get("content") == problem, (label, status)
+        if "422" in responses:
+            assert responses["422"]["content"] == problem, label
+    assert "HTTPValidationError" not in spec["components"]["schemas"]
