@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,11 +13,16 @@ from sqladmin import Admin, BaseView, ModelView
 from sqladmin.authentication import AuthenticationBackend
 from sqladmin.authorization import Action, AuthorizationBackend
 from sqladmin.helpers import object_identifier_values
+from sqladmin.templating import Jinja2Templates
 from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.middleware import Middleware
 from starlette.requests import Request
+from starlette.responses import Response
 
 from admin.analytics_views import ANALYTICS, AnalyticsPages
 from admin.campaign_views import CampaignAdmin, CampaignPages, SegmentAdmin
+from admin.csrf import CsrfMiddleware
+from admin.csrf import install as install_template_hooks
 from admin.dead_letter_views import AUDIT_LOG, DEAD_LETTERS, AuditLogPage, DeadLetterPages
 from admin.event_views import (
     EVENT_TYPES,
@@ -27,14 +33,16 @@ from admin.event_views import (
     EventTypePages,
     TriggerRulePages,
 )
+from admin.login_throttle import LoginThrottle
 from admin.notification_views import NOTIFICATIONS, NotificationPages
 from admin.pages import CAMPAIGNS, TEMPLATES, TEMPLATES_DIR, ReadOnlyView, signed_in
 from admin.provider_views import PROVIDERS, ProviderPages
 from admin.recipient_views import RECIPIENTS, RecipientPages
 from admin.template_views import TemplatePages
+from admin.user_views import ADMIN_USERS, UserPages
 from core.auth import Role
 from core.config import Settings
-from core.models import AdminUser, Suppression
+from core.models import Suppression
 from core.permissions import allowed
 from services import admin_users, audit
 from services import suppressions as suppression_ops
@@ -50,15 +58,30 @@ class PasswordLogin(AuthenticationBackend):
         # https_only: the session cookie is Secure, never sent over plain HTTP.
         super().__init__(secret_key=secret_key, same_site="strict", https_only=https_only)
         self._engine = engine
+        # Inside the session middleware, which it needs: the CSRF check of every POST.
+        self.middlewares.append(Middleware(CsrfMiddleware))
+        # mount_admin's: failed sign-ins counted, and the login form to answer 429 with.
+        self.throttle: LoginThrottle | None = None
+        self.templates: Jinja2Templates | None = None
 
-    async def login(self, request: Request) -> bool:
+    async def login(self, request: Request) -> Response | bool:
         form = await request.form()
         email, password = str(form.get("username", "")), str(form.get("password", ""))
-        async with self._engine.connect() as conn:
-            user = await admin_users.authenticate(conn, email, password)
-        if user is None:
-            return False
-        request.session.update({"user_id": user.id, "email": user.email, "role": user.role})
+        address = request.client.host if request.client else "unknown"
+        async with contextlib.AsyncExitStack() as stack:
+            if self.throttle is not None:
+                await stack.enter_async_context(self.throttle.lock(email))
+                retry_after = await self.throttle.retry_after(email, address)
+                if retry_after is not None:
+                    return await self._too_many_attempts(request, retry_after)
+            async with self._engine.begin() as conn:  # begin: an old hash is upgraded
+                user = await admin_users.authenticate(conn, email, password)
+            if user is None:
+                if self.throttle is not None:
+                    await self.throttle.failed(email, address)
+                return False
+        request.session.clear()  # a fresh session (and CSRF token) for the signed-in user
+        request.session.update({"user_id": user.id, "email": user.email, "role": user.role, "stamp": user.stamp})
         return True
 
     async def logout(self, request: Request) -> bool:
@@ -66,7 +89,27 @@ class PasswordLogin(AuthenticationBackend):
         return True
 
     async def authenticate(self, request: Request) -> bool:
-        return "user_id" in request.session
+        """The session's user as the database has them now: a deactivated user, or one whose
+        password was reset, is signed out at their next request; a new role applies at once."""
+        user_id = request.session.get("user_id")
+        if not isinstance(user_id, int):
+            return False
+        async with self._engine.connect() as conn:
+            user = await admin_users.session_user(conn, user_id)
+        if user is None or user.stamp != request.session.get("stamp"):
+            request.session.clear()
+            return False
+        request.session.update({"email": user.email, "role": user.role})
+        return True
+
+    async def _too_many_attempts(self, request: Request, retry_after: int) -> Response:
+        """The login form again, 429, with the wait in Retry-After and on the page."""
+        assert self.templates is not None
+        minutes = max(1, round(retry_after / 60))
+        context = {"error": f"Too many failed sign-ins. Try again in {minutes} minute{'s' if minutes != 1 else ''}."}
+        response = await self.templates.TemplateResponse(request, "sqladmin/login.html", context, status_code=429)
+        response.headers["Retry-After"] = str(retry_after)
+        return response
 
 
 class SuppressionAdmin(ReadOnlyView, model=Suppression):
@@ -93,15 +136,6 @@ class SuppressionAdmin(ReadOnlyView, model=Suppression):
             await suppression_ops.lift(conn, signed_in(request), channel, address, reason)
 
 
-class AdminUserAdmin(ReadOnlyView, model=AdminUser):
-    identity = "admin-user"
-    name_plural = "Admin users"
-    icon = "fa-solid fa-user-shield"
-    column_list = ["email", "role", "is_active", "created_at"]
-    column_details_exclude_list = ["password_hash"]
-    column_export_exclude_list = ["password_hash"]
-
-
 @dataclass(frozen=True)
 class ViewActions:
     """The permission table's actions (core.permissions) behind one admin view."""
@@ -116,7 +150,7 @@ VIEW_ACTIONS: dict[str, ViewActions] = {
     # The list and a person's page; GDPR export and erase ask recipients.export/.erase themselves.
     RECIPIENTS: ViewActions("recipients.read", "recipients.write"),
     SuppressionAdmin.identity: ViewActions("suppressions.read", "suppressions.write"),
-    AdminUserAdmin.identity: ViewActions("admin_users.manage", "admin_users.manage"),
+    ADMIN_USERS: ViewActions("admin_users.manage", "admin_users.manage"),
     CAMPAIGNS: ViewActions("campaigns.read", "campaigns.write"),  # the list and the pages
     SegmentAdmin.identity: ViewActions("segments.read", "segments.write"),
     TEMPLATES: ViewActions("templates.read", "templates.write"),
@@ -170,8 +204,12 @@ def mount_admin(app: FastAPI, engine: AsyncEngine, settings: Settings) -> Admin:
         # StaticFiles looks in the directory first, then in SQLAdmin's package.
         static_files_kwargs={"directory": str(STATIC_DIR)},
     )
+    install_template_hooks(admin.templates.env)  # CSRF fields and CSP nonces (admin.csrf)
+    login = admin.authentication_backend
+    assert isinstance(login, PasswordLogin)
+    login.throttle, login.templates = LoginThrottle(settings.rate_limit_storage), admin.templates
     views: tuple[type[BaseView] | type[ModelView], ...] = (
-        *(NotificationPages, DeadLetterPages, RecipientPages, SuppressionAdmin, AdminUserAdmin),
+        *(NotificationPages, DeadLetterPages, RecipientPages, SuppressionAdmin, UserPages),
         *(TemplatePages, CampaignAdmin, CampaignPages, SegmentAdmin),
         *(EventTypePages, TriggerRulePages, EventAdmin, EventPages),
         *(ProviderPages, AuditLogPage, AnalyticsPages),

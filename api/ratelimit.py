@@ -17,14 +17,12 @@ from typing import Literal
 
 import structlog
 from limits import RateLimitItem, parse_many
-from limits.aio.storage import Storage
 from limits.aio.strategies import (
     FixedWindowRateLimiter,
     MovingWindowRateLimiter,
     RateLimiter,
     SlidingWindowCounterRateLimiter,
 )
-from limits.storage import storage_from_string
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -32,6 +30,7 @@ from api.deps import authenticate
 from api.problems import problem_response
 from core.auth import Principal
 from core.config import Settings
+from core.limits_storage import async_storage
 
 logger = structlog.get_logger("marquee.ratelimit")
 
@@ -57,17 +56,6 @@ def route_class(method: str, path: str) -> RouteClass | None:
     if method == "POST" and (path in SENDING_PATHS or path.startswith("/v1/notifications/")):
         return "sending"
     return "admin"
-
-
-def async_storage(uri: str) -> Storage:
-    """memory://, redis://, rediss://, redis+sentinel://... as limits' async storage; Redis
-    through redis-py's asyncio client."""
-    scheme = uri.split("://", 1)[0]
-    name = scheme if scheme.startswith("async+") else f"async+{scheme}"
-    options: dict[str, str] = {"implementation": "redispy"} if "redis" in scheme else {}
-    storage = storage_from_string(f"{name}://{uri.split('://', 1)[1]}", **options)
-    assert isinstance(storage, Storage)
-    return storage
 
 
 class RateLimits:

@@ -10,19 +10,20 @@ import getpass
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import uvicorn
 from cryptography.fernet import Fernet
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from api.app import create_app
-from core.auth import Role, create_token
+from core.auth import Principal, Role, create_token
 from core.codec import CodecKeyError
 from core.codec import new_key as new_codec_key
 from core.config import Settings
 from core.db import create_engine
-from core.errors import Conflict, Invalid
+from core.errors import Conflict, Invalid, NotFound
 from core.logging import configure_logging
 from core.migrate import upgrade
 from core.tracing import tracing
@@ -32,6 +33,7 @@ from entrypoints.dev import run_dev
 from entrypoints.event_consumer import NatsUnavailable, run_consumer
 from entrypoints.tls import uvicorn_tls, with_tls
 from services import admin_users
+from services.audit import ReasonRequired
 from services.history import open_store
 from worker import run_worker
 
@@ -142,27 +144,77 @@ def _cmd_token(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_user(settings: Settings, args: argparse.Namespace) -> int:
-    if not settings.database_url:
-        raise SystemExit("marquee user create: MARQUEE_DATABASE_URL is not set")
-    password = sys.stdin.readline().rstrip("\n") if args.password_stdin else getpass.getpass("Password: ")
+def _cli_actor() -> Principal:
+    """Who the audit log names for `marquee user ...`: whoever can reach the database acts as admin."""
+    return Principal(subject=f"cli:{getpass.getuser()}", role=Role.admin)
 
-    async def create() -> None:
+
+def _users(settings: Settings, action: str, work: Callable[[AsyncConnection], Awaitable[str]]) -> int:
+    """Run one `marquee user` action in a transaction; print what it says, or exit with the problem."""
+    if not settings.database_url:
+        raise SystemExit(f"marquee user {action}: MARQUEE_DATABASE_URL is not set")
+
+    async def run() -> str:
         engine = create_engine(settings.database_url or "", pool_size=1)
         try:
             async with engine.begin() as conn:
-                await admin_users.create(conn, args.email, password, Role(args.role))
+                return await work(conn)
         finally:
             await engine.dispose()
 
     try:
-        asyncio.run(create())
+        print(asyncio.run(run()))
     except Invalid as err:
-        raise SystemExit(f"marquee user create: {'; '.join(message for _, message in err.problems)}") from err
-    except Conflict as err:
-        raise SystemExit(f"marquee user create: {err.detail}") from err
-    print(f"created {args.role} {args.email}")
+        raise SystemExit(f"marquee user {action}: {'; '.join(message for _, message in err.problems)}") from err
+    except (Conflict, NotFound) as err:
+        raise SystemExit(f"marquee user {action}: {err.detail}") from err
+    except ReasonRequired as err:
+        raise SystemExit(f"marquee user {action}: {err} (--reason)") from err
     return 0
+
+
+def _new_password(args: argparse.Namespace) -> str:
+    return sys.stdin.readline().rstrip("\n") if args.password_stdin else getpass.getpass("Password: ")
+
+
+def _cmd_user(settings: Settings, args: argparse.Namespace) -> int:
+    password = _new_password(args)
+
+    async def create(conn: AsyncConnection) -> str:
+        await admin_users.create(conn, args.email, password, Role(args.role), _cli_actor())
+        return f"created {args.role} {args.email}"
+
+    return _users(settings, "create", create)
+
+
+def _cmd_user_change(settings: Settings, args: argparse.Namespace) -> int:
+    """deactivate, activate, set-role, reset-password: one user, named by email."""
+    password = _new_password(args) if args.action == "reset-password" else ""
+
+    async def change(conn: AsyncConnection) -> str:
+        user_id = await admin_users.user_id_for(conn, args.email)
+        if args.action == "reset-password":
+            user = await admin_users.reset_password(conn, _cli_actor(), user_id, password)
+            return f"new password for {user.email}; their open sessions end"
+        if args.action == "set-role":
+            user = await admin_users.set_role(conn, _cli_actor(), user_id, args.role, args.reason)
+            return f"{user.email} is now {user.role}"
+        user = await admin_users.set_active(conn, _cli_actor(), user_id, args.action == "activate", args.reason)
+        return f"{user.email} is {'active' if user.is_active else 'deactivated; their open sessions end'}"
+
+    return _users(settings, args.action, change)
+
+
+def _cmd_user_list(settings: Settings, args: argparse.Namespace) -> int:
+    async def listing(conn: AsyncConnection) -> str:
+        users = await admin_users.list_users(conn)
+        if args.json:
+            return json.dumps([{"email": u.email, "role": u.role, "active": u.is_active,
+                                "created_at": u.created_at.isoformat()} for u in users], indent=2)  # fmt: skip
+        lines = [f"{u.email}\t{u.role}\t{'active' if u.is_active else 'deactivated'}" for u in users]
+        return "\n".join(lines) if lines else "no admin users"
+
+    return _users(settings, "list", listing)
 
 
 def _cmd_secrets_key(settings: Settings, _: argparse.Namespace) -> int:
@@ -235,6 +287,24 @@ def build_parser() -> argparse.ArgumentParser:
     create_user.add_argument("--role", required=True, choices=[r.value for r in Role if r is not Role.service])
     create_user.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
     create_user.set_defaults(handler=_cmd_user)
+    person_roles = [r.value for r in admin_users.PERSON_ROLES]
+    for action, helptext in (("deactivate", "end a user's access (and their open sessions)"),
+                             ("activate", "let a deactivated user sign in again"),
+                             ("set-role", "give a user another role"),
+                             ("reset-password", "set a new password (their open sessions end)")):  # fmt: skip
+        change = user.add_parser(action, help=helptext)
+        change.add_argument("email")
+        if action == "set-role":
+            change.add_argument("role", choices=person_roles)
+        if action == "reset-password":
+            change.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+        else:
+            required = action != "activate"
+            change.add_argument("--reason", required=required, help="why, for the audit log")
+        change.set_defaults(handler=_cmd_user_change, reason=None)
+    list_users = user.add_parser("list", help="list admin panel users")
+    list_users.add_argument("--json", action="store_true")
+    list_users.set_defaults(handler=_cmd_user_list)
     return parser
 
 

@@ -20,6 +20,7 @@ from temporalio.client import Client
 from api.app import create_app
 from core.auth import Role
 from core.config import Settings
+from tests import admin_session
 from tests.browser import test_admin_browser as admin_browser  # skips this module too without chromium
 from tests.browser import test_admin_campaigns_browser as campaigns_browser
 from tests.e2e.test_campaigns import wait_campaign
@@ -232,7 +233,7 @@ async def test_without_a_history_reader_the_pages_say_what_analytics_needs(
     assert app.state.history is None
     email, password = await make_user(Role.analyst)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://admin.test") as client:
-        signed = await client.post("/admin/login", data={"username": email, "password": password})
+        signed, _ = await admin_session.sign_in(client, email, password)
         assert signed.status_code == 302, signed.text
         for url in ("/admin/analytics", f"/admin/analytics/campaigns/{uuid.uuid4()}"):
             response = await client.get(url)

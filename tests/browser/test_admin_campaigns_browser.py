@@ -248,7 +248,11 @@ async def test_recurring_campaign_runs_now_pauses_and_resumes(
     await page.screenshot(path=shot("recurring"), full_page=True)
 
     # A launch its state does not allow (say, from a stale tab): a flash error, nothing changes.
-    answer = await page.request.post(page.url.replace("/view/", "/act/") + "/launch", max_redirects=0)
+    answer = await page.request.post(
+        page.url.replace("/view/", "/act/") + "/launch",
+        form={"csrf_token": await admin_browser.csrf_token(page)},
+        max_redirects=0,
+    )
     assert answer.status == 303
     await page.reload()
     await expect(page.locator(".flash-message.alert-danger")).to_contain_text(
@@ -396,7 +400,9 @@ async def test_analyst_follows_campaigns_but_cannot_act(
                                   "channels": "email", "variables": '{"film": "x"}'}),
     ]  # fmt: skip
     for path, form in posts:
-        refused = await page.request.post(f"{api_url}{path}", form=form, max_redirects=0)
+        refused = await page.request.post(
+            f"{api_url}{path}", form={**form, "csrf_token": await admin_browser.csrf_token(page)}, max_redirects=0
+        )
         assert refused.status == 403, (path, refused.status)
     async with engine.connect() as conn:
         status = await conn.scalar(sa.select(store.campaigns.c.status).where(store.campaigns.c.id == campaign["id"]))

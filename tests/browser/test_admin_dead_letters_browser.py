@@ -217,7 +217,9 @@ async def test_analyst_sees_dead_letters_without_buttons(
         ("/admin/dead-letters/discard", {"ids": str(letter["id"]), "reason": "not allowed"}),
     ]
     for path, form in posts:
-        refused = await page.request.post(f"{api_url}{path}", form=form, max_redirects=0)
+        refused = await page.request.post(
+            f"{api_url}{path}", form={**form, "csrf_token": await admin_browser.csrf_token(page)}, max_redirects=0
+        )
         assert refused.status == 403, (path, refused.status)
     assert (await state(admin, letter["id"]))["status"] == "open"
 

@@ -223,7 +223,9 @@ async def test_analyst_sees_the_list_without_buttons_and_cannot_change_anything(
             ("/admin/providers/new", {"name": f"sneaky-{name}", "channel": "sms", "kind": "sandbox"}),
         ]  # fmt: skip
         for path, form in posts:
-            refused = await page.request.post(f"{api_url}{path}", form=form, max_redirects=0)
+            refused = await page.request.post(
+                f"{api_url}{path}", form={**form, "csrf_token": await admin_browser.csrf_token(page)}, max_redirects=0
+            )
             assert refused.status == 403, (path, refused.status)
         row_after = await stored(engine, name)
         assert row_after is not None

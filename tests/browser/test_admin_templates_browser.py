@@ -366,7 +366,9 @@ async def test_analyst_reads_templates_but_cannot_change_them(
         ("/admin/templates/new", {"key": f"{key}-x", "category": "x", "content": json.dumps(CONTENT)}),
     ]
     for path, form in posts:
-        refused = await page.request.post(f"{api_url}{path}", form=form, max_redirects=0)
+        refused = await page.request.post(
+            f"{api_url}{path}", form={**form, "csrf_token": await admin_browser.csrf_token(page)}, max_redirects=0
+        )
         assert refused.status == 403, (path, refused.status)
     assert await stored_versions(engine, key) == [(1, "created"), (2, "same again")]
     async with engine.connect() as conn:

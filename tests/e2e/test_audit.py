@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from core.auth import Role, hash_password
 from core.config import Settings
 from core.models import AdminUser
+from tests import admin_session
 from tests.e2e.test_campaigns import TEMPLATE, make_audience, wait_campaign
 from tests.stack import token_for
 
@@ -89,12 +90,13 @@ async def test_admin_panel_actions_are_audited_as_the_signed_in_user(
         await conn.execute(admin_users.insert().values(email=email, password_hash=hash_password(password),
                                                        role=Role.campaign_manager.value))  # fmt: skip
     async with httpx.AsyncClient(base_url=api_url, follow_redirects=True) as browser:
-        login = await browser.post("/admin/login", data={"username": email, "password": password})
+        login, token = await admin_session.sign_in(browser, email, password)
         assert login.status_code == 200
         for operation in ("launch", "pause"):
-            acted = await browser.post(f"/admin/campaigns/act/{campaign['id']}/{operation}")
+            acted = await browser.post(f"/admin/campaigns/act/{campaign['id']}/{operation}", data={"csrf_token": token})
             assert acted.status_code == 200, acted.text
-        cancelled = await browser.post(f"/admin/campaigns/cancel/{campaign['id']}", data={"reason": "wrong film"})
+        cancelled = await browser.post(f"/admin/campaigns/cancel/{campaign['id']}",
+                                       data={"reason": "wrong film", "csrf_token": token})  # fmt: skip
         assert cancelled.status_code == 200
 
     panel = (email, "campaign_manager")
