@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from entrypoints.embedded import EMBEDDED_PG_USER, _embedded_pg_bin, free_port, port_is_free
+from tests import admin_session
 
 MARQUEE = Path(sys.executable).parent / "marquee"
 BANNER = "Marquee is running"
@@ -284,9 +285,7 @@ async def test_marquee_dev_sends_mail_stops_on_ctrl_c_and_restarts(stack: Stack)
             again = await api.get(f"/v1/notifications/{notification['id']}")
             assert again.status_code == 200, again.text
             assert again.json()["status"] == "sent"
-            signed_in = await api.post(
-                "/admin/login", data={"username": "admin@marquee.localhost", "password": password}
-            )
+            signed_in, _ = await admin_session.sign_in(api, "admin@marquee.localhost", password)
             assert signed_in.status_code == 302
             assert signed_in.headers["location"] == f"{stack.api_url}/admin/"
         # A directory above the data dir loses the o+x the stack granted it at start (a new pytest

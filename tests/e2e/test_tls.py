@@ -22,6 +22,7 @@ from core.auth import Role
 from core.config import Settings
 from entrypoints.embedded import venv_binary
 from services import admin_users
+from tests import admin_session
 from tests.e2e.processes import marquee_env
 
 
@@ -93,7 +94,7 @@ async def test_api_serves_tls_13_only_with_a_secure_admin_cookie(
             email, password = f"tls-{uuid.uuid4().hex[:8]}@example.com", uuid.uuid4().hex
             async with engine.begin() as conn:
                 await admin_users.create(conn, email, password, Role.admin)
-            login = await client.post("/admin/login", data={"username": email, "password": password})
+            login, _ = await admin_session.sign_in(client, email, password)
             assert login.status_code == 302, login.text
             session = [value for value in login.headers.get_list("set-cookie") if value.startswith("session=")]
             assert session, login.headers
