@@ -240,7 +240,11 @@ async def test_an_analyst_reads_without_cancel_or_gdpr(
         await expect(page.locator("#gdpr")).to_have_count(0)
         for path in (f"/admin/notifications/cancel/{held['id']}", f"/admin/recipients/erase/{user}",
                      f"/admin/recipients/export/{user}"):  # fmt: skip
-            answer = await page.request.post(f"{api_url}{path}", form={"reason": "not mine to do"}, max_redirects=0)
+            form: dict[str, str | float | bool] = {
+                "reason": "not mine to do",
+                "csrf_token": await admin_browser.csrf_token(page),
+            }
+            answer = await page.request.post(f"{api_url}{path}", form=form, max_redirects=0)
             assert answer.status == 403, path
         assert (await api.get(f"/v1/notifications/{held['id']}")).json()["status"] == "pending"
     finally:
