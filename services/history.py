@@ -507,12 +507,17 @@ def _arrow_batch(rows: list[HistoryRow]) -> pa.Table:
     indices = [distinct.setdefault(cost, len(distinct)) for cost in map(attrgetter("cost"), rows)]
     exact = [Decimal(str(cost)).quantize(MICRO, ROUND_DOWN) for cost in distinct]
     cost = pa.DictionaryArray.from_arrays(pa.array(indices, pa.int32()), pa.array(exact, _ARROW_TYPES["cost"]))
-    table = pa.Table.from_arrays(columns, names=names)
-    return table.add_column(HISTORY_COLUMNS.index("cost") - 1, "cost", cost.dictionary_decode())
+    names.insert(HISTORY_COLUMNS.index("cost") - 1, "cost")
+    columns.insert(HISTORY_COLUMNS.index("cost") - 1, cost.dictionary_decode())
+    # A column without nulls is declared not null: chDB's Python() then reads a plain column
+    # rather than a Nullable one the insert converts (~0.2 µs a row less of chDB's CPU).
+    fields = [pa.field(name, column.type, nullable=column.null_count > 0)
+              for name, column in zip(names, columns, strict=True)]  # fmt: skip
+    return pa.Table.from_arrays(columns, schema=pa.schema(fields))
 
 
 _BATCH_ID = _uuid5_sql("concat(notification_id, ':', channel, ':', status, ':', occurrence)")
-# Python() columns are Nullable, whose cast to UUID stores zeros for a malformed id: fail instead.
+# A Nullable Python() column's cast to UUID stores zeros for a malformed id: fail instead.
 _BATCH_VALUES = ", ".join(HISTORY_COLUMNS[1:]).replace("notification_id", "toUUID(assumeNotNull(notification_id))")
 _INSERT_NEW = (
     f"INSERT INTO notification_history ({', '.join(HISTORY_COLUMNS)}) "
