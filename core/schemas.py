@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import uuid
 import zoneinfo
 from datetime import datetime
@@ -12,6 +13,7 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     EmailStr,
     Field,
@@ -53,6 +55,31 @@ def _json_bounded(value: dict[str, Any]) -> dict[str, Any]:
 BoundedJson = Annotated[dict[str, Any], AfterValidator(_json_bounded)]
 
 
+# A date-time is ISO 8601 text (RFC 3339's shape, the zone optional where the field says so),
+# never a number: pydantic's lax mode would read 0 or "1e9" as Unix time, which the OpenAPI's
+# `format: date-time` does not admit. Years are bounded so that no conversion (to UTC, to
+# ClickHouse's DateTime64, a period's default start) can overflow.
+DATE_TIME_TEXT = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?([Zz]|[+-]\d{2}:?\d{2})?")
+MIN_YEAR, MAX_YEAR = 1900, 9998
+
+
+def _date_time_text(value: Any) -> Any:
+    if isinstance(value, str) and DATE_TIME_TEXT.fullmatch(value.strip()):
+        return value
+    if isinstance(value, datetime):  # from Python callers
+        return value
+    raise ValueError("must be an ISO 8601 date-time, e.g. 2026-12-06T19:00:00Z")
+
+
+def _sane_year(value: datetime) -> datetime:
+    if not MIN_YEAR <= value.year <= MAX_YEAR:
+        raise ValueError(f"the year must be {MIN_YEAR}-{MAX_YEAR}")
+    return value
+
+
+DateTime = Annotated[datetime, BeforeValidator(_date_time_text), AfterValidator(_sane_year)]
+
+
 def known_timezone(value: str) -> str:
     try:
         zoneinfo.ZoneInfo(value)
@@ -79,7 +106,7 @@ class RecipientFields(BaseModel):
     quiet_hours_start: Clock | None = Field(default=None, description="HH:MM local time; non-urgent sends wait")
     quiet_hours_end: Clock | None = Field(default=None, description="HH:MM local time when quiet hours end")
     tags: list[Tag_] = Field(default_factory=list, max_length=100, description="e.g. subscription plan, interests")
-    last_active_at: datetime | None = None
+    last_active_at: DateTime | None = None
     attributes: BoundedJson = Field(default_factory=dict, description="Custom fields segments can filter on")
 
     @field_validator("timezone")
@@ -386,7 +413,7 @@ class CampaignSchedule(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     kind: Literal["now", "at", "cron", "daily", "weekly", "monthly"] = "now"
-    at: datetime | None = Field(default=None, description="kind=at: when (with an offset)")
+    at: DateTime | None = Field(default=None, description="kind=at: when (with an offset)")
     cron: CronExpression | None = Field(default=None, description="kind=cron: five fields")
     time: Clock | None = Field(default=None, description="daily/weekly/monthly: the time of day")
     weekday: int | None = Field(default=None, ge=0, le=6, description="weekly: 0 = Sunday")
@@ -755,7 +782,7 @@ class EventIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     id: EventId = Field(description="The publisher's unique id: the same id is the same event, once")
     type: EventTypeName = Field(description="A registered event type, e.g. episode.released")
-    occurred_at: datetime = Field(description="When it happened, with its UTC offset")
+    occurred_at: DateTime = Field(description="When it happened, with its UTC offset")
     payload: dict[str, Any] = Field(default_factory=dict, description="Checked against the type's JSON Schema")
 
     @field_validator("occurred_at")

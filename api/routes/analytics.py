@@ -27,6 +27,7 @@ from core.schemas import (
     AnalyticsRow,
     CampaignReportOut,
     CountsRow,
+    DateTime,
     GeographyRow,
     LatencyRow,
     RatesRow,
@@ -43,6 +44,9 @@ from services.analytics import AnalyticsReader
 router = APIRouter(prefix="/v1/analytics", tags=["analytics"], dependencies=[Depends(permit("analytics.read"))])
 
 DEFAULT_DAYS = 7
+# The history holds nothing outside these years, and ClickHouse's DateTime64 and the
+# period arithmetic overflow not far beyond them.
+PERIOD_YEARS = (2000, 2100)
 Format = Literal["json", "csv"]
 CSV_MEDIA_TYPE = "text/csv; charset=utf-8"
 # The OpenAPI description of the CSV form every endpoint offers.
@@ -87,9 +91,12 @@ class Asked:
         self,
         settings: SettingsDep,
         start: Annotated[
-            datetime | None, Query(description="ISO 8601, UTC unless it names a zone; default: `end` minus 7 days")
+            DateTime | None,
+            Query(description="ISO 8601, UTC unless it names a zone; years 2000-2100; default: `end` minus 7 days"),
         ] = None,
-        end: Annotated[datetime | None, Query(description="Exclusive; default: the end of the current hour")] = None,
+        end: Annotated[
+            DateTime | None, Query(description="Exclusive; years 2000-2100; default: the end of the current hour")
+        ] = None,
         granularity: Annotated[
             AnalyticsGranularity, Query(description="A row per hour or day, or one for the whole period (all)")
         ] = "day",
@@ -105,6 +112,9 @@ class Asked:
         country: Annotated[str | None, Query(description="ISO 3166 alpha-2, as recipients carry it")] = None,
         format: Annotated[Format, Query(description="json, or csv for a spreadsheet")] = "json",
     ) -> None:
+        for name, at in (("start", start), ("end", end)):
+            if at is not None and not PERIOD_YEARS[0] <= at.year <= PERIOD_YEARS[1]:
+                raise Invalid([(name, f"the year must be {PERIOD_YEARS[0]}-{PERIOD_YEARS[1]}")])
         end_at = _utc(end) or _next_hour(datetime.now(UTC))
         start_at = _utc(start) or end_at - timedelta(days=DEFAULT_DAYS)
         dimensions = tuple(name.strip() for value in by or () for name in value.split(",") if name.strip())

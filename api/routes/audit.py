@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from api.deps import ConnectionDep, permit
 from api.problems import InvalidInput
 from core.auth import Principal
+from core.schemas import DateTime
 from services import audit
 
 AuditReader = Annotated[Principal, Depends(permit("audit.read"))]
@@ -77,8 +78,8 @@ async def list_audit(
     action: Annotated[str | None, Query(max_length=64, description="e.g. dead_letter.replay")] = None,
     entity: Annotated[str | None, Query(max_length=64, description="e.g. dead_letter")] = None,
     entity_id: Annotated[str | None, Query(max_length=200)] = None,
-    since: Annotated[datetime | None, Query(description="From (inclusive); ISO 8601, UTC without a zone")] = None,
-    until: Annotated[datetime | None, Query(description="To (exclusive)")] = None,
+    since: Annotated[DateTime | None, Query(description="From (inclusive); ISO 8601, UTC without a zone")] = None,
+    until: Annotated[DateTime | None, Query(description="To (exclusive)")] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
     format: Annotated[Literal["json", "csv"], Query(description="csv: every matching row, no paging")] = "json",

@@ -20,7 +20,7 @@ from api.problems import InvalidInput, Problem
 from api.routes.audit import REASON_HELP, AuditOut, Reason, WithReason, audit_out
 from core.auth import Principal
 from core.models import Channel
-from core.schemas import INT64_MAX, RowId
+from core.schemas import INT64_MAX, DateTime, RowId
 from services import dead_letters as ops
 from services.dead_letters import DeadLetterFilter, DeadLetterStatus, Outcome
 
@@ -99,8 +99,8 @@ async def list_dead_letters(
     reason: Annotated[str | None, Query(min_length=1, max_length=200, description="Text in reason or error")] = None,
     user_id: Annotated[str | None, Query(min_length=1, max_length=128)] = None,
     notification_id: uuid.UUID | None = None,
-    created_after: datetime | None = None,
-    created_before: datetime | None = None,
+    created_after: DateTime | None = None,
+    created_before: DateTime | None = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: str | None = None,
 ) -> Any:

@@ -111,3 +111,28 @@ async def test_every_guarded_operation_documents_its_problem_answers(api_url: st
         if "422" in responses:
             assert responses["422"]["content"] == problem, label
     assert "HTTPValidationError" not in spec["components"]["schemas"]
+
+
+async def test_date_times_are_iso_text_in_bounded_years(api_url: str, settings: Settings) -> None:
+    """A number is not a date-time (pydantic alone would read it as Unix time), and a year the
+    period arithmetic or ClickHouse would overflow on is a 422 naming the parameter, not a 500."""
+    admin = {"Authorization": f"Bearer {token_for(settings, Role.admin, 'contract-dates')}"}
+    async with httpx.AsyncClient(base_url=api_url, headers=admin, timeout=30) as client:
+        refused = [
+            ("/v1/analytics/counts", {"end": "0165-08-11T00:00:00Z", "granularity": "hour"}, "end"),
+            ("/v1/analytics/counts", {"start": "2101-01-01T00:00:00Z"}, "start"),
+            ("/v1/analytics/counts", {"start": "0"}, "start"),
+            ("/v1/audit", {"since": "1700000000"}, "since"),
+            ("/v1/dead-letters", {"created_after": "0001-01-01T00:00:00+05:00"}, "created_after"),
+        ]
+        for path, params, field in refused:
+            response = await client.get(path, params=params)
+            assert response.status_code == 422, (path, params, response.text)
+            assert [error["field"] for error in response.json()["errors"]] == [field], response.text
+        recipient = {"user_id": "contract-dates", "last_active_at": 0}
+        response = await client.post("/v1/recipients", json=recipient)
+        assert response.status_code == 422, response.text
+        assert response.json()["errors"][0]["field"] == "last_active_at"
+        response = await client.get("/v1/analytics/counts", params={"start": "2026-12-01T00:00:00+01:00",
+                                                                    "end": "2026-12-02T00:00:00Z"})  # fmt: skip
+        assert response.status_code == 200, response.text
