@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -302,7 +303,7 @@ def install(app: FastAPI) -> None:
         return problem_response(422, "Invalid request", detail, errors)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         titles = {
             401: "Unauthorized",
             403: "Forbidden",
@@ -312,9 +313,22 @@ def install(app: FastAPI) -> None:
             429: "Too many requests",
             503: "Service unavailable",
         }
-        return problem_response(
-            exc.status_code,
-            titles.get(exc.status_code, "Error"),
-            str(exc.detail),
-            headers=getattr(exc, "headers", None),
-        )
+        headers = getattr(exc, "headers", None)
+        allowed = _allowed_methods(app, request) if exc.status_code == 405 else None
+        if allowed:
+            headers = {**(headers or {}), "Allow": ", ".join(allowed)}
+        return problem_response(exc.status_code, titles.get(exc.status_code, "Error"), str(exc.detail), headers=headers)
+
+
+def _allowed_methods(app: FastAPI, request: Request) -> list[str] | None:
+    """Every method the OpenAPI gives the request's path: Starlette's 405 names only those of
+    the first route whose path matched, while a path's methods are often split across routes.
+    None for a path the OpenAPI does not have."""
+    path = request.scope.get("path", "")
+    found = [(template.count("{"), operations) for template, operations in app.openapi().get("paths", {}).items()
+             if re.fullmatch(re.sub(r"\\\{[^}]*\\\}", "[^/]+", re.escape(template)), path)]  # fmt: skip
+    if not found:
+        return None
+    # /v1/notifications/scheduled is that path, not /v1/notifications/{id}: the fewest parameters win.
+    _, operations = min(found, key=lambda item: item[0])
+    return sorted(method.upper() for method in operations)

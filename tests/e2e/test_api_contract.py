@@ -10,6 +10,7 @@ The server runs on this test's event loop, and Schemathesis' calls block: they r
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 import httpx
@@ -136,3 +137,18 @@ async def test_date_times_are_iso_text_in_bounded_years(api_url: str, settings: 
         response = await client.get("/v1/analytics/counts", params={"start": "2026-12-01T00:00:00+01:00",
                                                                     "end": "2026-12-02T00:00:00Z"})  # fmt: skip
         assert response.status_code == 200, response.text
+
+
+async def test_a_method_a_path_does_not_take_is_a_405_allowing_all_it_takes(api_url: str) -> None:
+    """A path's methods are often split across routes (GET and PUT /v1/templates/{key} in two
+    handlers): `Allow` names all of them, as the OpenAPI does, not only the first route's."""
+    async with httpx.AsyncClient(base_url=api_url) as client:
+        spec = (await client.get("/openapi.json")).json()
+        for path, operations in spec["paths"].items():
+            if path.startswith("/admin/"):
+                continue  # the admin panel's mount answers other methods there (schemathesis.toml)
+            url = re.sub(r"\{[^}]+\}", "1", path)
+            response = await client.request("TRACE", url)
+            assert response.status_code == 405, (path, response.text)
+            allowed = {method.strip() for method in response.headers["allow"].split(",")}
+            assert allowed == {method.upper() for method in operations}, path
