@@ -136,8 +136,8 @@ def _nul_at(value: Any, at: list[str | int]) -> list[str | int] | None:
 async def refuse_nul(request: Request) -> None:
     """A dependency of every route: NUL in a path or query parameter or in a body is a 422
     before the route runs (and so before anything is written)."""
-    for kind, params in (("path", request.path_params), ("query", request.query_params)):
-        for name, value in params.items():
+    for kind, params in (("path", list(request.path_params.items())), ("query", request.query_params.multi_items())):
+        for name, value in params:
             if isinstance(value, str) and "\x00" in value:
                 raise InvalidInput([kind, name], "must not contain the NUL character")
     if request.method in ("GET", "HEAD", "OPTIONS"):
@@ -153,6 +153,33 @@ async def refuse_nul(request: Request) -> None:
             return  # not JSON: the route answers for that
         if found is not None:
             raise InvalidInput(["body", *found], "must not contain the NUL character")
+
+
+async def refuse_misrouted(request: Request) -> None:
+    """A dependency of every route, for what the OpenAPI says and routing alone does not do:
+    a method a literal path does not take is a 405, also where a parameterised path's route
+    caught it (GET /v1/segments/count is not GET /v1/segments/{segment_id}); a query
+    parameter given twice where the OpenAPI takes one value is a 422 (not its last value)."""
+    route = request.scope.get("route")
+    template = getattr(route, "path_format", None)
+    if not isinstance(template, str):
+        return
+    paths: dict[str, Any] = request.app.openapi().get("paths", {})
+    literal = paths.get(request.scope.get("path", ""))
+    if "{" in template and literal is not None and request.method.lower() not in literal:
+        raise StarletteHTTPException(405, headers={"Allow": ", ".join(sorted(m.upper() for m in literal))})
+    names = [name for name, _ in request.query_params.multi_items()]
+    repeated = {name for name in names if names.count(name) > 1}
+    if repeated:
+        operation = paths.get(template, {}).get(request.method.lower(), {})
+        for parameter in operation.get("parameters", []):
+            if parameter.get("in") == "query" and parameter["name"] in repeated and not _takes_list(parameter):
+                raise InvalidInput(["query", parameter["name"]], "must be given once")
+
+
+def _takes_list(parameter: dict[str, Any]) -> bool:
+    schema = parameter.get("schema", {})
+    return any(option.get("type") == "array" for option in [schema, *schema.get("anyOf", [])])
 
 
 def document(app: FastAPI, *, rate_limited: Callable[[str, str], bool]) -> None:
@@ -236,6 +263,7 @@ def install(app: FastAPI) -> None:
     """Answer every error as a problem; call before the routers are included (the NUL check
     is a dependency of each route included after)."""
     app.router.dependencies.append(Depends(refuse_nul))
+    app.router.dependencies.append(Depends(refuse_misrouted))
 
     @app.exception_handler(DomainError)
     async def _domain(_: Request, exc: DomainError) -> JSONResponse:

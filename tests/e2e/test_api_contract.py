@@ -152,3 +152,17 @@ async def test_a_method_a_path_does_not_take_is_a_405_allowing_all_it_takes(api_
             assert response.status_code == 405, (path, response.text)
             allowed = {method.strip() for method in response.headers["allow"].split(",")}
             assert allowed == {method.upper() for method in operations}, path
+            if "{" not in path and "get" not in operations:
+                # e.g. GET /v1/segments/count, which GET /v1/segments/{segment_id} would catch
+                response = await client.get(url)
+                assert response.status_code == 405, (path, response.text)
+
+
+async def test_a_query_parameter_taking_one_value_given_twice_is_a_422(api_url: str, settings: Settings) -> None:
+    admin = {"Authorization": f"Bearer {token_for(settings, Role.admin, 'contract-repeated')}"}
+    async with httpx.AsyncClient(base_url=api_url, headers=admin, timeout=30) as client:
+        response = await client.get("/v1/analytics/rates", params=[("provider", "a"), ("provider", "b")])
+        assert response.status_code == 422, response.text
+        assert [error["field"] for error in response.json()["errors"]] == ["provider"]
+        response = await client.get("/v1/analytics/rates", params=[("by", "channel"), ("by", "provider")])
+        assert response.status_code == 200, response.text
