@@ -837,7 +837,11 @@ class EventTypeIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     description: str = Field(default="", max_length=1000)
     payload_schema: BoundedJson = Field(
-        alias="schema", description="A JSON Schema (2020-12) of type object for the payload"
+        alias="schema",
+        description="A JSON Schema (2020-12) of type object for the payload",
+        # What the OpenAPI can say of it: its "type" is "object" (its validity as a JSON Schema,
+        # checked too, it cannot).
+        json_schema_extra={"required": ["type"], "properties": {"type": {"const": "object"}}},
     )
 
 

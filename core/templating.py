@@ -28,7 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 
 VariableType = Literal["string", "number", "integer", "boolean", "date", "datetime", "url", "list"]
 VariableName = Annotated[str, StringConstraints(pattern=r"^[a-z_][a-z0-9_]{0,63}$")]
-LocaleCode = Annotated[str, StringConstraints(pattern=r"^[a-z]{2,3}(-[A-Z]{2})?$")]
+LOCALE_PATTERN = r"^[a-z]{2,3}(-[A-Z]{2})?$"
+LocaleCode = Annotated[str, StringConstraints(pattern=LOCALE_PATTERN)]
 
 # Always available to every template, whatever it declares.
 RECIPIENT_VARIABLE = "recipient"
@@ -97,7 +98,10 @@ class TemplateContent(BaseModel):
 
     variables: list[VariableSpec] = Field(default_factory=list)
     fallback_locale: LocaleCode = "en"
-    locales: dict[LocaleCode, LocaleParts] = Field(min_length=1)
+    # propertyNames: the OpenAPI says which keys are locale codes (pydantic does not emit it).
+    locales: dict[LocaleCode, LocaleParts] = Field(
+        min_length=1, json_schema_extra={"propertyNames": {"pattern": LOCALE_PATTERN}}
+    )
 
     @model_validator(mode="after")
     def _fallback_exists(self) -> TemplateContent:
