@@ -391,7 +391,9 @@ class FilterCount(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     filter: Filter
-    channels: list[Channel] = Field(default_factory=lambda: [Channel.email], min_length=1, max_length=3)
+    channels: list[Channel] = Field(
+        default_factory=lambda: [Channel.email], min_length=1, max_length=3, json_schema_extra={"uniqueItems": True}
+    )
 
     @field_validator("channels")
     @classmethod

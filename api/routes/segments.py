@@ -126,7 +126,8 @@ async def count_segment(
     channels: Annotated[list[Channel], Query()] = [Channel.email],  # noqa: B006 - FastAPI reads, never mutates
 ) -> Any:
     """E.g. "matches 12,345 recipients, 340 opted out of email"."""
-    counted = await segments.count(conn, segment_id, [channel.value for channel in channels])
+    # A channel given twice is counted once (repeated, it made an ambiguous query: a 500).
+    counted = await segments.count(conn, segment_id, [channel.value for channel in dict.fromkeys(channels)])
     return SegmentCount(**counted, summary=_summary(counted))
 
 

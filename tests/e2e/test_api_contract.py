@@ -166,3 +166,15 @@ async def test_a_query_parameter_taking_one_value_given_twice_is_a_422(api_url: 
         assert [error["field"] for error in response.json()["errors"]] == ["provider"]
         response = await client.get("/v1/analytics/rates", params=[("by", "channel"), ("by", "provider")])
         assert response.status_code == 200, response.text
+
+
+async def test_a_channel_given_twice_is_counted_once(api_url: str, settings: Settings) -> None:
+    admin = {"Authorization": f"Bearer {token_for(settings, Role.admin, 'contract-channels')}"}
+    async with httpx.AsyncClient(base_url=api_url, headers=admin, timeout=30) as client:
+        created = await client.post("/v1/segments", json={"name": "contract channels twice", "user_ids": ["nobody"]})
+        assert created.status_code == 201, created.text
+        url = f"/v1/segments/{created.json()['id']}/count"
+        twice = await client.get(url, params=[("channels", "sms"), ("channels", "sms"), ("channels", "email")])
+        once = await client.get(url, params=[("channels", "sms"), ("channels", "email")])
+        assert twice.status_code == 200, twice.text
+        assert twice.json() == once.json()
