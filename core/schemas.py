@@ -17,6 +17,7 @@ from pydantic import (
     ConfigDict,
     EmailStr,
     Field,
+    StrictBool,
     StringConstraints,
     field_validator,
     model_validator,
@@ -566,7 +567,7 @@ class PreferenceIn(BaseModel):
 
     category: PreferenceCategory = Field(description='A notification type, or "*" for all of them')
     channel: Literal["email", "push", "sms", "*"] = Field(description='A channel, or "*" for all of them')
-    enabled: bool
+    enabled: StrictBool  # true or false: not 0, 1 or "yes", which the OpenAPI's boolean does not admit
 
 
 class PreferencesPut(BaseModel):
@@ -859,7 +860,7 @@ class EventTypeOut(BaseModel):
 class TriggerRuleIn(RuleDefinition):
     name: str = Field(min_length=1, max_length=200)
     event_type: EventTypeName
-    enabled: bool = True
+    enabled: StrictBool = True
 
 
 class TriggerRuleOut(TriggerRuleIn):

@@ -178,3 +178,16 @@ async def test_a_channel_given_twice_is_counted_once(api_url: str, settings: Set
         once = await client.get(url, params=[("channels", "sms"), ("channels", "email")])
         assert twice.status_code == 200, twice.text
         assert twice.json() == once.json()
+
+
+async def test_a_boolean_is_true_or_false_not_a_number(api_url: str, settings: Settings) -> None:
+    admin = {"Authorization": f"Bearer {token_for(settings, Role.admin, 'contract-bool')}"}
+    async with httpx.AsyncClient(base_url=api_url, headers=admin, timeout=30) as client:
+        created = await client.post("/v1/recipients", json={"user_id": "contract-bool"})
+        assert created.status_code in (200, 201), created.text
+        url = "/v1/recipients/contract-bool/preferences"
+        response = await client.put(url, json={"preferences": [{"category": "*", "channel": "*", "enabled": 0}]})
+        assert response.status_code == 422, response.text
+        assert response.json()["errors"][0]["field"] == "preferences.0.enabled"
+        response = await client.put(url, json={"preferences": [{"category": "*", "channel": "*", "enabled": False}]})
+        assert response.status_code == 200, response.text
