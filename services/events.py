@@ -369,10 +369,17 @@ async def _variables(conn: AsyncConnection, rule: RuleDefinition, payload: dict[
     return template_variables(rule, [spec.name for spec in record.content.variables], payload)
 
 
-async def _notify(
-    conn: AsyncConnection, temporal: Client, settings: Settings, rule: RuleRecord, event: sa.Row[Any], user_id: str
-) -> ActionOutcome:
-    definition = rule.definition
+async def _submit(
+    conn: AsyncConnection,
+    temporal: Client,
+    settings: Settings,
+    rule: RuleDefinition,
+    user_id: str,
+    template: tuple[str, int | None],
+    variables: dict[str, Any],
+    key: str,
+) -> uuid.UUID:
+    """A rule's notification to one user, under a key a retry finds again."""
     submitted = await notifications.submit(
         conn,
         temporal,
@@ -380,17 +387,34 @@ async def _notify(
         RULES,
         notifications.Submission(
             user_id=user_id,
-            category=definition.category,
-            channels=[channel.value for channel in definition.channels],
-            template=definition.template,
-            template_version=definition.template_version,
-            variables=await _variables(conn, definition, event.payload),
-            priority=definition.priority,
-            request={"event": event.id, "rule": rule.id},
+            category=rule.category,
+            channels=[channel.value for channel in rule.channels],
+            template=template[0],
+            template_version=template[1],
+            variables=variables,
+            priority=rule.priority,
+            request={"key": key},
         ),
+        key,
+    )
+    return submitted.notification_id
+
+
+async def _notify(
+    conn: AsyncConnection, temporal: Client, settings: Settings, rule: RuleRecord, event: sa.Row[Any], user_id: str
+) -> ActionOutcome:
+    definition = rule.definition
+    notification_id = await _submit(
+        conn,
+        temporal,
+        settings,
+        definition,
+        user_id,
+        (definition.template, definition.template_version),
+        await _variables(conn, definition, event.payload),
         f"event:{event.id}:rule:{rule.id}",
     )
-    return await _end(conn, event.id, rule.id, "sent", None, notification_id=submitted.notification_id)
+    return await _end(conn, event.id, rule.id, "sent", None, notification_id=notification_id)
 
 
 async def _fan_out(
@@ -515,23 +539,7 @@ async def send_digest(
         declared = {spec.name for spec in (await template_store.get(conn, template, version)).content.variables}
         variables = {name: value for name, value in (("events", listed), ("count", len(items))) if name in declared}
     try:
-        await notifications.submit(
-            conn,
-            temporal,
-            settings,
-            RULES,
-            notifications.Submission(
-                user_id=user_id,
-                category=rule.category,
-                channels=[channel.value for channel in rule.channels],
-                template=template,
-                template_version=version,
-                variables=variables,
-                priority=rule.priority,
-                request={"digest": batch},
-            ),
-            f"digest:{batch}",
-        )
+        await _submit(conn, temporal, settings, rule, user_id, (template, version), variables, f"digest:{batch}")
     except (Invalid, Conflict) as err:
         logger.warning("digest not sent", rule_id=rule_id, batch=batch, reason=err.detail)
     return DigestSent(listed=len(items))
