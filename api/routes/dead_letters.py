@@ -71,7 +71,16 @@ class BulkResult(BaseModel):
 class Selection(BaseModel):
     """Which dead letters a bulk action is for: ids, or a filter (open ones only, at most 500)."""
 
-    model_config = ConfigDict(extra="forbid")
+    # oneOf: the OpenAPI states "ids or filter, not both" (the validator below enforces it).
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "oneOf": [
+                {"required": ["ids"], "properties": {"ids": {"type": "array"}}},
+                {"required": ["filter"], "properties": {"filter": {"type": "object"}}},
+            ]
+        },
+    )
 
     ids: Ids | None = None
     filter: DeadLetterFilter | None = None
