@@ -148,7 +148,28 @@ class BatchResult(BaseModel):
 
 
 class NotificationCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # oneOf: the OpenAPI states what _content_or_template enforces (a template, or title and body).
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "oneOf": [
+                {
+                    "required": ["template"],
+                    "properties": {"template": {"type": "string"}, "title": {"type": "null"}, "body": {"type": "null"}},
+                },
+                {
+                    "required": ["title", "body"],
+                    "properties": {
+                        "title": {"type": "string"},
+                        "body": {"type": "string"},
+                        "template": {"type": "null"},
+                        "template_version": {"type": "null"},
+                        "variables": {"maxProperties": 0},
+                    },
+                },
+            ]
+        },
+    )
 
     user_id: UserId
     content_id: str | None = Field(default=None, max_length=128)
@@ -349,7 +370,16 @@ CronExpression = Annotated[str, StringConstraints(pattern=r"^\S+(\s+\S+){4}$")]
 
 
 class SegmentCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # oneOf: the OpenAPI states what _one_kind enforces.
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "oneOf": [
+                {"required": ["filter"], "properties": {"filter": {"type": "object"}}},
+                {"required": ["user_ids"], "properties": {"user_ids": {"type": "array"}}},
+            ]
+        },
+    )
 
     name: Annotated[str, StringConstraints(min_length=1, max_length=200, strip_whitespace=True)]
     description: str = Field(default="", max_length=1000)
@@ -538,7 +568,16 @@ class CampaignOut(BaseModel):
 class ScheduledSend(BaseModel):
     """The spec's POST /v1/notifications/scheduled: a one-off or recurring templated send."""
 
-    model_config = ConfigDict(extra="forbid")
+    # oneOf: the OpenAPI states the audience rule of _audience.
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "oneOf": [
+                {"required": ["user_ids"], "properties": {"user_ids": {"type": "array"}}},
+                {"required": ["segment_id"], "properties": {"segment_id": {"type": "integer"}}},
+            ]
+        },
+    )
 
     name: str | None = Field(default=None, max_length=200)
     category: Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")] = "scheduled"
