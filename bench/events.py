@@ -7,7 +7,8 @@ rule that mails the user the payload names. Then:
   MARQUEE_NATS_URL) and consumed by the real consumer; accepted events/s (publish of the
   first to the last event's row in PostgreSQL);
 and for both, event -> SMTP latency (the event's publish to its message at the SMTP server)
-and the end-to-end rate.
+and the end-to-end rate. A burst of N queues behind the slowest stage, so its latency is
+mostly waiting; a paced run first (50 events at 5/s) gives the latency without a backlog.
 
     .venv/bin/python -m bench.events --count 1000 --concurrency 32
 """
@@ -36,6 +37,7 @@ from entrypoints.embedded import MailCapture
 from entrypoints.event_consumer import NatsUnavailable, nats_url, open_consumer
 
 EVENT_TYPE = "bench.password_reset"
+PACED_COUNT, PACED_RATE = 50, 5.0
 SCHEMA = {
     "type": "object",
     "required": ["user_id", "link"],
@@ -90,7 +92,7 @@ async def _setup(api: httpx.AsyncClient, manager: httpx.AsyncClient, count: int)
         "category": "security",
     }
     (await manager.post("/v1/trigger-rules", json=rule)).raise_for_status()
-    for phase in ("http", "nats"):
+    for phase in ("http", "nats", "paced"):
         people = [{"user_id": f"{phase}-{n}", "email": f"{phase}-{n}@example.com"} for n in range(count)]
         for start in range(0, count, 1000):
             batch = {"recipients": people[start : start + 1000]}
@@ -147,6 +149,23 @@ async def _over_http(api: httpx.AsyncClient, capture: TimedCapture, count: int, 
     return _figures("http", began, accepted_at, sent_at, capture, api_latency)
 
 
+async def _paced(api: httpx.AsyncClient, capture: TimedCapture, count: int, rate: float) -> dict[str, float]:
+    """Events at a steady rate the service keeps up with: latency without a backlog."""
+    sent_at: dict[int, float] = {}
+    began = time.perf_counter()
+    for n in range(count):
+        await asyncio.sleep(max(0.0, began + n / rate - time.perf_counter()))
+        sent_at[n] = time.perf_counter()
+        (await api.post("/v1/events", json=_event(n, "paced"))).raise_for_status()
+    await _delivered(capture, "paced", count)
+    to_smtp = [(capture.arrived[f"paced-{n}@example.com"] - sent_at[n]) * 1000 for n in sent_at]
+    return {
+        "paced_rate_per_s": rate,
+        "paced_event_to_smtp_p50_ms": statistics.median(to_smtp),
+        "paced_event_to_smtp_p95_ms": _percentile(to_smtp, 0.95),
+    }
+
+
 async def _over_nats(stack: Stack, capture: TimedCapture, count: int) -> dict[str, float]:
     try:
         consumer, close = await open_consumer(stack.settings, stack.engine, stack.temporal, wait_seconds=3)
@@ -200,6 +219,7 @@ async def run(count: int, concurrency: int) -> dict[str, float]:
         ):
             await _setup(api, manager, count)
             result = {"events": float(count), "concurrency": float(concurrency)}
+            result |= await _paced(api, capture, PACED_COUNT, PACED_RATE)
             result |= await _over_http(api, capture, count, concurrency)
         result |= await _over_nats(stack, capture, count)
     return result
