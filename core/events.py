@@ -107,7 +107,8 @@ class RuleDefinition(BaseModel):
     condition: list[PayloadCondition] = Field(default_factory=list, max_length=20, description="All must hold")
     variables: dict[str, FieldPath] = Field(
         default_factory=dict,
-        max_length=100, description="Template variable -> payload field; unlisted variables take the same name"
+        max_length=100,
+        description="Template variable -> payload field; unlisted variables take the same name",
     )
     delay: Delay | None = None
     cancel_on: list[EventTypeName] = Field(default_factory=list, max_length=20)
