@@ -76,7 +76,9 @@ async def campaign(engine: AsyncEngine) -> dict[str, Any]:
     created = HOUR - timedelta(days=1)
     async with engine.begin() as conn:
         segment_id = await conn.scalar(
-            sa.insert(segments).values(name=name, kind="filter", filter={}, created_by="test").returning(segments.c.id)
+            sa.insert(segments)
+            .values(name=name, kind="filter", filter={"field": "country", "op": "exists"}, created_by="test")
+            .returning(segments.c.id)
         )
         campaign_id = await conn.scalar(
             sa.insert(campaigns)

@@ -7,9 +7,12 @@ from typing import Any
 
 import httpx
 import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.auth import Role
 from core.config import Settings
+from services.campaign_store import segments
 from tests.stack import token_for
 
 
@@ -144,3 +147,19 @@ async def test_static_segment_from_csv_reports_unknown_ids(manager: httpx.AsyncC
     assert wrong_type.status_code == 415
     duplicate = await manager.post("/v1/segments", json={"name": f"vip {population}", "user_ids": ["a"]})
     assert duplicate.status_code == 409
+
+
+async def test_a_stored_filter_that_is_not_valid_is_refused_by_name_not_a_500(
+    manager: httpx.AsyncClient, engine: AsyncEngine
+) -> None:
+    async with engine.begin() as conn:  # written around the API, as by hand or by an old release
+        segment_id = await conn.scalar(
+            sa.insert(segments)
+            .values(name=f"broken {uuid.uuid4().hex[:6]}", kind="filter", filter={}, created_by="test")
+            .returning(segments.c.id)
+        )
+    response = await manager.get(f"/v1/segments/{segment_id}/count", params={"channels": "email"})
+    assert response.status_code == 422
+    [error] = response.json()["errors"]
+    assert error["field"] == "segment_id"
+    assert f"segment {segment_id} holds a filter that is not valid" in error["message"]
