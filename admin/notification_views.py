@@ -26,7 +26,8 @@ from services import audit
 from services import notification_lookup as lookup
 from services import notifications as notification_ops
 from services.campaign_store import campaigns
-from services.notification_lookup import Filters, HistoryReader
+from services.history import HistoryReader
+from services.notification_lookup import Filters
 
 # Permission identity of these pages: RolePermissions maps it to the table's actions.
 NOTIFICATIONS = "notification"

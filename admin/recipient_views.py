@@ -26,7 +26,8 @@ from services import audit, gdpr
 from services import notification_lookup as lookup
 from services import recipients as recipient_store
 from services.audit import record_action
-from services.notification_lookup import Filters, HistoryReader
+from services.history import HistoryReader
+from services.notification_lookup import Filters
 
 # Permission identity of these pages: RolePermissions maps it to the table's actions.
 RECIPIENTS = "recipient"

@@ -14,7 +14,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.errors import Conflict, DomainError, Invalid, NotFound, StillRunning, Unavailable
 from core.templating import TemplateInvalid
-from services.audit import ReasonRequired
 from services.campaign_store import SegmentNotFound
 from services.campaigns import CampaignInvalid, CampaignNotFound, CampaignStateError
 from services.segments import NotStatic, SegmentExists
@@ -273,10 +272,6 @@ def install(app: FastAPI) -> None:
             else None
         )
         return problem_response(domain_status(exc), exc.title, exc.detail, errors)
-
-    @app.exception_handler(ReasonRequired)
-    async def _reason_required(_: Request, exc: ReasonRequired) -> JSONResponse:
-        return problem_response(422, "Invalid request", str(exc), [{"field": "reason", "message": str(exc)}])
 
     @app.exception_handler(Problem)
     async def _problem(_: Request, exc: Problem) -> JSONResponse:

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from core.errors import Invalid
 from core.models import AuditEntry
 
 audit_log = AuditEntry.__table__  # type: ignore[attr-defined]
@@ -62,10 +63,14 @@ class InvalidFilter(Exception):
         self.message = message
 
 
-class ReasonRequired(ValueError):
-    """A destructive or risky action asked for without a reason (the API answers 422)."""
+class ReasonRequired(Invalid):
+    """A destructive or risky action asked for without a reason: a domain error like any
+    Invalid (a 422 naming `reason` at the API), its text the message alone for form errors."""
 
-    field = "reason"
+    def __init__(self, message: str) -> None:
+        super().__init__([("reason", message)])
+        self.detail = message
+        self.args = (message,)
 
 
 # --- Where from -----------------------------------------------------------------------------

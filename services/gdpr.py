@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -42,7 +42,6 @@ from core.config import Settings
 from core.contracts import digest_workflow_id, event_workflow_id, workflow_id_for
 from core.errors import Invalid, NotFound, Unavailable
 from core.models import (
-    AuditEntry,
     CampaignDelivery,
     DigestItem,
     Erasure,
@@ -53,15 +52,15 @@ from core.models import (
     RecipientPreference,
     SandboxMessage,
     SegmentMember,
-    Suppression,
     TriggerRule,
     WebhookEvent,
 )
 from core.queries import dead_letters, deliveries, notifications, recipients
-from services.audit import Actor, record, record_action, required_reason
+from services.audit import Actor, audit_log, record, record_action, required_reason
 from services.dead_letters import replay_workflow_id
+from services.history import HistoryReader
+from services.preferences import suppressions
 
-audit_log = AuditEntry.__table__  # type: ignore[attr-defined]
 campaign_deliveries = CampaignDelivery.__table__  # type: ignore[attr-defined]
 digest_items = DigestItem.__table__  # type: ignore[attr-defined]
 erasures = Erasure.__table__  # type: ignore[attr-defined]
@@ -72,7 +71,6 @@ provider_breakers = ProviderBreaker.__table__  # type: ignore[attr-defined]
 preferences = RecipientPreference.__table__  # type: ignore[attr-defined]
 sandbox_messages = SandboxMessage.__table__  # type: ignore[attr-defined]
 segment_members = SegmentMember.__table__  # type: ignore[attr-defined]
-suppressions = Suppression.__table__  # type: ignore[attr-defined]
 trigger_rules = TriggerRule.__table__  # type: ignore[attr-defined]
 webhook_events = WebhookEvent.__table__  # type: ignore[attr-defined]
 
@@ -88,12 +86,6 @@ _PEOPLE_TABLES = (
     "ON t.database = c.database AND t.name = c.table "
     "WHERE c.database = currentDatabase() AND c.name = 'user_id' AND t.engine LIKE '%MergeTree' ORDER BY name"
 )
-
-
-class HistoryReader(Protocol):
-    """The history store as the API holds it (services.history.HistoryWriter or the lazy reader)."""
-
-    async def query(self, sql: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]: ...
 
 
 @dataclass(frozen=True)

@@ -393,6 +393,12 @@ def _stored_time(at: datetime) -> str:
     return _utc(at).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
 
 
+class HistoryReader(Protocol):
+    """What reads history: the HistoryWriter a process holds, or the API's lazy reader."""
+
+    async def query(self, sql: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]: ...
+
+
 class HistoryStore(Protocol):
     def ensure_schema(self) -> None: ...
 

@@ -11,26 +11,23 @@ from __future__ import annotations
 
 import base64
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.errors import NotFound, Unavailable
-from core.models import AuditEntry, Suppression
 from core.queries import dead_letters, deliveries, notifications, recipients
 from core.templating import Rendered, RenderError, checked_variables, render_for_recipient
 from services import templates as template_store
+from services.audit import audit_log
 from services.campaign_store import campaign_deliveries, campaign_runs, campaigns
-from services.history import campaign_send_id
-from services.preferences import stored_address
+from services.history import HistoryReader, campaign_send_id
+from services.preferences import stored_address, suppressions
 from services.templates import TemplateNotFound
-
-audit_log = AuditEntry.__table__  # type: ignore[attr-defined]
-suppressions = Suppression.__table__  # type: ignore[attr-defined]
 
 PAGE_SIZE = 50
 # History rows shown for one send at most (a send has a handful; a runaway retry loop more).
@@ -45,10 +42,6 @@ CAMPAIGN_STAMPS = (("delivered_at", "delivered"), ("opened_at", "opened"), ("cli
                    ("bounced_at", "bounced"))  # fmt: skip
 # Final statuses without a timestamp column of their own: the row's last change is when.
 UNSTAMPED = ("suppressed", "unreachable", "cancelled")
-
-
-class HistoryReader(Protocol):
-    async def query(self, sql: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]: ...
 
 
 class InvalidCursor(ValueError):
