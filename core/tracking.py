@@ -22,7 +22,6 @@ import re
 import uuid
 from collections.abc import Collection
 from dataclasses import dataclass
-from html.parser import HTMLParser
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -131,12 +130,16 @@ def host_allowed(host: str | None, allowed: Collection[str]) -> bool:
     return False
 
 
+# Backslashes, spaces and control characters (up to U+0020, and U+007F).
+_AMBIGUOUS_IN_URL = re.compile(r"[\x00-\x20\x7f\\]")
+
+
 def redirect_target_host(url: str) -> str | None:
     """The host a browser would go to for `url`, or None unless it is a plain http(s) URL.
 
     URLs with backslashes, spaces or control characters are refused: browsers and
     urllib disagree about where those lead ("https://evil.example\\@good.example/")."""
-    if any(char == "\\" or ord(char) <= 0x20 or ord(char) == 0x7F for char in url):
+    if _AMBIGUOUS_IN_URL.search(url):
         return None
     try:
         parts = urlsplit(url)
@@ -150,25 +153,65 @@ def redirect_target_host(url: str) -> str | None:
 
 
 def click_url(key: bytes, base_url: str, token: str, url: str) -> str:
-    return f"{base_url}{CLICK_PATH}{token}?u={quote(url, safe='')}&s={click_signature(key, token, url)}"
+    return f"{base_url}{CLICK_PATH}{token}?u={_quoted(url)}&s={click_signature(key, token, url)}"
+
+
+@functools.lru_cache(maxsize=4096)
+def _quoted(url: str) -> str:
+    # A campaign's messages carry the same few links: each is quoted once.
+    return quote(url, safe="")
 
 
 def open_pixel_url(base_url: str, token: str) -> str:
     return f"{base_url}{OPEN_PATH}{token}.gif"
 
 
-class _AnchorFinder(HTMLParser):
-    """Where the real <a> start tags are (not in comments, scripts or attribute values)."""
+# Where the <a> start tags of a document are, as the HTML tokenizer (WHATWG HTML,
+# "Tokenization") reads it, reduced to what that needs: text, comments, bogus comments and
+# declarations, end tags, elements whose content is text (script, style, title, textarea...)
+# and other start tags, whose quoted attribute values may hold "<" and ">". A construct left
+# open runs to the end of the document, as in the tokenizer. One match skips everything up to
+# the next <a> start tag inside the regex engine: html.parser makes Python calls for every
+# tag and text run, which cost more CPU than anything else in a campaign message.
+# Possessive repeats: the text is read one way only, nothing backtracks. (No capturing group
+# inside them: Python 3.11's re raises SystemError on those.)
+_NAME_END = r"[\t\n\f\r />]"
+_TAG_REST = r"""
+    [^\t\n\f\r />]*+
+    (?: [\t\n\f\r /]++
+      | =?[^\t\n\f\r />=]*+
+        (?: [\t\n\f\r ]*+ = [\t\n\f\r ]*+ (?: "[^"]*+"? | '[^']*+'? | [^\t\n\f\r >]*+ ) )?+
+    )*+
+"""
+_TEXT_ELEMENTS = ("script", "style", "xmp", "iframe", "noembed", "noframes", "title", "textarea")
+_NOT_AN_ANCHOR = "|".join(
+    [
+        r"[^<]++",
+        r"<!-- (?: -?> | (?:[^-]++|-(?!-!?>))*+ (?:--!?>)? )",
+        r"<[!?][^>]*+>?",
+        rf"</[a-z]{_TAG_REST}>?",
+        r"</[^>]*+>?",
+        *(rf"<{name}(?={_NAME_END}){_TAG_REST}>? (?:[^<]++|<(?!/{name}{_NAME_END}))*+" for name in _TEXT_ELEMENTS),
+        rf"<plaintext(?={_NAME_END}) .*",
+        rf"<(?!a{_NAME_END})[a-z]{_TAG_REST}>?",
+        rf"<a(?={_NAME_END}){_TAG_REST}\Z",  # never closed: not a tag
+        r"<(?![a-z!/?])",  # a "<" that starts nothing is text
+    ]
+)
+_NEXT_ANCHOR = re.compile(
+    rf"(?:{_NOT_AN_ANCHOR})*+ (?P<anchor><a(?={_NAME_END}){_TAG_REST}>)",
+    re.ASCII | re.IGNORECASE | re.DOTALL | re.VERBOSE,
+)
 
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.anchors: list[tuple[int, int, str]] = []  # (line, column, the tag's source text)
 
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        text = self.get_starttag_text()
-        if tag == "a" and text:
-            line, column = self.getpos()
-            self.anchors.append((line, column, text))
+def _anchor_tags(html_text: str) -> list[tuple[int, str]]:
+    """(offset, source text) of every <a> start tag."""
+    found = []
+    position = 0
+    while (match := _NEXT_ANCHOR.match(html_text, position)) is not None:
+        found.append((match.start("anchor"), match.group("anchor")))
+        position = match.end()
+    return found
 
 
 # One attribute of a start tag, as HTML tokenises it: name, then optionally = and a value
@@ -176,6 +219,7 @@ class _AnchorFinder(HTMLParser):
 _ATTRIBUTE = re.compile(r"""[\s/]*(?P<name>[^\s/>"'=][^\s/>"'=]*)(?:\s*=\s*(?P<value>"[^"]*"|'[^']*'|[^\s>]*))?""")
 
 
+@functools.lru_cache(maxsize=4096)  # the same <a> tags come back in every message of a template
 def _href_span(tag: str) -> tuple[int, int, str] | None:
     """(start, end, unescaped value) of the first href attribute of a start tag."""
     position = 2  # after "<a"
@@ -206,7 +250,7 @@ def instrument_html(
     are rewritten; mailto:, tel:, #anchors, other hosts and links already pointing at the
     unsubscribe or tracking paths stay as they are. `key` is `tracking_key(settings)`."""
     base_url = base_url.rstrip("/")
-    hosts = [*allowed_hosts, *filter(None, [urlsplit(base_url).hostname])]
+    hosts = (*allowed_hosts, *filter(None, [urlsplit(base_url).hostname]))
     result = html_text
     if clicks:
         result = _rewrite_links(result, token=token, base_url=base_url, hosts=hosts, key=key)
@@ -219,31 +263,28 @@ def instrument_html(
     return result
 
 
-def _rewrite_links(html_text: str, *, token: str, base_url: str, hosts: list[str], key: bytes) -> str:
-    finder = _AnchorFinder()
-    finder.feed(html_text)
-    finder.close()
-    # HTMLParser counts lines by "\n" alone (not by str.splitlines' other separators).
-    line_starts = [0, *(match.end() for match in re.finditer("\n", html_text))]
+def _rewrite_links(html_text: str, *, token: str, base_url: str, hosts: tuple[str, ...], key: bytes) -> str:
     untouched = tuple(f"{base_url}{path}" for path in (UNSUBSCRIBE_PATH, OPEN_PATH, CLICK_PATH))
-
     pieces: list[str] = []
     done = 0
-    for line, column, tag in finder.anchors:
-        start = line_starts[line - 1] + column
-        if html_text[start : start + len(tag)] != tag:
-            continue  # the parser and our offsets disagree (odd line endings): leave the link alone
+    for start, tag in _anchor_tags(html_text):
         span = _href_span(tag)
         if span is None:
             continue
         value_start, value_end, url = span
-        if url.startswith(untouched) or not host_allowed(redirect_target_host(url), hosts):
+        if not _tracked(url, untouched, hosts):
             continue
         tracked = html.escape(click_url(key, base_url, token, url), quote=True)
         pieces += [html_text[done : start + value_start], f'"{tracked}"']
         done = start + value_end
     pieces.append(html_text[done:])
     return "".join(pieces)
+
+
+@functools.lru_cache(maxsize=4096)
+def _tracked(url: str, untouched: tuple[str, ...], hosts: tuple[str, ...]) -> bool:
+    """Whether a link goes through the click redirect: decided once per link, not per message."""
+    return not url.startswith(untouched) and host_allowed(redirect_target_host(url), hosts)
 
 
 def instrument_email(settings: Settings, html_text: str, delivery: TrackedDelivery) -> str:
