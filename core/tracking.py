@@ -328,8 +328,9 @@ def unsubscribe_url(settings: Settings, user_id: str, category: str) -> str:
 
 
 def list_unsubscribe_headers(settings: Settings, user_id: str, category: str) -> dict[str, str]:
+    return unsubscribe_headers(unsubscribe_url(settings, user_id, category))
+
+
+def unsubscribe_headers(url: str) -> dict[str, str]:
     """RFC 2369 List-Unsubscribe with RFC 8058 one-click: mail clients POST to the URL."""
-    return {
-        "List-Unsubscribe": f"<{unsubscribe_url(settings, user_id, category)}>",
-        "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
-    }
+    return {"List-Unsubscribe": f"<{url}>", "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}

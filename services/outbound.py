@@ -7,7 +7,7 @@ import html as html_lib
 from dataclasses import dataclass, field
 
 from core.config import Settings
-from core.tracking import TrackedDelivery, instrument_email, list_unsubscribe_headers, unsubscribe_url
+from core.tracking import TrackedDelivery, instrument_email, unsubscribe_headers, unsubscribe_url
 
 
 @dataclass(frozen=True)
@@ -23,8 +23,9 @@ def finish_email(
     headers: dict[str, str] = {}
     if category not in settings.transactional_categories:
         url = unsubscribe_url(settings, user_id, category)
-        # RFC 8058: mail clients show their own one-click button from these headers.
-        headers = list_unsubscribe_headers(settings, user_id, category)
+        # RFC 8058: mail clients show their own one-click button from these headers (the
+        # link's URL: one signed token per message).
+        headers = unsubscribe_headers(url)
         text = f"{text.rstrip()}\n\n--\nUnsubscribe from these emails: {url}\n"
         if html:
             link = (
