@@ -10,7 +10,9 @@ UTF-8 bodies), a fraction of the cost.
 from __future__ import annotations
 
 import binascii
+import functools
 import hashlib
+import time
 from email.header import Header
 from email.utils import formataddr, formatdate, parseaddr
 
@@ -21,11 +23,18 @@ def _header_value(value: str) -> str:
     return Header(value, "utf-8").encode()
 
 
+@functools.lru_cache(maxsize=64)  # a provider's sender: the same in every message it sends
 def _address(value: str) -> str:
     name, address = parseaddr(value)
     if name and not name.isascii():
         return formataddr((Header(name, "utf-8").encode(), address))
     return value
+
+
+@functools.lru_cache(maxsize=2)
+def _date(second: int) -> str:
+    # Formatted once a second, not per message: the header has no finer resolution.
+    return formatdate(second, usegmt=True)
 
 
 def _qp(text: str) -> bytes:
@@ -47,7 +56,7 @@ def build_message(
         f"From: {_address(sender)}",
         f"To: {to}",
         f"Subject: {_header_value(subject)}",
-        f"Date: {formatdate(usegmt=True)}",
+        f"Date: {_date(int(time.time()))}",
         f"Message-ID: {message_id}",
         "MIME-Version: 1.0",
     ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 import ssl
 from collections.abc import Awaitable
 from email.utils import parseaddr
@@ -229,7 +230,16 @@ async def _step(stage: str, command: Awaitable[object]) -> None:
         raise _Reply(stage, err.code, err.message) from err
 
 
+# The shape of nearly every address: dot-separated runs of letters, digits and "_%+-".
+# email.utils.parses these to themselves; recognising them here saves parsing (8 us) per message.
+_PLAIN_ADDRESS = re.compile(r"[A-Za-z0-9_%+-]+(?:\.[A-Za-z0-9_%+-]+)*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*")
+
+
 def _is_bare_address(address: str) -> bool:
+    return _PLAIN_ADDRESS.fullmatch(address) is not None or _parses_to_itself(address)
+
+
+def _parses_to_itself(address: str) -> bool:
     try:
         return "@" in address and parse_address(address) == address and not any(c.isspace() for c in address)
     except ValueError:
