@@ -6,6 +6,7 @@ import uuid
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.contracts import NotificationInput
@@ -15,6 +16,39 @@ notifications = Notification.__table__  # type: ignore[attr-defined]
 deliveries = Delivery.__table__  # type: ignore[attr-defined]
 dead_letters = DeadLetter.__table__  # type: ignore[attr-defined]
 recipients = Recipient.__table__  # type: ignore[attr-defined]
+
+
+class DecodedTextArray(sa.types.UserDefinedType[list[str]]):
+    """A text[] column read as the driver decodes it (asyncpg: a list of str). pg.ARRAY has a
+    result processor that copies every value, and one column with a processor is enough for
+    SQLAlchemy to run its processor loop over every row of the result."""
+
+    cache_ok = True
+
+    def get_col_spec(self, **kw: Any) -> str:
+        return "TEXT[]"
+
+
+# What sending to a recipient reads of the row: delivery.decide (contacts, opted-out channels,
+# quiet hours, time zone), a template's {{ recipient.* }} (core.templating.RECIPIENT_FIELDS)
+# and its locale, the delivery and history rows (id, user_id, country). A campaign batch loads
+# thousands of recipients at once: without what no send reads (follows, dead push tokens,
+# timestamps), which can be most of a row, and with arrays as decoded.
+SEND_COLUMNS = (
+    "id", "user_id", "name", "email", "phone", "push_tokens", "locale", "timezone", "country",
+    "opted_out_channels", "attributes", "tags", "quiet_hours_start", "quiet_hours_end",
+)  # fmt: skip
+
+
+def select_recipients_to_send() -> sa.Select[Any]:
+    """SELECT of the recipients' SEND_COLUMNS (add the WHERE)."""
+    return sa.select(*(_as_decoded(recipients.c[name]) for name in SEND_COLUMNS))
+
+
+def _as_decoded(column: sa.Column[Any]) -> sa.ColumnElement[Any]:
+    if isinstance(column.type, pg.ARRAY):
+        return sa.type_coerce(column, DecodedTextArray()).label(column.name)
+    return column
 
 
 def notification_row(request: NotificationInput, workflow_id: str) -> dict[str, Any]:

@@ -41,7 +41,7 @@ from core.contracts import (
     ZoneStart,
 )
 from core.errors import NotFound
-from core.queries import recipients
+from core.queries import recipients, select_recipients_to_send
 from core.templating import RenderError, TemplateContent, checked_variables, render_for_recipient
 from core.tracking import CampaignSend
 from services import campaign_store as store
@@ -345,7 +345,7 @@ class CampaignSender:
         span: tracing.Span,
     ) -> BatchResult:
         async with self._engine.connect() as conn:
-            query = sa.select(recipients).where(
+            query = select_recipients_to_send().where(
                 store.segment_condition(spec.segment),
                 recipients.c.id > batch.after_id,
                 recipients.c.id <= batch.upto_id,

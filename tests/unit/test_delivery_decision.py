@@ -7,13 +7,25 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
+from dataclasses import fields as dataclass_fields
 from datetime import UTC, datetime
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
 from core.config import Settings
 from core.contracts import ProviderRoute
-from core.templating import Rendered, RenderedEmail, RenderedPush, RenderedSms
+from core.queries import SEND_COLUMNS
+from core.templating import (
+    RECIPIENT_FIELDS,
+    Rendered,
+    RenderedEmail,
+    RenderedPush,
+    RenderedSms,
+    TemplateContent,
+    render_for_recipient,
+)
 from core.tracking import InstantDelivery
 from services.delivery import (
     Choices,
@@ -189,3 +201,24 @@ def test_compose_finishes_marketing_email_with_unsubscribe_and_leaves_other_chan
     assert transactional.data["headers"] == {}
     sms = Content("", "Hi", {})
     assert compose(SETTINGS, sms, channel="sms", user_id="u-1", category="news", delivery=delivery) is sms
+
+
+def test_a_campaign_batchs_recipient_columns_are_enough_to_decide_and_render() -> None:
+    # A campaign batch loads only SEND_COLUMNS: a row of exactly those (reading anything else
+    # fails) goes through every branch of the decision and every field a template may use.
+    values: dict[str, Any] = {
+        "id": 1, "user_id": "u-1", "name": "Ann", "email": "ann@example.com", "phone": "+15550001111",
+        "push_tokens": ["t"], "locale": "en", "timezone": "UTC", "country": "FR", "opted_out_channels": [],
+        "attributes": {}, "tags": ["vip"], **QUIET,
+    }  # fmt: skip
+    assert set(values) == set(SEND_COLUMNS)
+    row: Any = SimpleNamespace(**values)
+    choices = Choices(preferences={1: [Preference("news", "sms", False)]}, suppressed={})
+    outcomes = [_decide(row, channel, choices=choices).outcome for channel in ("email", "sms", "push")]
+    assert outcomes == [Outcome.quiet_hours, Outcome.opted_out, Outcome.quiet_hours]
+    assert {field.name for field in dataclass_fields(Person)} <= set(SEND_COLUMNS)
+    html = " ".join(f"{{{{ recipient.{name} }}}}" for name in RECIPIENT_FIELDS)
+    template = TemplateContent.model_validate({"locales": {"en": {"email": {"subject": "Hi", "html": html}}}})
+    rendered = render_for_recipient(template, values, {}, ["email"])
+    assert rendered.email is not None
+    assert rendered.email.html == "u-1 Ann ann@example.com +15550001111 en UTC FR [&#39;vip&#39;] {}"
