@@ -316,7 +316,12 @@ def _compiled(source: str, is_html: bool) -> Any:
     # Keyed by source: identical text in two versions compiles once; a new version's
     # changed text is a new key. Versions are immutable, so nothing ever goes stale.
     env = ENVIRONMENTS.html if is_html else ENVIRONMENTS.text
-    return env.from_string(source)
+    template = env.from_string(source)
+    # Jinja keeps a template's globals as a ChainMap over the environment's and copies them
+    # into every render's context, slowly; ours are set once (_Environments) and flattened
+    # here, a render costs less than half (a campaign renders three parts per message).
+    template.globals = dict(template.globals)
+    return template
 
 
 # --- Variables -----------------------------------------------------------------------------

@@ -87,6 +87,18 @@ def test_english_recipient_gets_english_formats() -> None:
     assert rendered.email is None
 
 
+def test_jinjas_own_globals_render() -> None:
+    # Compiled templates hold a flattened copy of the environment's globals.
+    locales = content().model_dump()["locales"]
+    locales["en"]["sms"]["text"] = (
+        "{% set seen = namespace(n=0) %}{% for i in range(3) %}{% set seen.n = seen.n + i %}{% endfor %}"
+        "{{ seen.n }} {{ dict(a=1)['a'] }}"
+    )
+    rendered = render(content(locales=locales), locale_wanted="en", variables={}, recipient=RECIPIENT, channels=["sms"])
+    assert rendered.sms is not None
+    assert rendered.sms.text == "3 1"
+
+
 @pytest.mark.parametrize(
     ("source", "expected"),
     [
