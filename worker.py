@@ -279,7 +279,8 @@ class MarqueeWorker:
     async def shutdown(self) -> None:
         """Every task queue stops polling at once (no provider worker is started after), then
         running activities share one grace period, MARQUEE_WORKER_SHUTDOWN_SECONDS; those still
-        running then are cancelled, and Temporal retries them on another worker."""
+        running then are cancelled, and Temporal retries them on another worker. A local send
+        runs to its end (its own timeout): it is part of a workflow task, not handed back."""
         async with self._refreshing:
             self._stopping = True
         providers = [worker for pairs in self._providers.values() for worker, _ in pairs]

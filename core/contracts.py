@@ -110,6 +110,9 @@ class ProviderRoute(BaseModel):
 
     provider: str
     task_queue: str
+    # No rate limit to share across workers: the send may run as a local activity of the
+    # workflow's own worker (the provider's max_concurrency then holds per worker in-process).
+    local: bool = False
 
 
 class ChannelPlan(BaseModel):
@@ -136,6 +139,9 @@ class HistoryTags(BaseModel):
     country: str = ""
     timezone: str = ""
     occurrence: str = ""  # a dead-letter replay's run: its events repeat the original's statuses
+    # Set when prepare left the channels' `pending` (accepted) events to be recorded with each
+    # channel's outcome: a send then waits for no ClickHouse write before it goes out.
+    accepted_at: datetime | None = None
 
 
 class DeliveryPlan(BaseModel):

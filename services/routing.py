@@ -58,6 +58,9 @@ class LoadedProvider:
     # Campaign batches pace themselves with this, per worker process; instant sends are
     # paced by the Temporal server through the provider's task queue.
     limiter: AsyncLimiter | None
+    # Instant sends in flight at once in this process (max_concurrency): the provider
+    # queue's worker bounds them too, a local send only by this.
+    slots: asyncio.Semaphore
 
 
 class ProviderDirectory:
@@ -131,14 +134,16 @@ class ProviderDirectory:
                 logger.error("provider could not be built", provider=name, error=str(err))
                 continue
             rate = record.rate_limit_per_second
-            loaded = LoadedProvider(record, provider, AsyncLimiter(1, 1 / rate) if rate else None)
+            loaded = LoadedProvider(record, provider, AsyncLimiter(1, 1 / rate) if rate else None,
+                                    asyncio.Semaphore(record.max_concurrency))  # fmt: skip
             self._loaded[name] = loaded
             started.append(loaded)
         # Worked out once per refresh: campaign batches ask for every message they send.
         chain = sorted((loaded.record for loaded in self._loaded.values()), key=lambda r: (r.priority, r.name))
         self._routes = {}
         for record in chain:
-            route = ProviderRoute(provider=record.name, task_queue=task_queue_for(self.base_queue, record.name))
+            route = ProviderRoute(provider=record.name, task_queue=task_queue_for(self.base_queue, record.name),
+                                  local=not record.rate_limit_per_second)  # fmt: skip
             self._routes.setdefault(record.channel, []).append(route)
         return started, retired
 

@@ -4,6 +4,7 @@ activities call these; what goes wrong comes back as a SendFailure naming its ki
 
 from __future__ import annotations
 
+from contextlib import AbstractAsyncContextManager, nullcontext
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -53,7 +54,7 @@ from core.tracking import InstantDelivery
 from services import breaker, delivery, metrics
 from services import preferences as prefs
 from services.delivery_events import apply_early_events
-from services.history import HistorySubject, HistoryWriter
+from services.history import HistoryRow, HistorySubject, HistoryWriter
 from services.providers import message_cost
 from services.routing import ProviderDirectory
 from services.templates import PinnedVersions, TemplateNotFound
@@ -187,11 +188,15 @@ class InstantSender:
         )
         # The accepted time of the notification, so that a retried prepare writes the same row.
         at = datetime.now(UTC) if request.replay_of is not None or accepted_at is None else accepted_at
-        subject = _subject(request, tags)
-        await self._history.record(
-            [subject.event(plan.channel, _recorded_status(plan), event_time=at) for plan in plans]
-        )
         quiet = [decision.until for decision in decisions if decision.until is not None]
+        events = [(plan.channel, _recorded_status(plan)) for plan in plans]
+        if not quiet:
+            # Sent now: each pending channel's accepted event goes with its outcome (the
+            # activities below), so the send does not wait on this write.
+            tags.accepted_at = at
+            events = [(channel, status) for channel, status in events if status != DeliveryStatus.pending.value]
+        subject = _subject(request, tags)
+        await self._history.record([subject.event(channel, status, event_time=at) for channel, status in events])
         logger.info("notification prepared", send=[plan.channel for plan in plans if plan.skip_reason is None],
                     skip={plan.channel: _recorded_status(plan) for plan in plans if plan.skip_reason is not None},
                     deferred=bool(quiet))  # fmt: skip
@@ -294,9 +299,12 @@ class InstantSender:
             idempotency_key=f"{request.idempotency_key}:{request.channel}",
             data=request.data,
         )
+        loaded = self._directory.loaded.get(name)
+        slots: AbstractAsyncContextManager[Any] = loaded.slots if loaded else nullcontext()
         try:
             with metrics.provider_call(request.channel, name):
-                receipt = await self._directory.send(name, provider, message)
+                async with slots:
+                    receipt = await self._directory.send(name, provider, message)
         except InvalidAddressError as err:
             await retire_address(
                 self._engine, request.channel, request.user_id, err.address or request.address, str(err)
@@ -314,7 +322,9 @@ class InstantSender:
             if isinstance(err, ProviderUnavailableError):
                 raise SendFailure(str(err), PROVIDER_UNAVAILABLE, final=True) from err
             raise self._transient(str(err), name, failures, request, err.retry_after) from err
-        await self._directory.succeeded(name, was_open=True)
+        # Written only when a circuit may need closing (the probe of a skippable route, or
+        # one this process saw open): not a PostgreSQL transaction per message.
+        await self._directory.succeeded(name, was_open=request.may_skip or await self._directory.is_open(name))
 
         async with self._engine.begin() as conn:
             await lock_notification(conn, request.notification_id)
@@ -401,11 +411,12 @@ class InstantSender:
             await refresh_notification_status(conn, failure.notification_id)
         metrics.FAILED.labels(failure.channel, failed.provider or "", "instant").inc()
         logger.warning("notification dead-lettered", channel=failure.channel, reason=failure.reason, attempts=attempts)
-        event = _subject(failure.request, failure.tags).event(
+        subject = _subject(failure.request, failure.tags)
+        event = subject.event(
             failure.channel, "failed", attempt=attempts, error=failure.error,
             error_class=error_class(failure.reason, failure.error), event_time=failed.failed_at,
         )  # fmt: skip
-        await self._history.record([event])
+        await self._history.record([*_accepted(subject, failure.tags, failure.channel), event])
 
     async def record_cancelled(self, cancel: CancelInput) -> None:
         """A cancelled run leaves its unsent channels `cancelled`, not pending forever."""
@@ -429,8 +440,9 @@ class InstantSender:
             )
         logger.info("notification cancelled", channels=[row.channel for row in cancelled])
         subject = _subject(cancel, cancel.tags)
-        await self._history.record([subject.event(row.channel, "cancelled", event_time=row.updated_at)
-                                    for row in cancelled])  # fmt: skip
+        await self._history.record([event for row in cancelled for event in (
+            *_accepted(subject, cancel.tags, row.channel), subject.event(row.channel, "cancelled",
+                                                                         event_time=row.updated_at))])  # fmt: skip
 
     async def _note_error(self, request: SendInput, error: str, *, failed: bool) -> int:
         """Keep the last error on the delivery; count it when it is the provider's failure."""
@@ -452,14 +464,24 @@ class InstantSender:
         """The `sent` event at the stored sent_at, with the provider's price (so a retry
         writes the same row, which the history writer then drops)."""
         loaded = self._directory.loaded.get(provider)
-        event = _subject(request, request.tags).event(request.channel, "sent", provider=provider, attempt=attempt,
-                                                      event_time=sent_at,
-                                                      **message_cost(loaded.record if loaded else None))  # fmt: skip
-        await self._history.record([event])
+        subject = _subject(request, request.tags)
+        event = subject.event(request.channel, "sent", provider=provider, attempt=attempt, event_time=sent_at,
+                              **message_cost(loaded.record if loaded else None))  # fmt: skip
+        await self._history.record([*_accepted(subject, request.tags, request.channel), event])
 
 
 def _subject(request: NotificationInput | SendInput | CancelInput, tags: HistoryTags) -> HistorySubject:
-    return HistorySubject(str(request.notification_id), request.user_id, request.category, **tags.model_dump())
+    return HistorySubject(
+        str(request.notification_id), request.user_id, request.category, **tags.model_dump(exclude={"accepted_at"})
+    )
+
+
+def _accepted(subject: HistorySubject, tags: HistoryTags, channel: str) -> list[HistoryRow]:
+    """The channel's accepted event when prepare left it to the outcome (the same row each
+    time: a retried step's copy is dropped as a duplicate)."""
+    if tags.accepted_at is None:
+        return []
+    return [subject.event(channel, DeliveryStatus.pending.value, event_time=tags.accepted_at)]
 
 
 def error_class(reason: str, error: str) -> str:

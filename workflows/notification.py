@@ -7,7 +7,7 @@ from datetime import timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
+from temporalio.exceptions import ActivityError, ApplicationError, FailureError, is_cancelled_exception
 
 with workflow.unsafe.imports_passed_through():
     from activities.notifications import NotificationActivities
@@ -33,6 +33,9 @@ BOOKKEEPING_TIMEOUT = timedelta(seconds=30)
 # Throttled attempts (429, SMTP 421) do not spend the failure budget; this bounds them.
 THROTTLED_ATTEMPTS = 50
 NOT_RETRIED = [PERMANENT_ERROR, CIRCUIT_OPEN, PROVIDER_UNAVAILABLE, FAILURES_EXHAUSTED]
+# Runs started before this change sent every channel as a regular activity; they replay so.
+LOCAL_SEND = "send-as-local-activity"
+RETRY_ON_TIMER = timedelta(milliseconds=1)  # a zero threshold would mean the SDK's default (1 min)
 
 
 @workflow.defn(name=NOTIFICATION_WORKFLOW)
@@ -90,10 +93,12 @@ class NotificationWorkflow:
             last = index == len(routes) - 1
             try:
                 result = await self._send(request, plan, route, last)
-            except ActivityError as err:
+            except FailureError as err:
+                # A regular activity's failure is an ActivityError around its cause; a local
+                # activity's arrives as the cause itself.
                 if is_cancelled_exception(err):
                     raise asyncio.CancelledError from err  # the run was cancelled, not the channel
-                cause = err.cause
+                cause = err.cause if isinstance(err, ActivityError) else err
                 kind = cause.type if isinstance(cause, ApplicationError) else None
                 if kind == PERMANENT_ERROR:
                     await self._fail(request, plan.channel, _message(err), "rejected by provider")
@@ -113,35 +118,52 @@ class NotificationWorkflow:
     ) -> SendResult:
         retry = request.retry
         assert plan.address is not None
+        send = SendInput(
+            notification_id=request.notification_id,
+            idempotency_key=request.idempotency_key,
+            channel=plan.channel,
+            address=plan.address,
+            user_id=request.user_id,
+            category=request.category,
+            title=plan.title if plan.title is not None else request.title or "",
+            body=plan.body if plan.body is not None else request.body or "",
+            data=plan.data if plan.data is not None else request.data,
+            provider=route.provider if route else None,
+            max_failures=retry.max_attempts if last else retry.failover_after,
+            may_skip=not last,
+            tags=self._tags,
+        )
+        retry_policy = RetryPolicy(
+            initial_interval=timedelta(seconds=retry.initial_seconds),
+            backoff_coefficient=2.0,
+            maximum_interval=timedelta(seconds=retry.max_seconds),
+            # The activity counts real failures itself (against max_failures); this
+            # also bounds throttled attempts and timeouts.
+            maximum_attempts=retry.max_attempts + THROTTLED_ATTEMPTS,
+            non_retryable_error_types=NOT_RETRIED,
+        )
+        timeout = timedelta(seconds=retry.timeout_seconds)
+        if (route is None or route.local) and workflow.patched(LOCAL_SEND):
+            # No rate limit shared across workers: the send runs here, inside the workflow
+            # task, so a notification costs one task instead of three server round trips.
+            # Each retry waits on a durable timer rather than inside the worker (the default for
+            # backoffs under a minute): a stopping worker is not held by a retrying send, and a
+            # restarted one carries on where the history says.
+            return await workflow.execute_local_activity_method(
+                NotificationActivities.send,
+                send,
+                start_to_close_timeout=timeout,
+                retry_policy=retry_policy,
+                local_retry_threshold=RETRY_ON_TIMER,
+            )
+        # A provider's rate limit holds across workers on its own task queue (the server paces it).
         return await workflow.execute_activity_method(
             NotificationActivities.send,
-            SendInput(
-                notification_id=request.notification_id,
-                idempotency_key=request.idempotency_key,
-                channel=plan.channel,
-                address=plan.address,
-                user_id=request.user_id,
-                category=request.category,
-                title=plan.title if plan.title is not None else request.title or "",
-                body=plan.body if plan.body is not None else request.body or "",
-                data=plan.data if plan.data is not None else request.data,
-                provider=route.provider if route else None,
-                max_failures=retry.max_attempts if last else retry.failover_after,
-                may_skip=not last,
-                tags=self._tags,
-            ),
+            send,
             task_queue=route.task_queue if route else None,
             schedule_to_start_timeout=timedelta(seconds=retry.queue_timeout_seconds) if route else None,
-            start_to_close_timeout=timedelta(seconds=retry.timeout_seconds),
-            retry_policy=RetryPolicy(
-                initial_interval=timedelta(seconds=retry.initial_seconds),
-                backoff_coefficient=2.0,
-                maximum_interval=timedelta(seconds=retry.max_seconds),
-                # The activity counts real failures itself (against max_failures); this
-                # also bounds throttled attempts and timeouts.
-                maximum_attempts=retry.max_attempts + THROTTLED_ATTEMPTS,
-                non_retryable_error_types=NOT_RETRIED,
-            ),
+            start_to_close_timeout=timeout,
+            retry_policy=retry_policy,
         )
 
     async def _fail(self, request: NotificationInput, channel: str, error: str, reason: str) -> None:
@@ -160,6 +182,6 @@ class NotificationWorkflow:
         self._outcomes[channel] = ChannelOutcome(channel=channel, status="failed", error=error)
 
 
-def _message(err: ActivityError) -> str:
-    cause = err.cause
+def _message(err: FailureError) -> str:
+    cause = err.cause if isinstance(err, ActivityError) else err
     return str(cause.message if isinstance(cause, ApplicationError) else cause or err)

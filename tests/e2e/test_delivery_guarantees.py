@@ -392,13 +392,14 @@ async def test_a_send_no_worker_picks_up_moves_to_the_next_provider(
     recipient: dict, stored: Any, gateways: Any, worker: MarqueeWorker, settings: Settings,
     temporal_client: Client, engine: AsyncEngine,
 ) -> None:  # fmt: skip
-    """A provider disabled while sends wait on its queue: they time out there and fail over."""
+    """A provider disabled while sends wait on its queue: they time out there and fail over.
+    (A rate-limited provider: only those send on their own queue; others send locally.)"""
     from core.contracts import NotificationInput, RetryOptions, workflow_id_for
     from workflows.notification import NotificationWorkflow
 
     stuck, backup = gateways(), gateways()
     name_a, name_b = f"sms-gone-{uuid.uuid4().hex[:6]}", f"sms-next-{uuid.uuid4().hex[:6]}"
-    await stored(**_sms_provider(name_a, stuck, 10))
+    await stored(**_sms_provider(name_a, stuck, 10, rate_limit_per_second=100.0))
     await stored(**_sms_provider(name_b, backup, 20))
     await worker._stop_provider(name_a)  # as if another process had just disabled it: nobody polls its queue
 
