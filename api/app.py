@@ -38,6 +38,7 @@ from core.config import Settings
 from core.db import create_engine
 from core.temporal import connect
 from core.tracing import instrument_app, instrument_engine
+from services.admission import Admission
 from services.analytics import AnalyticsReader
 from services.health import LazyHistoryReader
 
@@ -64,7 +65,9 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.temporal = temporal or await connect(settings)
+        if temporal is None:
+            app.state.temporal = await connect(settings)
+            app.state.admission = admission_for(app.state.temporal)
         own_history = None
         if history is None and settings.clickhouse_url:
             # Reads only: the workers apply the ClickHouse migrations and write the rows.
@@ -85,7 +88,15 @@ def create_app(
         summary="Notifications by email, push and SMS, each one a durable Temporal workflow.",
         lifespan=lifespan,
     )
+
+    def admission_for(client: Client) -> Admission:
+        return Admission(client, settings.temporal_task_queue, settings.admission_max_backlog_seconds,
+                         settings.admission_check_seconds)  # fmt: skip
+
     app.state.settings = settings
+    if temporal is not None:  # given (tests, the dev stack): usable without the lifespan too
+        app.state.temporal = temporal
+        app.state.admission = admission_for(temporal)
     app.state.jwt_secret = settings.resolved_jwt_secret()
     app.state.tokens = token_verifier(settings, app.state.jwt_secret)
     app.state.engine = engine

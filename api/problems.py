@@ -271,7 +271,9 @@ def install(app: FastAPI) -> None:
             if isinstance(exc, Invalid)
             else None
         )
-        return problem_response(domain_status(exc), exc.title, exc.detail, errors)
+        retry = exc.retry_after if isinstance(exc, Unavailable) else None
+        headers = {"Retry-After": str(retry)} if retry is not None else None
+        return problem_response(domain_status(exc), exc.title, exc.detail, errors, headers)
 
     @app.exception_handler(Problem)
     async def _problem(_: Request, exc: Problem) -> JSONResponse:

@@ -67,6 +67,10 @@ class Settings(BaseSettings):
     api_port: int = 8000
     public_url: str = "http://127.0.0.1:8000"
     wait_timeout_seconds: float = 30.0
+    # Intake (notifications, events) answers 503 + Retry-After while the oldest new task on the
+    # main task queue waits longer than this (services/admission.py); 0 turns it off.
+    admission_max_backlog_seconds: float = Field(default=2.0, ge=0)
+    admission_check_seconds: float = Field(default=0.25, gt=0)
     jwt_secret: SecretStr | None = None
     jwt_issuer: str = "marquee"
     jwt_ttl_seconds: int = 3600

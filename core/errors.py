@@ -42,9 +42,14 @@ class Conflict(DomainError):
 
 
 class Unavailable(DomainError):
-    """A dependency (Temporal, a provider) did not answer; retrying later may work."""
+    """A dependency (Temporal, a provider) did not answer, or the service is over capacity;
+    retrying later may work (after `retry_after` seconds, when it is known)."""
 
     title = "Unavailable"
+
+    def __init__(self, detail: str, *, title: str | None = None, retry_after: int | None = None) -> None:
+        super().__init__(detail, title=title)
+        self.retry_after = retry_after
 
 
 class StillRunning(DomainError):

@@ -56,7 +56,7 @@ CSV_RESPONSE: dict[int | str, dict[str, Any]] = {
 FILTERS = ("channel", "provider", "campaign_id", "template", "category", "country")
 
 
-def get_reader(request: Request) -> AnalyticsReader:
+async def get_reader(request: Request) -> AnalyticsReader:
     """The history store this process reads: the worker's (one process, dev and tests) or
     its own ClickHouse server connection; chDB cannot be shared between processes."""
     reader: AnalyticsReader | None = request.app.state.history

@@ -6,7 +6,16 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request, Response, status
 
-from api.deps import ConnectionDep, EventPublisher, EventReader, RuleEditor, RuleReader, SettingsDep, TemporalDep
+from api.deps import (
+    Admitted,
+    ConnectionDep,
+    EventPublisher,
+    EventReader,
+    RuleEditor,
+    RuleReader,
+    SettingsDep,
+    TemporalDep,
+)
 from api.routes.audit import ReasonQuery
 from core.events import EventTypeName, RuleDefinition
 from core.schemas import EventActionOut, EventIn, EventOut, EventTypeIn, EventTypeOut, TriggerRuleIn, TriggerRuleOut
@@ -17,7 +26,7 @@ router = APIRouter(tags=["events"])
 TypeName = Annotated[EventTypeName, Path(description="e.g. episode.released")]
 
 
-@router.post("/v1/events", status_code=status.HTTP_202_ACCEPTED, response_model=EventOut)
+@router.post("/v1/events", status_code=status.HTTP_202_ACCEPTED, response_model=EventOut, dependencies=[Admitted])
 async def publish_event(
     body: EventIn,
     request: Request,

@@ -4,7 +4,8 @@ called with a principal of every role."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import asyncio
+from collections.abc import Callable, Coroutine, Iterator
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -179,11 +180,11 @@ def test_an_unknown_action_is_a_mistake_and_an_unknown_role_may_nothing() -> Non
     assert roles("audit.read") == {Role.admin, Role.analyst}
 
 
-def _roles_let_through(guard: Callable[[Principal], Principal]) -> set[Role]:
+def _roles_let_through(guard: Callable[[Principal], Coroutine[Any, Any, Principal]]) -> set[Role]:
     let_through, refusals = set(), []
     for role in Role:
         try:
-            guard(Principal("someone", role))
+            asyncio.run(guard(Principal("someone", role)))
         except HTTPException as err:
             refusals.append(err.status_code)
         else:
@@ -195,7 +196,7 @@ def _roles_let_through(guard: Callable[[Principal], Principal]) -> set[Role]:
 def test_permit_refuses_with_403() -> None:
     assert _roles_let_through(permit("templates.write")) == {Role.admin, M}
     with pytest.raises(HTTPException, match="'analyst' may not do this"):
-        permit("notifications.send")(Principal("a", A))
+        asyncio.run(permit("notifications.send")(Principal("a", A)))
 
 
 @pytest.fixture(scope="module")
@@ -209,15 +210,15 @@ def app(settings: Settings) -> FastAPI:
     return create_app(settings)
 
 
-def _guards(dependant: Dependant) -> Iterator[Callable[[Principal], Principal]]:
+def _guards(dependant: Dependant) -> Iterator[Callable[[Principal], Coroutine[Any, Any, Principal]]]:
     """The dependencies that take the signed-in principal (nested ones included)."""
     for sub in dependant.dependencies:
         if any(inner.call is get_principal for inner in sub.dependencies):
-            yield cast(Callable[[Principal], Principal], sub.call)
+            yield cast(Callable[[Principal], Coroutine[Any, Any, Principal]], sub.call)
         yield from _guards(sub)
 
 
-def _routes(app: FastAPI) -> Iterator[tuple[str, str, list[Callable[[Principal], Principal]]]]:
+def _routes(app: FastAPI) -> Iterator[tuple[str, str, list[Callable[[Principal], Coroutine[Any, Any, Principal]]]]]:
     """Each API route's method and path, with its guards (included routers' routes too)."""
     for route in iter_route_contexts(app.routes):
         if isinstance(route.original_route, APIRoute):
