@@ -83,7 +83,7 @@ class WorkerServices:
 
     def __post_init__(self) -> None:
         self.notifications = NotificationActivities(
-            InstantSender(self.engine, self.directory, self.history, self.settings, self.templates)
+            InstantSender(self.engine, self.directory, self.settings, self.templates)
         )
         self.campaigns = CampaignActivities(
             CampaignSender(

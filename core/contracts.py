@@ -139,9 +139,6 @@ class HistoryTags(BaseModel):
     country: str = ""
     timezone: str = ""
     occurrence: str = ""  # a dead-letter replay's run: its events repeat the original's statuses
-    # Set when prepare left the channels' `pending` (accepted) events to be recorded with each
-    # channel's outcome: a send then waits for no ClickHouse write before it goes out.
-    accepted_at: datetime | None = None
 
 
 class DeliveryPlan(BaseModel):

@@ -53,8 +53,8 @@ from core.templating import RenderError, checked_variables, render_for_recipient
 from core.tracking import InstantDelivery
 from services import breaker, delivery, metrics
 from services import preferences as prefs
-from services.delivery_events import apply_early_events
-from services.history import HistoryRow, HistorySubject, HistoryWriter
+from services.delivery_events import apply_early_events, history_outbox
+from services.history import HistoryRow, HistorySubject
 from services.providers import message_cost
 from services.routing import ProviderDirectory
 from services.templates import PinnedVersions, TemplateNotFound
@@ -93,13 +93,11 @@ class InstantSender:
         self,
         engine: AsyncEngine,
         directory: ProviderDirectory,
-        history: HistoryWriter,
         settings: Settings,
         templates: PinnedVersions | None = None,
     ) -> None:
         self._engine = engine
         self._directory = directory
-        self._history = history
         self._settings = settings
         self._templates = templates or PinnedVersions()
 
@@ -173,30 +171,25 @@ class InstantSender:
                     )
                 )
             await refresh_notification_status(conn, request.notification_id)
+            tags = HistoryTags(
+                run_id=workflow_run_id,
+                template_key=request.template_key or "",
+                template_version=request.template_version or 0,
+                country=(recipient.country or "") if recipient else "",
+                timezone=recipient.timezone if recipient else "",
+                # A replay's events repeat the original run's statuses: its own run tells them apart.
+                occurrence=workflow_run_id if request.replay_of is not None else "",
+            )
+            # The accepted time of the notification, so that a retried prepare writes the same row.
+            at = datetime.now(UTC) if request.replay_of is not None or accepted_at is None else accepted_at
+            subject = _subject(request, tags)
+            await queue_history(conn, [subject.event(plan.channel, _recorded_status(plan), event_time=at)
+                                       for plan in plans])  # fmt: skip
         for plan in plans:
             if _recorded_status(plan) == DeliveryStatus.pending.value:
                 first = self._directory.first_in_line(plan.channel, plan.routes)
                 metrics.ACCEPTED.labels(plan.channel, first, "instant").inc()
-        tags = HistoryTags(
-            run_id=workflow_run_id,
-            template_key=request.template_key or "",
-            template_version=request.template_version or 0,
-            country=(recipient.country or "") if recipient else "",
-            timezone=recipient.timezone if recipient else "",
-            # A replay's events repeat the original run's statuses: its own run tells them apart.
-            occurrence=workflow_run_id if request.replay_of is not None else "",
-        )
-        # The accepted time of the notification, so that a retried prepare writes the same row.
-        at = datetime.now(UTC) if request.replay_of is not None or accepted_at is None else accepted_at
         quiet = [decision.until for decision in decisions if decision.until is not None]
-        events = [(plan.channel, _recorded_status(plan)) for plan in plans]
-        if not quiet:
-            # Sent now: each pending channel's accepted event goes with its outcome (the
-            # activities below), so the send does not wait on this write.
-            tags.accepted_at = at
-            events = [(channel, status) for channel, status in events if status != DeliveryStatus.pending.value]
-        subject = _subject(request, tags)
-        await self._history.record([subject.event(channel, status, event_time=at) for channel, status in events])
         logger.info("notification prepared", send=[plan.channel for plan in plans if plan.skip_reason is None],
                     skip={plan.channel: _recorded_status(plan) for plan in plans if plan.skip_reason is not None},
                     deferred=bool(quiet))  # fmt: skip
@@ -270,8 +263,8 @@ class InstantSender:
             ).first()
         attempt = row.attempts if row is not None else attempt
         if row is not None and row.status in SENT_OR_LATER:
-            # A retry after the provider took it but before the activity completed.
-            await self._record_sent(request, row.provider or "", attempt, row.sent_at)
+            # A retry after the provider took it but before the activity completed (its
+            # history event was queued when it was recorded sent).
             return SendResult(
                 provider=row.provider or "", provider_message_id=row.provider_message_id or "", already_sent=True
             )
@@ -345,12 +338,11 @@ class InstantSender:
                 )
                 .returning(deliveries.c.sent_at)
             )
+            await queue_history(conn, [self._sent_event(request, receipt.provider, attempt, sent_at)])
             # A fast provider may have reported on this message before this commit.
             await apply_early_events(conn, receipt.message_id)
             await refresh_notification_status(conn, request.notification_id)
-        # Counted once PostgreSQL says sent (what the API shows), before the history write.
         metrics.SENT.labels(request.channel, receipt.provider, "instant").inc()
-        await self._record_sent(request, receipt.provider, attempt, sent_at)
         logger.info("notification sent", channel=request.channel, provider=receipt.provider, attempt=attempt)
         return SendResult(provider=receipt.provider, provider_message_id=receipt.message_id)
 
@@ -408,15 +400,14 @@ class InstantSender:
                     },
                 )
             )
+            event = _subject(failure.request, failure.tags).event(
+                failure.channel, "failed", attempt=attempts, error=failure.error,
+                error_class=error_class(failure.reason, failure.error), event_time=failed.failed_at,
+            )  # fmt: skip
+            await queue_history(conn, [event])
             await refresh_notification_status(conn, failure.notification_id)
         metrics.FAILED.labels(failure.channel, failed.provider or "", "instant").inc()
         logger.warning("notification dead-lettered", channel=failure.channel, reason=failure.reason, attempts=attempts)
-        subject = _subject(failure.request, failure.tags)
-        event = subject.event(
-            failure.channel, "failed", attempt=attempts, error=failure.error,
-            error_class=error_class(failure.reason, failure.error), event_time=failed.failed_at,
-        )  # fmt: skip
-        await self._history.record([*_accepted(subject, failure.tags, failure.channel), event])
 
     async def record_cancelled(self, cancel: CancelInput) -> None:
         """A cancelled run leaves its unsent channels `cancelled`, not pending forever."""
@@ -430,6 +421,9 @@ class InstantSender:
                 .returning(deliveries.c.channel, deliveries.c.updated_at)
             )
             cancelled = result.all()
+            subject = _subject(cancel, cancel.tags)
+            await queue_history(conn, [subject.event(row.channel, "cancelled", event_time=row.updated_at)
+                                       for row in cancelled])  # fmt: skip
             await refresh_notification_status(conn, cancel.notification_id)
             # Cancelled before any channel was planned: nothing to summarise, say cancelled.
             await conn.execute(
@@ -439,10 +433,6 @@ class InstantSender:
                 .values(status=DeliveryStatus.cancelled.value, updated_at=sa.func.now())
             )
         logger.info("notification cancelled", channels=[row.channel for row in cancelled])
-        subject = _subject(cancel, cancel.tags)
-        await self._history.record([event for row in cancelled for event in (
-            *_accepted(subject, cancel.tags, row.channel), subject.event(row.channel, "cancelled",
-                                                                         event_time=row.updated_at))])  # fmt: skip
 
     async def _note_error(self, request: SendInput, error: str, *, failed: bool) -> int:
         """Keep the last error on the delivery; count it when it is the provider's failure."""
@@ -460,28 +450,25 @@ class InstantSender:
             )
         return int(failures or 0)
 
-    async def _record_sent(self, request: SendInput, provider: str, attempt: int, sent_at: datetime | None) -> None:
-        """The `sent` event at the stored sent_at, with the provider's price (so a retry
-        writes the same row, which the history writer then drops)."""
+    def _sent_event(self, request: SendInput, provider: str, attempt: int, sent_at: datetime | None) -> HistoryRow:
+        """The `sent` event at the stored sent_at, with the provider's price."""
         loaded = self._directory.loaded.get(provider)
-        subject = _subject(request, request.tags)
-        event = subject.event(request.channel, "sent", provider=provider, attempt=attempt, event_time=sent_at,
-                              **message_cost(loaded.record if loaded else None))  # fmt: skip
-        await self._history.record([*_accepted(subject, request.tags, request.channel), event])
+        return _subject(request, request.tags).event(request.channel, "sent", provider=provider, attempt=attempt,
+                                                     event_time=sent_at,
+                                                     **message_cost(loaded.record if loaded else None))  # fmt: skip
 
 
 def _subject(request: NotificationInput | SendInput | CancelInput, tags: HistoryTags) -> HistorySubject:
-    return HistorySubject(
-        str(request.notification_id), request.user_id, request.category, **tags.model_dump(exclude={"accepted_at"})
-    )
+    return HistorySubject(str(request.notification_id), request.user_id, request.category, **tags.model_dump())
 
 
-def _accepted(subject: HistorySubject, tags: HistoryTags, channel: str) -> list[HistoryRow]:
-    """The channel's accepted event when prepare left it to the outcome (the same row each
-    time: a retried step's copy is dropped as a duplicate)."""
-    if tags.accepted_at is None:
-        return []
-    return [subject.event(channel, DeliveryStatus.pending.value, event_time=tags.accepted_at)]
+async def queue_history(conn: AsyncConnection, events: list[HistoryRow]) -> None:
+    """Queue history events in the transaction that records what they say: the workers' outbox
+    shipper moves them to ClickHouse in large batches (services.history.ship_outbox), so no
+    step waits for a ClickHouse insert, and none is lost if the process dies after the commit.
+    A step run twice queues the same events again; ClickHouse drops them by event id."""
+    if events:
+        await conn.execute(sa.insert(history_outbox), [{"row": event.as_json()} for event in events])
 
 
 def error_class(reason: str, error: str) -> str:
