@@ -9,6 +9,7 @@ after DATA was sent is not (the server may have queued the message already).
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import re
 import ssl
@@ -17,7 +18,7 @@ from email.utils import parseaddr
 from typing import TypeVar
 
 import aiosmtplib
-from aiosmtplib.email import parse_address
+from aiosmtplib.email import parse_address, quote_address
 
 from channels.base import (
     DEFAULT_THROTTLE_SECONDS,
@@ -196,8 +197,12 @@ class SmtpProvider:
                 raise PermanentSendError("non-ASCII address and the SMTP server does not offer SMTPUTF8")
             if conn.supports_extension("size"):
                 options.append(f"SIZE={len(raw)}")
-            await _step("MAIL", conn.mail(self._envelope_from, options=options, encoding=encoding))
-            await _step("RCPT", conn.rcpt(address, encoding=encoding))
+            # MAIL and RCPT as aiosmtplib's mail() and rcpt() send them, without parsing both
+            # addresses again for every message: the sender is quoted once, and a bare
+            # address (checked in send()) is its own parse.
+            arguments = [option.encode("ascii") for option in options]
+            await _command(conn, "MAIL", b"FROM:" + self._mail_from.encode(encoding), *arguments)
+            await _command(conn, "RCPT", b"TO:<" + address.encode(encoding) + b">", accepted=(250, 251))
         except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as err:
             raise _DroppedBeforeData(err) from err
         except _Reply as reply:
@@ -208,6 +213,10 @@ class SmtpProvider:
             raise
         # From here on a lost connection may follow an accepted message: never retried.
         await _step("DATA", conn.data(raw))
+
+    @functools.cached_property
+    def _mail_from(self) -> str:
+        return quote_address(self._envelope_from)  # a sender it refuses fails every send, as before
 
     async def _release_after_error(self, conn: aiosmtplib.SMTP, error: Exception) -> None:
         """Keep a healthy session after a clean refusal (bulk mail meets many dead addresses);
@@ -221,6 +230,12 @@ class SmtpProvider:
                 self._idle.put_nowait(conn)
                 return
         _discard(conn)
+
+
+async def _command(conn: aiosmtplib.SMTP, stage: str, *arguments: bytes, accepted: tuple[int, ...] = (250,)) -> None:
+    response = await conn.execute_command(stage.encode(), *arguments)
+    if response.code not in accepted:
+        raise _Reply(stage, response.code, response.message)
 
 
 async def _step(stage: str, command: Awaitable[object]) -> None:

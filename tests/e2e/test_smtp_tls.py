@@ -288,6 +288,18 @@ async def test_throttle_seconds_is_configurable(plain: tuple[Handler, int]) -> N
     assert caught.value.retry_after == 0.5
 
 
+async def test_the_envelope_carries_the_bare_sender_and_recipient(plain: tuple[Handler, int]) -> None:
+    handler, port = plain
+    sender = provider(port)
+    try:
+        await sender.send(mail("envelope+tag@example.com"))
+    finally:
+        await sender.close()
+    [envelope] = [envelope for envelope, _ in handler.messages if envelope.rcpt_tos == ["envelope+tag@example.com"]]
+    assert envelope.mail_from == "news@marquee.test"
+    assert [option.split("=")[0] for option in envelope.mail_options] == ["SIZE"]
+
+
 async def test_a_refused_recipient_keeps_the_pooled_connection(plain: tuple[Handler, int]) -> None:
     handler, port = plain
     handler.refuse["gone@example.com"] = "550 5.1.1 No such user"
