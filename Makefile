@@ -45,6 +45,10 @@ lock: install ## re-resolve requirements.lock after changing dependencies in pyp
 # and docs/benchmarks/*.png. `make bench BENCH_PROFILE=--profile` adds py-spy on the API and worker.
 BENCH_PROFILE ?=
 bench: install ## measure against the machine's ceilings: campaigns (1 and 2 workers, naive), instant (open loop), events, analytics (docs/benchmarks.md)
+	@# Bytecode as an installed package has it (pip compiles; the editable install does not, and
+	@# PYTHONDONTWRITEBYTECODE machines never write it): the workflow sandbox re-imports workflow
+	@# modules for every run, and would compile them from source each time.
+	$(BIN)/python -m compileall -q activities admin api channels core entrypoints services workflows worker.py
 	$(BIN)/python -m bench.ceilings --smtp-messages 100000 --workflows 600
 	$(BIN)/python -m bench.campaign --recipients 100000 --workers 1,2 --naive 2000 $(BENCH_PROFILE)
 	$(BIN)/python -m bench.instant --rates 25,50,100,150 --duration 20 $(BENCH_PROFILE)

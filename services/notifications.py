@@ -41,6 +41,8 @@ from services.templates import TemplateNotFound
 _KEY_NAMESPACE = uuid.UUID("6f6b1c5e-6d61-7271-7565-650000000001")
 
 logger = structlog.get_logger("marquee.notifications")
+# One statement, its values bound as parameters: compiled once, not per request.
+_INSERT = insert(notifications).on_conflict_do_nothing().returning(notifications.c.id)
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,9 @@ class Submission:
 class Submitted:
     notification_id: uuid.UUID
     replayed: bool  # the key was used before: this is the notification it made
+    # A new notification's row as accepted (no channel planned yet): what the caller can
+    # answer with without reading it back. None for a replay.
+    accepted: Page | None = None
 
 
 @dataclass(frozen=True)
@@ -134,8 +139,9 @@ async def submit(
         retry=retry_options(settings),
         priority=submission.priority,
     )
-    if await _create(conn, temporal, settings, workflow_input):
-        return Submitted(notification_id, replayed=False)
+    accepted = await _create(conn, temporal, settings, workflow_input)
+    if accepted is not None:
+        return Submitted(notification_id, replayed=False, accepted=Page([accepted], {notification_id: []}, None))
     # A concurrent request with the same key won the insert.
     await conn.rollback()
     await _replay(conn, notification_id, digest, idempotency_key)
@@ -251,17 +257,13 @@ async def _replay(conn: AsyncConnection, notification_id: uuid.UUID, digest: str
 
 async def _create(
     conn: AsyncConnection, temporal: Client, settings: Settings, workflow_input: NotificationInput
-) -> bool:
-    """Insert the row and start its workflow in one transaction; False if the key exists."""
+) -> sa.Row[Any] | None:
+    """Insert the row and start its workflow in one transaction: the row as committed, or
+    None if the key exists."""
     notification_id = workflow_input.notification_id
-    inserted = await conn.scalar(
-        insert(notifications)
-        .values(notification_row(workflow_input, workflow_id_for(notification_id)))
-        .on_conflict_do_nothing()
-        .returning(notifications.c.id)
-    )
+    inserted = await conn.scalar(_INSERT, notification_row(workflow_input, workflow_id_for(notification_id)))
     if inserted is None:
-        return False
+        return None
     # Start inside the transaction: if the start fails, the row is rolled back and the
     # caller may retry; if the commit fails after the start, the workflow writes the row.
     try:
@@ -273,11 +275,18 @@ async def _create(
     except RPCError as err:
         await conn.rollback()
         raise Unavailable(f"could not start the notification: {err.message}", title="Temporal unavailable") from err
-    await conn.execute(notifications.update().where(notifications.c.id == notification_id).values(run_id=run_id))
+    accepted = (
+        await conn.execute(
+            notifications.update()
+            .where(notifications.c.id == notification_id)
+            .values(run_id=run_id)
+            .returning(*notifications.c)
+        )
+    ).one()
     await conn.commit()
     logger.info("notification accepted", notification_id=str(notification_id), channels=workflow_input.channels,
                 workflow_id=workflow_id_for(notification_id), category=workflow_input.category)  # fmt: skip
-    return True
+    return accepted
 
 
 async def _check_recipient(conn: AsyncConnection, submission: Submission) -> None:

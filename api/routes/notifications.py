@@ -69,7 +69,8 @@ async def create_notification(
             temporal, workflow_id_for(submitted.notification_id), settings.wait_timeout_seconds
         )
         response.status_code = status.HTTP_200_OK
-    [found] = _present(await service.get(conn, submitted.notification_id), _base_url(request))
+    page = submitted.accepted if submitted.accepted is not None and not wait else None
+    [found] = _present(page or await service.get(conn, submitted.notification_id), _base_url(request))
     response.headers["Location"] = found.links["self"]
     return found
 
