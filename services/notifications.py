@@ -160,6 +160,9 @@ async def start_workflow(
         task_queue=settings.temporal_task_queue,
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
         id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+        # Where this process also runs a worker on the queue (`marquee dev`), the server hands
+        # the first workflow task straight back: no poll round trip. Elsewhere it has no effect.
+        request_eager_start=True,
     )
     return handle.result_run_id or ""
 
