@@ -236,6 +236,12 @@ def marquee_env(
     return env
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (/proc/PID/stat, its own threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class MarqueeChild:
     """`marquee <command>` as its own process, output in files under `logs`."""
 

@@ -38,6 +38,7 @@ import httpx
 from bench.common import (
     MarqueeChild,
     Profiler,
+    cpu_seconds,
     drop_database,
     fresh_database,
     in_process_stack,
@@ -72,17 +73,24 @@ async def _drive(
             (await api.post("/v1/recipients/batch", json=batch)).raise_for_status()
 
         latencies: list[float] = []
+        shed = 0
         queue: asyncio.Queue[int] = asyncio.Queue()
         for n in range(count):
             queue.put_nowait(n)
 
         async def client() -> None:
+            nonlocal shed
             while not queue.empty():
                 n = queue.get_nowait()
                 body = {"user_id": f"bench-{n}", "type": "bench", "channels": ["email"], "title": f"#{n}", "body": "x"}
-                started = time.perf_counter()
-                response = await api.post("/v1/notifications", json=body)
-                latencies.append(time.perf_counter() - started)
+                while True:
+                    started = time.perf_counter()
+                    response = await api.post("/v1/notifications", json=body)
+                    latencies.append(time.perf_counter() - started)
+                    if response.status_code not in (429, 503):
+                        break
+                    shed += 1  # over capacity: the client waits as told, then sends it again
+                    await asyncio.sleep(float(response.headers.get("Retry-After", "1")))
                 response.raise_for_status()
 
         began = time.perf_counter()
@@ -99,6 +107,7 @@ async def _drive(
         "api_accept_per_s": count / accepted_in,
         "api_p50_ms": statistics.median(latencies) * 1000,
         "api_p95_ms": latencies[int(len(latencies) * 0.95) - 1] * 1000,
+        "shed": shed,
         "end_to_end_per_s": count / delivered_in,
         "end_to_end_per_min": count / delivered_in * 60,
     }
@@ -147,7 +156,9 @@ async def open_loop(rates: list[float], duration: float, drain: float, profile: 
             first_user = 0
             results = []
             for rate in rates:
-                results.append(await _offered_rate(http, db, rate, duration, drain, first_user, (api, worker)))
+                results.append(
+                    await _offered_rate(http, db, rate, duration, drain, first_user, (api, worker), temporal.pid)
+                )
                 first_user += int(rate * duration)
                 print(_rate_line(results[-1]), flush=True)
         profiles = {name: profiler.stop() for name, profiler in profilers.items()}
@@ -187,9 +198,14 @@ async def _offered_rate(
     drain: float,
     first_user: int,
     children: tuple[MarqueeChild, ...],
+    temporal_pid: int,
 ) -> dict[str, Any]:
-    """Fire rate x duration requests on schedule, then wait for their deliveries."""
+    """Fire rate x duration requests on schedule, then wait for their deliveries. CPU per
+    notification is each process's CPU time over the rate's whole run (drain included) by
+    the notifications sent: it shows where the cost is even when the machine is shared."""
     loop = asyncio.get_running_loop()
+    pids = {child.name: child.pid for child in children} | {"temporal": temporal_pid}
+    cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
     total = int(rate * duration)
     latencies: list[float] = []
     outcomes: Counter[str] = Counter()
@@ -230,6 +246,7 @@ async def _offered_rate(
         for child in children:
             child.check_alive()
         await asyncio.sleep(0.25)
+    cpu = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
     sent = [row for row in rows if row["sent_at"] is not None]
     to_sent = [(row["sent_at"] - row["created_at"]).total_seconds() for row in sent]
     span = (max(r["sent_at"] for r in sent) - min(r["created_at"] for r in sent)).total_seconds() if sent else 0
@@ -251,6 +268,7 @@ async def _offered_rate(
         "accept_to_sent_p50_ms": percentile(to_sent, 0.50) * 1000,
         "accept_to_sent_p95_ms": percentile(to_sent, 0.95) * 1000,
         "delivered_per_s": len(sent) / span if span else 0.0,
+        "cpu_ms_per_notification": {name: 1000 * used / len(sent) if sent else 0.0 for name, used in cpu.items()},
     }
 
 
@@ -259,6 +277,7 @@ def _rate_line(row: dict[str, Any]) -> str:
         f"{row['offered_per_s']:g}/s offered ({row['fired_per_s']:.1f} fired): API p50 {row['api_p50_ms']:.0f} ms, "
         f"p95 {row['api_p95_ms']:.0f} ms, p99 {row['api_p99_ms']:.0f} ms; accepted {row['accepted']}, "
         f"shed {row['shed']}, errors {row['errors']}; accept->sent p95 {row['accept_to_sent_p95_ms']:.0f} ms; "
+        f"CPU ms/notification {', '.join(f'{k} {v:.1f}' for k, v in row['cpu_ms_per_notification'].items())}; "
         f"delivered {row['delivered_per_s']:.1f}/s"
     )
 

@@ -192,7 +192,8 @@ def instant_block(instant: dict[str, Any], ceilings: dict[str, Any] | None, labe
         lines.append(f"- the dev stack (API, worker and aiosmtpd in one process), closed loop of "
                      f"{closed['concurrency']} clients, {_n(closed['notifications'])} notifications "
                      f"({closed['measured_at']}): API p50 {_n(closed['api_p50_ms'])} ms, "
-                     f"p95 {_n(closed['api_p95_ms'])} ms, {closed['end_to_end_per_s']:.1f} delivered/s")  # fmt: skip
+                     f"p95 {_n(closed['api_p95_ms'])} ms, {closed['end_to_end_per_s']:.1f} delivered/s, "
+                     f"{_n(closed.get('shed', 0))} requests shed and retried after Retry-After")  # fmt: skip
     lines += ["", "![API and accept -> sent latency against offered rate](benchmarks/instant-latency.png)"]
     lines += profile_lines(instant.get("profiles", {}))
     return "\n".join(lines)

@@ -150,6 +150,13 @@ class TemporalDevServer:
         self.log_file = log_file
         self._process: subprocess.Popen[bytes] | None = None
 
+    @property
+    def pid(self) -> int:
+        """The running server's process id (what a benchmark reads its CPU time from)."""
+        if self._process is None:
+            raise RuntimeError("the Temporal dev server is not running")
+        return self._process.pid
+
     def start(self) -> str:
         binary = venv_binary("temporal")
         if not binary.exists():
