@@ -14,6 +14,7 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.client import Client
 from temporalio.worker import Worker
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from activities.campaigns import CampaignActivities
 from activities.events import EventActivities
@@ -38,6 +39,11 @@ from workflows.events import DigestWorkflow, EventWorkflow
 from workflows.notification import NotificationWorkflow
 
 WORKFLOWS = [NotificationWorkflow, CampaignWorkflow, EventWorkflow, DigestWorkflow]
+# The sandbox still guards each run (no clock, randomness or I/O but Temporal's), but every
+# module is imported once, outside it: by default it re-imports the workflow's module for
+# every run, a cost per notification (docs/benchmarks.md). Our workflow modules hold no
+# state of their own between runs, which is what passing them through requires.
+WORKFLOW_RUNNER = SandboxedWorkflowRunner(restrictions=SandboxRestrictions.default.with_passthrough_all_modules())
 logger = structlog.get_logger("marquee.worker")
 
 
@@ -170,6 +176,7 @@ class MarqueeWorker:
             # Eager activities would all run on the worker that runs the workflow, leaving the
             # other workers idle during a campaign (measured: docs/benchmarks.md).
             disable_eager_activity_execution=True,
+            workflow_runner=WORKFLOW_RUNNER,
         )
         self._providers: dict[str, list[tuple[Worker, asyncio.Task[None]]]] = {}
         self._task: asyncio.Task[None] | None = None
