@@ -4,6 +4,7 @@ activities call these; what goes wrong comes back as a SendFailure naming its ki
 
 from __future__ import annotations
 
+import asyncio
 from contextlib import AbstractAsyncContextManager, nullcontext
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -17,6 +18,7 @@ from channels.base import (
     InvalidAddressError,
     OutboundMessage,
     PermanentSendError,
+    Provider,
     ProviderUnavailableError,
     ThrottledError,
     TransientSendError,
@@ -292,6 +294,14 @@ class InstantSender:
             idempotency_key=f"{request.idempotency_key}:{request.channel}",
             data=request.data,
         )
+        # Shielded: a cancelled run (or activity) does not cut an attempt off mid-conversation
+        # with the provider; it finishes, and what the provider took is recorded sent.
+        return await asyncio.shield(self._call(request, name, provider, message, attempt))
+
+    async def _call(
+        self, request: SendInput, name: str, provider: Provider, message: OutboundMessage, attempt: int
+    ) -> SendResult:
+        """One attempt through one provider, then its record: sent, or the error's kind."""
         loaded = self._directory.loaded.get(name)
         slots: AbstractAsyncContextManager[Any] = loaded.slots if loaded else nullcontext()
         try:

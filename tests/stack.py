@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from email import message_from_bytes
@@ -44,10 +45,13 @@ class ScriptedSmtp(MailCapture):
     def __init__(self) -> None:
         super().__init__(None)
         self.refuse: dict[str, str] = {}  # address -> SMTP reply, e.g. "550 5.1.1 No such user"
+        self.hold: dict[str, threading.Event] = {}  # address -> RCPT waits until it is set
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
     ) -> str:
+        if address in self.hold:  # (this runs on the SMTP server's own thread and loop)
+            await asyncio.to_thread(self.hold[address].wait, 30)
         if address in self.refuse:
             return self.refuse[address]
         envelope.rcpt_tos.append(address)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import threading
 
 import httpx
 import sqlalchemy as sa
@@ -113,3 +114,30 @@ async def test_cancel_with_the_temporal_cli(
     assert result.returncode == 0, result.stderr
     body = await wait_for_status(api, accepted["id"], "cancelled")
     assert body["channels"][0]["status"] == "cancelled"
+
+
+async def test_a_cancel_does_not_cut_off_an_attempt_under_way_and_what_went_out_is_recorded_sent(
+    api: httpx.AsyncClient, recipient: dict, smtp_server: SmtpServer
+) -> None:
+    address = recipient["email"]
+    smtp_server.handler.hold[address] = released = threading.Event()
+    try:
+        accepted = (await api.post("/v1/notifications", json=_email(recipient["user_id"]))).json()
+        for _ in range(200):  # until the attempt is talking to the SMTP server
+            [channel] = (await api.get(f"/v1/notifications/{accepted['id']}")).json()["channels"] or [{}]
+            if channel.get("attempts"):
+                break
+            await asyncio.sleep(0.05)
+        cancelling = asyncio.create_task(
+            api.post(f"/v1/notifications/{accepted['id']}/cancel", json={"reason": "test"})
+        )
+        await asyncio.sleep(0.5)
+        assert not cancelling.done(), "the cancel waits for the attempt under way"
+    finally:
+        released.set()
+    cancelled = await cancelling
+    assert cancelled.status_code == 200, cancelled.text
+    del smtp_server.handler.hold[address]
+    done = await wait_for_status(api, accepted["id"], "sent")  # the message did go out, and says so
+    assert done["channels"][0]["provider_message_id"]
+    assert len(smtp_server.handler.to(address)) == 1
