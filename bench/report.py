@@ -169,15 +169,17 @@ def instant_block(instant: dict[str, Any], ceilings: dict[str, Any] | None, labe
         "minus notifications.created_at): smtp-sink cannot time a message.",
         "",
         "| offered/s | fired/s | requests | accepted | shed (429/503) | errors | API p50 | API p95 | API p99 "
-        "| accept -> sent p50 | accept -> sent p95 | delivered/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| accept -> sent p50 | accept -> sent p95 | delivered/s | CPU ms per notification: API / worker / Temporal |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in instant["rates"]:
         cells = [f"{row['offered_per_s']:g}", f"{row['fired_per_s']:.1f}", _n(row["requests"]), _n(row["accepted"]),
                  str(row["shed"]), str(row["errors"])]  # fmt: skip
         cells += [f"{_n(row[key])} ms" for key in ("api_p50_ms", "api_p95_ms", "api_p99_ms", "accept_to_sent_p50_ms",
                                                    "accept_to_sent_p95_ms")]  # fmt: skip
-        lines.append("| " + " | ".join([*cells, f"{row['delivered_per_s']:.1f}"]) + " |")
+        cpu = row.get("cpu_ms_per_notification")
+        used = " / ".join(f"{cpu[name]:.1f}" for name in ("api", "worker", "temporal")) if cpu else "-"
+        lines.append("| " + " | ".join([*cells, f"{row['delivered_per_s']:.1f}", used]) + " |")
     lines.append("")
     best = max((row["delivered_per_s"] for row in instant["rates"]), default=0.0)
     for shape in ("one regular activity", "one local activity, request_eager_start=True"):
