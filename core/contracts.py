@@ -103,6 +103,12 @@ class NotificationInput(BaseModel):
     priority: str = "normal"
     # Set when an operator replays a dead letter: the run resends only its channel.
     replay_of: int | None = None
+    # Submitted by a version that sends through providers without a shared rate limit as a
+    # local activity. The workflow's version marker, carried in its input: runs started
+    # before (and their recorded histories) lack it and replay their regular activities, at
+    # no cost to new runs (workflow.patched would add a marker and a search-attribute
+    # update, a visibility write, to every notification).
+    send_locally: bool = False
 
 
 class ProviderRoute(BaseModel):

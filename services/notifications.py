@@ -138,6 +138,7 @@ async def submit(
         variables=submission.variables,
         retry=retry_options(settings),
         priority=submission.priority,
+        send_locally=True,
     )
     accepted = await _create(conn, temporal, settings, workflow_input)
     if accepted is not None:

@@ -33,8 +33,6 @@ BOOKKEEPING_TIMEOUT = timedelta(seconds=30)
 # Throttled attempts (429, SMTP 421) do not spend the failure budget; this bounds them.
 THROTTLED_ATTEMPTS = 50
 NOT_RETRIED = [PERMANENT_ERROR, CIRCUIT_OPEN, PROVIDER_UNAVAILABLE, FAILURES_EXHAUSTED]
-# Runs started before this change sent every channel as a regular activity; they replay so.
-LOCAL_SEND = "send-as-local-activity"
 RETRY_ON_TIMER = timedelta(milliseconds=1)  # a zero threshold would mean the SDK's default (1 min)
 
 
@@ -143,7 +141,7 @@ class NotificationWorkflow:
             non_retryable_error_types=NOT_RETRIED,
         )
         timeout = timedelta(seconds=retry.timeout_seconds)
-        if (route is None or route.local) and workflow.patched(LOCAL_SEND):
+        if (route is None or route.local) and request.send_locally:
             # No rate limit shared across workers: the send runs here, inside the workflow
             # task, so a notification costs one task instead of three server round trips.
             # Each retry waits on a durable timer rather than inside the worker (the default for

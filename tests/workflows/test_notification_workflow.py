@@ -93,7 +93,7 @@ def notification(**values: Any) -> NotificationInput:
     return NotificationInput.model_validate({
         "notification_id": uuid.uuid4(), "idempotency_key": f"key-{uuid.uuid4().hex}", "request_hash": "hash",
         "requested_by": "test", "user_id": "user-1", "category": "alerts", "channels": ["email"],
-        "title": "Hello", "body": "Body", **values,
+        "title": "Hello", "body": "Body", "send_locally": True, **values,
     })  # fmt: skip
 
 
@@ -280,3 +280,20 @@ async def _progress_if(handle: WorkflowHandle[Any, Any], status: str) -> list[Ch
     """The channels' progress once every one of them has `status` (and there is one)."""
     progress = await handle.query(NotificationWorkflow.progress)
     return progress if progress and all(channel.status == status for channel in progress) else None
+
+
+async def test_a_run_submitted_before_local_sends_sends_through_a_regular_activity(
+    client: Client, task_queue: str
+) -> None:
+    """Its input (as recorded in its history) has no send_locally: it replays, and runs, as it
+    was started, a regular activity on the main queue."""
+    plan = DeliveryPlan(locale="en", channels=[ChannelPlan(channel="email", address="a@example.com")])
+    fake = FakeNotification(plan)
+    async with workers(client, task_queue, [NotificationWorkflow], fake.activities()):
+        handle = await start(client, task_queue, notification(send_locally=False))
+        assert statuses(await handle.result()) == {"email": "sent"}
+    scheduled = [event.activity_task_scheduled_event_attributes async for event in handle.fetch_history_events()
+                 if event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED]  # fmt: skip
+    assert [(event.activity_type.name, event.task_queue.name) for event in scheduled] == [
+        ("send_notification", task_queue)
+    ]
