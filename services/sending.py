@@ -237,7 +237,9 @@ class InstantSender:
         the workflow move to the next provider."""
         default = self._directory.defaults.get(request.channel)
         name = request.provider or (default.name if default else request.channel)
-        async with self._engine.begin() as conn:
+        # One statement: committed on its own, without BEGIN and COMMIT round trips.
+        async with self._engine.connect() as conn:
+            await conn.execution_options(isolation_level="AUTOCOMMIT")
             row = (
                 await conn.execute(
                     deliveries.update()
