@@ -35,6 +35,7 @@ from bench.common import (
     drop_database,
     fresh_database,
     marquee_env,
+    post_admitted,
     profile_path,
     save_result,
 )
@@ -233,11 +234,15 @@ async def _naive(http: httpx.AsyncClient, sink: Sink, env: dict[str, str], workd
         (await http.post("/v1/notifications", params={"wait": "true"}, json=warm)).raise_for_status()
         before = sink.count()
         pending = iter(range(count))
+        shed = 0
 
         async def client() -> None:
+            nonlocal shed
             for n in pending:
                 body = {"user_id": f"bench-{n}", "type": "bench", "channels": ["email"], "title": "Dune", "body": "x"}
-                (await http.post("/v1/notifications", json=body)).raise_for_status()
+                response, times = await post_admitted(http, "/v1/notifications", body)
+                response.raise_for_status()
+                shed += times
 
         began = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(32)))
@@ -248,7 +253,13 @@ async def _naive(http: httpx.AsyncClient, sink: Sink, env: dict[str, str], workd
         elapsed = time.perf_counter() - began
     finally:
         await asyncio.to_thread(worker.stop)
-    return {"recipients": count, "received": received, "seconds": elapsed, "per_minute": count / elapsed * 60}
+    return {
+        "recipients": count,
+        "received": received,
+        "seconds": elapsed,
+        "per_minute": count / elapsed * 60,
+        "shed": shed,
+    }
 
 
 def _run_line(row: dict[str, Any], ceiling: dict[str, Any] | None) -> str:

@@ -236,6 +236,18 @@ def marquee_env(
     return env
 
 
+async def post_admitted(http: httpx.AsyncClient, url: str, body: dict[str, Any]) -> tuple[httpx.Response, int]:
+    """POST as a well-behaved client does above capacity: a shed request (429/503) is sent
+    again after its Retry-After. The final answer, and how many times it was shed."""
+    shed = 0
+    while True:
+        response = await http.post(url, json=body)
+        if response.status_code not in (429, 503):
+            return response, shed
+        shed += 1
+        await asyncio.sleep(float(response.headers.get("Retry-After", "1")))
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time a process has used so far (/proc/PID/stat, its own threads)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()

@@ -44,6 +44,7 @@ from bench.common import (
     in_process_stack,
     marquee_env,
     percentile,
+    post_admitted,
     profile_path,
     save_result,
 )
@@ -83,14 +84,10 @@ async def _drive(
             while not queue.empty():
                 n = queue.get_nowait()
                 body = {"user_id": f"bench-{n}", "type": "bench", "channels": ["email"], "title": f"#{n}", "body": "x"}
-                while True:
-                    started = time.perf_counter()
-                    response = await api.post("/v1/notifications", json=body)
-                    latencies.append(time.perf_counter() - started)
-                    if response.status_code not in (429, 503):
-                        break
-                    shed += 1  # over capacity: the client waits as told, then sends it again
-                    await asyncio.sleep(float(response.headers.get("Retry-After", "1")))
+                started = time.perf_counter()
+                response, times = await post_admitted(api, "/v1/notifications", body)
+                latencies.append(time.perf_counter() - started)  # shed waits included
+                shed += times
                 response.raise_for_status()
 
         began = time.perf_counter()
