@@ -147,7 +147,7 @@ def campaign_block(campaign: dict[str, Any], ceilings: dict[str, Any] | None, la
         lines.append(f"Naive design (one NotificationWorkflow per recipient via POST /v1/notifications, one worker, "
                      f"32 clients): {_n(naive['recipients'])} recipients, {_n(naive['received'])} received, "
                      f"{naive['seconds']:.1f} s = {_n(naive['per_minute'])}/min{factor} "
-                     f"({_n(naive.get('shed', 0))} requests shed by the API and sent again after Retry-After).")  # fmt: skip
+                     f"({_n(naive.get('shed', 0))} requests shed, sent again after Retry-After).")  # fmt: skip
     lines.append("")
     lines.append("![Sends per second over time, each campaign run](benchmarks/campaign-sends.png)")
     lines += profile_lines(
