@@ -34,6 +34,7 @@ from api.routes import (
     webhooks,
 )
 from api.security_headers import SecurityHeaders
+from api.shedding import SheddingMiddleware
 from core.config import Settings
 from core.db import create_engine
 from core.temporal import connect
@@ -132,5 +133,6 @@ def create_app(
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, upload_bytes=settings.max_upload_bytes)
     if settings.rate_limit_enabled:
         app.add_middleware(RateLimitMiddleware, limits=RateLimits(settings))
-    app.add_middleware(SecurityHeaders)  # outermost: refusals (413, 429) carry the headers too
+    app.add_middleware(SheddingMiddleware)  # over capacity, intake is refused before anything else
+    app.add_middleware(SecurityHeaders)  # outermost: refusals (413, 429, 503) carry the headers too
     return app

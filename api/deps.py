@@ -14,7 +14,6 @@ from temporalio.client import Client
 from core import permissions
 from core.auth import InvalidToken, JwksKeys, KeysUnavailable, Principal, Role, TokenVerifier
 from core.config import Settings
-from services.admission import Admission
 
 _bearer = HTTPBearer(auto_error=False)
 
@@ -107,14 +106,7 @@ def permit(action: str) -> Callable[[Principal], Coroutine[Any, Any, Principal]]
     return _only(permissions.roles(action))
 
 
-async def admit(request: Request) -> None:
-    """Intake's guard: 503 + Retry-After while the workers are behind (services.admission)."""
-    admission: Admission = request.app.state.admission
-    admission.check()
-
-
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-Admitted = Depends(admit)
 ConnectionDep = Annotated[AsyncConnection, Depends(get_connection)]
 TemporalDep = Annotated[Client, Depends(get_temporal)]
 # The aliases the routes use; each is one action of the table. Reading notifications,

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import sqlalchemy as sa
 from fastapi import APIRouter, Header, Query, Request, Response, status
 
-from api.deps import Admitted, AnyRole, ConnectionDep, Sender, SettingsDep, TemporalDep
+from api.deps import AnyRole, ConnectionDep, Sender, SettingsDep, TemporalDep
 from api.problems import InvalidInput
 from api.routes.audit import WithReason
 from core.contracts import workflow_id_for
@@ -44,7 +44,6 @@ def submission(body: NotificationCreate) -> service.Submission:
     status_code=status.HTTP_202_ACCEPTED,
     response_model=NotificationOut,
     responses={200: {"description": "With ?wait=true: the outcome once every channel is sent or failed"}},
-    dependencies=[Admitted],
 )
 async def create_notification(
     body: NotificationCreate,
