@@ -172,6 +172,7 @@ class MarqueeWorker:
             workflows=WORKFLOWS,
             activities=services.activities(),
             max_concurrent_activities=settings.worker_max_concurrent_activities,
+            max_concurrent_workflow_tasks=settings.worker_max_concurrent_workflow_tasks,
             graceful_shutdown_timeout=timedelta(seconds=settings.worker_shutdown_seconds),
             # Eager activities would all run on the worker that runs the workflow, leaving the
             # other workers idle during a campaign (measured: docs/benchmarks.md).

@@ -203,6 +203,10 @@ class Settings(BaseSettings):
     otel_service_name: str | None = None
 
     worker_max_concurrent_activities: int = Field(default=200, ge=1)
+    # Workflow tasks in hand at once. A notification's task holds its local prepare and send,
+    # so this bounds what waits inside a worker, unseen by the server's backlog (which the
+    # API sheds on): the rest waits on the task queue, where another worker can take it.
+    worker_max_concurrent_workflow_tasks: int = Field(default=32, ge=2)
     worker_shutdown_seconds: float = 30.0  # running activities get this long to finish on stop
     embedded_pg_port: int = 5433  # the dev stack's PostgreSQL
 
