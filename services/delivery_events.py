@@ -40,7 +40,7 @@ from core.models import (
     WebhookEvent,
 )
 from core.queries import lock_notification, refresh_notification_status
-from services.history import LATENCY_STATUSES, HistorySubject, campaign_send_id
+from services.history import LATENCY_STATUSES, HistoryRow, HistorySubject, campaign_send_id
 from services.preferences import opt_out, suppress
 
 deliveries = Delivery.__table__  # type: ignore[attr-defined]
@@ -326,8 +326,17 @@ async def _queue_history(
     latency = 0
     if status in LATENCY_STATUSES and found.sent_at is not None:
         latency = max(0, round((at - found.sent_at).total_seconds() * 1000))
-    row = subject.outbox_row(target.channel, status, at, provider=provider, latency_ms=latency)
-    await conn.execute(sa.insert(history_outbox).values(row=row))
+    await queue_history(conn, [subject.event(target.channel, status, event_time=at, provider=provider,
+                                             latency_ms=latency)])  # fmt: skip
+
+
+async def queue_history(conn: AsyncConnection, events: list[HistoryRow]) -> None:
+    """Queue history events in the transaction that records what they say: the workers' outbox
+    shipper moves them to ClickHouse in large batches (services.history.ship_outbox), so no
+    step waits for a ClickHouse insert, and none is lost if the process dies after the commit.
+    A step run twice queues the same events again; ClickHouse drops them by event id."""
+    if events:
+        await conn.execute(sa.insert(history_outbox), [{"row": event.as_json()} for event in events])
 
 
 async def apply_event(conn: AsyncConnection, provider: str, event: ProviderEvent) -> Outcome:

@@ -55,7 +55,7 @@ from core.templating import RenderError, checked_variables, render_for_recipient
 from core.tracking import InstantDelivery
 from services import breaker, delivery, metrics
 from services import preferences as prefs
-from services.delivery_events import apply_early_events, history_outbox
+from services.delivery_events import apply_early_events, queue_history
 from services.history import HistoryRow, HistorySubject
 from services.providers import message_cost
 from services.routing import ProviderDirectory
@@ -472,15 +472,6 @@ class InstantSender:
 
 def _subject(request: NotificationInput | SendInput | CancelInput, tags: HistoryTags) -> HistorySubject:
     return HistorySubject(str(request.notification_id), request.user_id, request.category, **tags.model_dump())
-
-
-async def queue_history(conn: AsyncConnection, events: list[HistoryRow]) -> None:
-    """Queue history events in the transaction that records what they say: the workers' outbox
-    shipper moves them to ClickHouse in large batches (services.history.ship_outbox), so no
-    step waits for a ClickHouse insert, and none is lost if the process dies after the commit.
-    A step run twice queues the same events again; ClickHouse drops them by event id."""
-    if events:
-        await conn.execute(sa.insert(history_outbox), [{"row": event.as_json()} for event in events])
 
 
 def error_class(reason: str, error: str) -> str:
