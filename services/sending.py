@@ -172,7 +172,10 @@ class InstantSender:
                         where=sa.and_(deliveries.c.status == DeliveryStatus.pending.value, sa.literal(final)),
                     )
                 )
-            await refresh_notification_status(conn, request.notification_id)
+            if request.replay_of is not None or all(_recorded_status(plan) != DeliveryStatus.pending.value
+                                                    for plan in plans):  # fmt: skip
+                # Otherwise a channel is pending, so the notification stays as the API wrote it.
+                await refresh_notification_status(conn, request.notification_id)
             tags = HistoryTags(
                 run_id=workflow_run_id,
                 template_key=request.template_key or "",
