@@ -44,10 +44,6 @@ class Admission:
         self._read_at = -math.inf
         self._reading: asyncio.Task[None] | None = None
 
-    @property
-    def backlog_age(self) -> float:
-        return self._backlog_age
-
     def check(self) -> None:
         """Raise Overloaded while the main queue's oldest task waits longer than the limit."""
         if self._max_backlog <= 0:
