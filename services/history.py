@@ -13,13 +13,16 @@ the retention TTL follows Settings on each run.
 Deduplication. Writes are at least once (a retried activity, a re-shipped outbox row, a
 replayed batch), so every event has a deterministic id: uuid5 of notification id, channel,
 status and an occurrence ("" unless one status legitimately repeats: a dead-letter
-replay's run). Before each insert the store drops rows whose event_id is already stored
-(one SELECT through a bloom-filter skip index, limited to the batch's days), so the
-materialized view never counts an event twice. Two processes inserting the same new event
-at the same instant could both miss the other's row; that needs the same event written by
-two workers within one insert's duration, which a Temporal activity (one attempt at a
-time) or the outbox (rows locked with SKIP LOCKED) never does, so the window is accepted
-rather than paying for a Replacing design whose queries would have to FINAL every read.
+replay's run). Each insert leaves out the rows whose event_id is already stored with an
+event time in the batch's days, and an event's repeats within the batch, so the
+materialized views never count an event twice: the batch's ids select the stored ones
+through a bloom-filter skip index, or, for a large batch on chDB, the stored ids of those
+days are read first and the batch streams past them (ChdbStore.insert). Two processes
+inserting the same new event at the same instant could both miss the other's row; that
+needs the same event written by two workers within one insert's duration, which a
+Temporal activity (one attempt at a time) or the outbox (rows locked with SKIP LOCKED)
+never does, so the window is accepted rather than paying for a Replacing design whose
+queries would have to FINAL every read.
 """
 
 from __future__ import annotations
@@ -121,7 +124,6 @@ SELECT toStartOfHour(event_time) AS hour, channel, provider, campaign_id, templa
 FROM notification_history
 GROUP BY {", ".join(STATS_KEY)}
 """
-
 
 # Rollups, each fed by its own materialized view, so the common questions read a few
 # thousand rows instead of notification_stats' millions (a group per raw row or so at volume):
@@ -500,14 +502,11 @@ _ROW_TYPE = pa.struct([(name, _ARROW_TYPES.get(name, pa.string())) for name in (
 MICRO = Decimal("0.000001")
 
 
-def _arrow_batch(rows: list[HistoryRow]) -> pa.Table:
-    """The rows as Arrow: HISTORY_COLUMNS but event_id, then occurrence; event times
-    truncated to milliseconds, naive ones read as UTC, none as now."""
+def _arrow_columns(rows: list[HistoryRow]) -> tuple[list[str], list[pa.Array]]:
+    """The rows as Arrow columns, names beside: HISTORY_COLUMNS but event_id, then occurrence;
+    event times truncated to milliseconds, naive ones read as UTC; a None is a null."""
     columns = pa.array([row.__dict__ for row in rows], _ROW_TYPE).flatten()
     names = list(_ROW_TYPE.names)
-    times = names.index("event_time")
-    if columns[times].null_count:
-        columns[times] = pc.fill_null(columns[times], pa.scalar(datetime.now(UTC), _ARROW_TYPES["event_time"]))
     # Few distinct costs: convert each once, then index.
     distinct: dict[Any, int] = {}
     indices = [distinct.setdefault(cost, len(distinct)) for cost in map(attrgetter("cost"), rows)]
@@ -515,11 +514,52 @@ def _arrow_batch(rows: list[HistoryRow]) -> pa.Table:
     cost = pa.DictionaryArray.from_arrays(pa.array(indices, pa.int32()), pa.array(exact, _ARROW_TYPES["cost"]))
     names.insert(HISTORY_COLUMNS.index("cost") - 1, "cost")
     columns.insert(HISTORY_COLUMNS.index("cost") - 1, cost.dictionary_decode())
+    return names, columns
+
+
+def _arrow_batch(rows: list[HistoryRow]) -> pa.Table:
+    """The rows as an Arrow table (`_arrow_columns`), no event time read as now."""
+    names, columns = _arrow_columns(rows)
+    times = names.index("event_time")
+    if columns[times].null_count:
+        columns[times] = pc.fill_null(columns[times], pa.scalar(datetime.now(UTC), _ARROW_TYPES["event_time"]))
     # A column without nulls is declared not null: chDB's Python() then reads a plain column
     # rather than a Nullable one the insert converts (~0.2 µs a row less of chDB's CPU).
     fields = [pa.field(name, column.type, nullable=column.null_count > 0)
               for name, column in zip(names, columns, strict=True)]  # fmt: skip
     return pa.Table.from_arrays(columns, schema=pa.schema(fields))
+
+
+# A streamed batch's chunks (ChdbStore.insert) share one schema, every column not null.
+_CHUNK_SCHEMA = pa.schema([pa.field(name, _ARROW_TYPES.get(name, pa.string()), nullable=False)
+                           for name in (*HISTORY_COLUMNS[1:], "occurrence")])  # fmt: skip
+
+
+def _arrow_chunk(rows: list[HistoryRow], now: datetime) -> pa.RecordBatch:
+    """The rows as one record batch of _CHUNK_SCHEMA, stored as _arrow_batch's table would be:
+    no event time is `now`, another None its column's default (ClickHouse stores a null as
+    that), and a row missing a part of its event id is left out (a null id: the table's
+    insert leaves it out too)."""
+    names, columns = _arrow_columns(rows)
+    if any(column.null_count for column in columns):  # rare: None where a value is due
+        keep = pc.is_valid(columns[names.index(_ID_PARTS[0])])
+        for name in _ID_PARTS[1:]:
+            keep = pc.and_(keep, pc.is_valid(columns[names.index(name)]))
+        defaults = {"event_time": now, "attempt": 0, "template_version": 0, "latency_ms": 0}
+        columns = [(pc.fill_null(column, pa.scalar(defaults.get(name, ""), column.type)) if column.null_count
+                    else column).filter(keep) for name, column in zip(names, columns, strict=True)]  # fmt: skip
+    return pa.RecordBatch.from_arrays(columns, schema=_CHUNK_SCHEMA)
+
+
+def _days(rows: list[HistoryRow], now: datetime) -> tuple[date, date]:
+    """[first day, day after the last) of the rows' event times in UTC (none: `now`)."""
+    times = list(map(attrgetter("event_time"), rows))
+    try:
+        first, last = min(times), max(times)
+    except TypeError:  # a None, or naive and aware times together
+        known = [_utc(at) if at is not None else now for at in times]
+        first, last = min(known), max(known)
+    return _utc(first).date(), _utc(last).date() + timedelta(days=1)
 
 
 _BATCH_ID = _uuid5_sql("concat(notification_id, ':', channel, ':', status, ':', occurrence)")
@@ -539,6 +579,19 @@ _INSERT_NEW = (
     # The history part and the four views' parts are written side by side, not one by one.
     "SETTINGS max_insert_threads = 2, optimize_on_insert = 0, parallel_view_processing = 1"
 )
+# A large batch streams (ChdbStore.insert): the stored ids of its days are read into a set
+# first, then chDB pulls the batch chunk by chunk, each built by Python while the one before
+# is hashed, checked and squashed; parts and views are written once the last has arrived.
+_INSERT_STREAMED = (
+    f"INSERT INTO notification_history ({', '.join(HISTORY_COLUMNS)}) "
+    f"SELECT {_BATCH_ID} AS id, {_BATCH_VALUES} FROM Python(batch) "
+    "WHERE id NOT IN (SELECT event_id FROM notification_history "
+    "WHERE event_time >= {since:Date} AND event_time < {until:Date}) "
+    "LIMIT 1 BY id SETTINGS max_insert_threads = 2, optimize_on_insert = 0, parallel_view_processing = 1"
+)
+STREAM_MIN_ROWS = 10_000  # smaller batches: one insert as every store does (_ClickHouse.insert)
+STREAM_MAX_STORED = 8  # stored rows in the batch's days per batch row, at most, to stream it
+CHUNK_ROWS = 8192  # rows per streamed chunk: about 10 ms of Python holding the GIL
 
 
 def _bound(params: Mapping[str, Any] | None) -> dict[str, str]:
@@ -564,10 +617,39 @@ class ChdbStore(_ClickHouse):
         path.mkdir(parents=True, exist_ok=True)
         self.retention_days = retention_days
         self._session = session.Session(str(path))
+        # Batches whose days start before this do not stream (see insert).
+        self._crowded_until = date.min
 
     def _command(self, sql: str) -> None:
         with self._lock:
             self._session.query(sql)
+
+    def insert(self, rows: list[HistoryRow]) -> None:
+        """A large batch streams into one INSERT (_INSERT_STREAMED): building its Arrow
+        chunks, a third of the writer's time, runs beside chDB's work instead of before it.
+        Its duplicate check reads every stored id of the batch's days, so it gives up (before
+        reading the batch) when they are more than STREAM_MAX_STORED a batch row, and so do
+        the next batches until their days are past those; then, and for small batches (whose
+        ids select the stored ones through the bloom filter instead of reading a day's ids),
+        the insert every store makes (_ClickHouse.insert, _insert_new)."""
+        if len(rows) < STREAM_MIN_ROWS:
+            super().insert(rows)
+            return
+        now = datetime.now(UTC)
+        since, until = _days(rows, now)
+        if since < self._crowded_until:
+            super().insert(rows)
+            return
+        chunks = (_arrow_chunk(rows[start : start + CHUNK_ROWS], now) for start in range(0, len(rows), CHUNK_ROWS))
+        batch = pa.RecordBatchReader.from_batches(_CHUNK_SCHEMA, chunks)  # noqa: F841  (Python(batch))
+        try:
+            self.query(f"{_INSERT_STREAMED}, max_rows_in_set = {STREAM_MAX_STORED * len(rows)}, "
+                       "set_overflow_mode = 'throw'", {"since": since, "until": until})  # fmt: skip
+        except RuntimeError as error:  # chDB's errors are RuntimeErrors that name their code
+            if "SET_SIZE_LIMIT_EXCEEDED" not in str(error):
+                raise
+            self._crowded_until = until
+            super().insert(rows)
 
     def _insert_new(self, batch: pa.Table, since: date, until: date) -> None:
         # One statement: chDB reads the Arrow tables `first` and `second` from this frame,

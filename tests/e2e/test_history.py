@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from datetime import UTC, date, datetime
 from typing import Any
 
 import pytest
 
+from services import history as history_module
 from services.history import HistoryRow, HistoryStore, HistoryWriter
 from worker import WorkerServices
 
@@ -73,3 +75,47 @@ async def test_rows_keep_their_fields(services: WorkerServices, status: str) -> 
         "channel": "sms", "status": status, "user_id": "u-9", "category": "promo", "provider": "p", "attempt": 3,
         "error": "boom",
     }  # fmt: skip
+
+
+@pytest.fixture
+def streaming(services: WorkerServices, monkeypatch: pytest.MonkeyPatch) -> HistoryWriter:
+    """The worker's writer, streaming any batch (ChdbStore.insert) in chunks of 3 rows."""
+    monkeypatch.setattr(history_module, "STREAM_MIN_ROWS", 1)
+    monkeypatch.setattr(history_module, "CHUNK_ROWS", 3)
+    monkeypatch.setattr(history_module, "STREAM_MAX_STORED", 1_000_000)
+    monkeypatch.setattr(services.history.store, "_crowded_until", date.min)
+    return services.history
+
+
+async def _stored(history: HistoryWriter, ids: list[str]) -> int:
+    listed = ", ".join(f"'{nid}'" for nid in ids)
+    [row] = await history.query(f"SELECT count() AS n FROM notification_history WHERE notification_id IN ({listed})")
+    return int(row["n"])
+
+
+async def test_a_streamed_batch_is_stored_whole_or_not_at_all(streaming: HistoryWriter) -> None:
+    ids = [str(uuid.uuid4()) for _ in range(10)]
+    rows = [_row(nid) for nid in ids]
+    # The malformed id is in the second chunk: the first one's rows are not stored either.
+    with pytest.raises(RuntimeError, match="UUID"):
+        await streaming.record([*rows[:5], _row("not-a-uuid"), *rows[5:]])
+    assert await _stored(streaming, ids) == 0
+    await streaming.record(rows)
+    assert await _stored(streaming, ids) == 10
+
+
+async def test_a_streamed_batch_over_crowded_days_is_inserted_as_a_small_one(
+    streaming: HistoryWriter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    today = datetime.now(UTC)
+    stored = [str(uuid.uuid4()) for _ in range(10)]
+    await streaming.record([HistoryRow(nid, "email", "sent", "u", "c", event_time=today) for nid in stored])
+    # Today now holds more stored ids than 1 per row of the next batch: it gives up streaming
+    # before reading the batch, inserts it as a small batch, and so do the batches after it.
+    monkeypatch.setattr(history_module, "STREAM_MAX_STORED", 1)
+    ids = [str(uuid.uuid4()) for _ in range(2)]
+    rows = [HistoryRow(nid, "email", "sent", "u", "c", event_time=today) for nid in ids]
+    await streaming.record(rows)
+    assert streaming.store._crowded_until > today.date()  # type: ignore[attr-defined]
+    await streaming.record([*rows, *rows])
+    assert await _stored(streaming, [*stored, *ids]) == 12
