@@ -39,6 +39,8 @@ print(json.dumps({
                              "FROM notification_campaign_stats GROUP BY campaign_id, status"),
     "indexes": store.query("SELECT name FROM system.data_skipping_indices WHERE database = currentDatabase() "
                            "AND table = 'notification_history' ORDER BY name"),
+    "views": store.query("SELECT name FROM system.tables WHERE database = currentDatabase() "
+                         "AND engine = 'MaterializedView' ORDER BY name"),
     "ttl": store.query("SELECT name, engine_full FROM system.tables WHERE database = currentDatabase() AND name IN "
                        "('notification_history', 'notification_stats', 'notification_stats_channel', "
                        "'notification_campaign_minutes', 'notification_campaign_stats') ORDER BY name"),
@@ -77,3 +79,7 @@ def test_an_old_table_upgrades_in_place(tmp_path: Path) -> None:
     # Migration 6: an insert's parts are Compact (a few files each) on every table it writes.
     for table in found["ttl"]:
         assert "min_rows_for_wide_part = 1000000" in table["engine_full"], table["name"]
+    # Migration 7: two views feed notification_stats instead of one.
+    assert [row["name"] for row in found["views"]] == [
+        "notification_campaign_minutes_mv", "notification_campaign_stats_mv", "notification_stats_channel_mv",
+        "notification_stats_counts_mv", "notification_stats_latency_mv"]  # fmt: skip
