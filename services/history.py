@@ -40,7 +40,7 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import ROUND_DOWN, Decimal
 from operator import attrgetter
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 from urllib.parse import urlparse
 
 import pyarrow as pa  # type: ignore[import-untyped]  # chDB's own dependency; no type hints
@@ -525,17 +525,21 @@ _ID_PARTS = ("notification_id", "channel", "status", "occurrence")
 _HEX_ID = "replaceAll(toString(event_id), '-', '')"  # as _uuid5 writes it
 _ARROW_TYPES = {"event_time": pa.timestamp("ms", tz="UTC"), "attempt": pa.uint16(), "template_version": pa.uint32(),
                 "latency_ms": pa.uint32(), "cost": pa.decimal128(18, 6)}  # fmt: skip
-# What _arrow_batch converts in one C++ pass from each row's __dict__ (cost apart: it is rounded).
+# What _arrow_columns converts in one C++ pass from each row's __dict__ (cost apart: it is
+# rounded; event times apart: a list of datetimes converts in 30 % less time than a field).
 _ROW_TYPE = pa.struct([(name, _ARROW_TYPES.get(name, pa.string())) for name in (*HISTORY_COLUMNS[1:], "occurrence")
-                       if name != "cost"])  # fmt: skip
+                       if name not in ("cost", "event_time")])  # fmt: skip
 MICRO = Decimal("0.000001")
 
 
-def _arrow_columns(rows: list[HistoryRow]) -> tuple[list[str], list[pa.Array]]:
+def _arrow_columns(rows: list[HistoryRow], times: list[datetime | None]) -> tuple[list[str], list[pa.Array]]:
     """The rows as Arrow columns, names beside: HISTORY_COLUMNS but event_id, then occurrence;
-    event times truncated to milliseconds, naive ones read as UTC; a None is a null."""
+    event times (`times`, the rows' own) truncated to milliseconds, naive ones read as UTC; a
+    None is a null."""
     columns = pa.array([row.__dict__ for row in rows], _ROW_TYPE).flatten()
     names = list(_ROW_TYPE.names)
+    names.insert(0, "event_time")
+    columns.insert(0, pa.array(times, _ARROW_TYPES["event_time"]))
     # Few distinct costs: convert each once, then index.
     distinct: dict[Any, int] = {}
     indices = [distinct.setdefault(cost, len(distinct)) for cost in map(attrgetter("cost"), rows)]
@@ -548,7 +552,7 @@ def _arrow_columns(rows: list[HistoryRow]) -> tuple[list[str], list[pa.Array]]:
 
 def _arrow_batch(rows: list[HistoryRow]) -> pa.Table:
     """The rows as an Arrow table (`_arrow_columns`), no event time read as now."""
-    names, columns = _arrow_columns(rows)
+    names, columns = _arrow_columns(rows, list(map(attrgetter("event_time"), rows)))
     times = names.index("event_time")
     if columns[times].null_count:
         columns[times] = pc.fill_null(columns[times], pa.scalar(datetime.now(UTC), _ARROW_TYPES["event_time"]))
@@ -564,12 +568,12 @@ _CHUNK_SCHEMA = pa.schema([pa.field(name, _ARROW_TYPES.get(name, pa.string()), n
                            for name in (*HISTORY_COLUMNS[1:], "occurrence")])  # fmt: skip
 
 
-def _arrow_chunk(rows: list[HistoryRow], now: datetime) -> pa.RecordBatch:
-    """The rows as one record batch of _CHUNK_SCHEMA, stored as _arrow_batch's table would be:
-    no event time is `now`, another None its column's default (ClickHouse stores a null as
-    that), and a row missing a part of its event id is left out (a null id: the table's
-    insert leaves it out too)."""
-    names, columns = _arrow_columns(rows)
+def _arrow_chunk(rows: list[HistoryRow], times: list[datetime | None], now: datetime) -> pa.RecordBatch:
+    """The rows (their event times beside) as one record batch of _CHUNK_SCHEMA, stored as
+    _arrow_batch's table would be: no event time is `now`, another None its column's default
+    (ClickHouse stores a null as that), and a row missing a part of its event id is left out
+    (a null id: the table's insert leaves it out too)."""
+    names, columns = _arrow_columns(rows, times)
     if any(column.null_count for column in columns):  # rare: None where a value is due
         keep = pc.is_valid(columns[names.index(_ID_PARTS[0])])
         for name in _ID_PARTS[1:]:
@@ -580,12 +584,12 @@ def _arrow_chunk(rows: list[HistoryRow], now: datetime) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays(columns, schema=_CHUNK_SCHEMA)
 
 
-def _days(rows: list[HistoryRow], now: datetime) -> tuple[date, date]:
-    """[first day, day after the last) of the rows' event times in UTC (none: `now`)."""
-    times = list(map(attrgetter("event_time"), rows))
+def _days(times: list[datetime | None], now: datetime) -> tuple[date, date]:
+    """[first day, day after the last) of these event times in UTC (None: `now`)."""
+    present = cast("list[datetime]", times)
     try:
-        first, last = min(times), max(times)
-    except TypeError:  # a None, or naive and aware times together
+        first, last = min(present), max(present)
+    except TypeError:  # a None after all, or naive and aware times together
         known = [_utc(at) if at is not None else now for at in times]
         first, last = min(known), max(known)
     return _utc(first).date(), _utc(last).date() + timedelta(days=1)
@@ -665,11 +669,13 @@ class ChdbStore(_ClickHouse):
             super().insert(rows)
             return
         now = datetime.now(UTC)
-        since, until = _days(rows, now)
+        times = list(map(attrgetter("event_time"), rows))
+        since, until = _days(times, now)
         if since < self._crowded_until:
             super().insert(rows)
             return
-        chunks = (_arrow_chunk(rows[start : start + CHUNK_ROWS], now) for start in range(0, len(rows), CHUNK_ROWS))
+        chunks = (_arrow_chunk(rows[start : start + CHUNK_ROWS], times[start : start + CHUNK_ROWS], now)
+                  for start in range(0, len(rows), CHUNK_ROWS))  # fmt: skip
         batch = pa.RecordBatchReader.from_batches(_CHUNK_SCHEMA, chunks)  # noqa: F841  (Python(batch))
         try:
             self.query(f"{_INSERT_STREAMED}, max_rows_in_set = {STREAM_MAX_STORED * len(rows)}, "
