@@ -404,10 +404,6 @@ class HistorySubject:
     timezone: str = ""
     occurrence: str = ""
 
-    def outbox_row(self, channel: str, status: str, at: datetime, **details: Any) -> dict[str, Any]:
-        """The event as the API queues it in the history outbox (JSON), for workers to ship."""
-        return self.event(channel, status, event_time=at, **details).as_json()
-
     def event(self, channel: str, status: str, **details: Any) -> HistoryRow:
         """details: provider, attempt, error (cut to 1,000 characters), error_class, cost,
         currency, latency_ms, event_time."""
