@@ -74,34 +74,34 @@ def notification_row(request: NotificationInput, workflow_id: str) -> dict[str, 
 
 
 # A notification's status summarises its channels: still pending while any channel is;
-# otherwise the furthest any channel got; failed only when no channel got through.
-REFRESH_NOTIFICATION_STATUS = sa.text(
-    """
-    UPDATE notifications SET updated_at = now(), status = (
-        SELECT CASE
-            WHEN bool_or(d.status = 'pending') THEN 'pending'
-            WHEN bool_or(d.status = 'clicked') THEN 'clicked'
-            WHEN bool_or(d.status = 'opened') THEN 'opened'
-            WHEN bool_or(d.status = 'delivered') THEN 'delivered'
-            WHEN bool_or(d.status = 'sent') THEN 'sent'
-            WHEN bool_or(d.status = 'bounced') THEN 'bounced'
-            WHEN bool_or(d.status = 'failed') THEN 'failed'
-            WHEN bool_or(d.status = 'unreachable') THEN 'unreachable'
-            WHEN bool_or(d.status = 'cancelled') THEN 'cancelled'
-            ELSE 'suppressed'
-        END
-        FROM deliveries d WHERE d.notification_id = :id
-    )
-    WHERE id = :id
-    """
-)
+# otherwise the furthest any channel got; failed only when no channel got through
+# (none of these, or no channel at all: suppressed).
+SUMMARY_ORDER = ("pending", "clicked", "opened", "delivered", "sent", "bounced", "failed", "unreachable", "cancelled")
+
+
+def notification_status_update(notification_id: uuid.UUID) -> sa.Update:
+    """The UPDATE that refreshes a notification's summary status; a statement of its own, or
+    a data-modifying CTE of one that does more (the send's record)."""
+    channel = deliveries.alias("d")
+    summary = sa.case(
+        *((sa.func.bool_or(channel.c.status == sa.literal_column(f"'{status}'")), sa.literal_column(f"'{status}'"))
+          for status in SUMMARY_ORDER),
+        else_=sa.literal_column("'suppressed'"),
+    )  # fmt: skip
+    status = sa.select(summary).where(channel.c.notification_id == notification_id).scalar_subquery()
+    update: sa.Update = notifications.update()
+    return update.where(notifications.c.id == notification_id).values(updated_at=sa.func.now(), status=status)
+
+
+def notification_lock(notification_id: uuid.UUID) -> sa.Select[Any]:
+    """Serialise writers of one notification's channels: taken first in each transaction so
+    that the status summary, read in a later statement, sees every channel committed."""
+    return sa.select(notifications.c.id).where(notifications.c.id == notification_id).with_for_update()
 
 
 async def lock_notification(conn: AsyncConnection, notification_id: uuid.UUID) -> None:
-    """Serialise writers of one notification's channels: taken first in each transaction so
-    that the status summary, read in a later statement, sees every channel committed."""
-    await conn.execute(sa.select(notifications.c.id).where(notifications.c.id == notification_id).with_for_update())
+    await conn.execute(notification_lock(notification_id))
 
 
 async def refresh_notification_status(conn: AsyncConnection, notification_id: uuid.UUID) -> None:
-    await conn.execute(REFRESH_NOTIFICATION_STATUS, {"id": notification_id})
+    await conn.execute(notification_status_update(notification_id))

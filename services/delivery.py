@@ -112,6 +112,15 @@ async def load_choices(conn: AsyncConnection, people: Sequence[Any], channels: S
     return Choices(wanted, await prefs.suppressed(conn, pairs))
 
 
+def choices_of(recipient_id: int, wanted: Sequence[Sequence[Any]], blocked: Sequence[Sequence[str]]) -> Choices:
+    """load_choices' answer for one recipient from rows read with it (prefs.preferences_of
+    and prefs.suppressions_of): what an instant notification reads in its one query."""
+    return Choices(
+        {recipient_id: [prefs.Preference(category, channel, enabled) for category, channel, enabled in wanted]},
+        {(channel, address): reason for channel, address, reason in blocked},
+    )
+
+
 def decide(
     recipient: Any | None,
     channel: str,

@@ -336,7 +336,13 @@ async def queue_history(conn: AsyncConnection, events: list[HistoryRow]) -> None
     step waits for a ClickHouse insert, and none is lost if the process dies after the commit.
     A step run twice queues the same events again; ClickHouse drops them by event id."""
     if events:
-        await conn.execute(sa.insert(history_outbox), [{"row": event.as_json()} for event in events])
+        await conn.execute(history_insert(events))
+
+
+def history_insert(events: list[HistoryRow]) -> sa.Insert:
+    """queue_history's statement (one multi-row INSERT), for a caller that makes it a CTE of
+    a statement doing more."""
+    return sa.insert(history_outbox).values([{"row": event.as_json()} for event in events])
 
 
 async def apply_event(conn: AsyncConnection, provider: str, event: ProviderEvent) -> Outcome:
@@ -402,20 +408,30 @@ async def apply_early_events(conn: AsyncConnection, message_id: str) -> int:
 
 async def apply_early_events_for(conn: AsyncConnection, message_ids: Sequence[str]) -> int:
     """apply_early_events for many messages (a campaign chunk) in one indexed query."""
+    query = early_events_query(message_ids)
+    if query is None:
+        return 0
+    return await apply_early_rows(conn, (await conn.execute(query)).all())
+
+
+def early_events_query(message_ids: Sequence[str]) -> sa.Select[Any] | None:
+    """The stored events of these messages that found no delivery yet, locked (None: no ids)."""
     forms = sorted({form for message_id in message_ids for form in message_id_forms(message_id)})
     if not forms:
-        return 0
-    rows = (
-        await conn.execute(
-            sa.select(webhook_events)
-            .where(
-                webhook_events.c.provider_message_id == sa.any_(sa.cast(forms, pg.ARRAY(sa.Text))),
-                webhook_events.c.outcome == Outcome.unknown.value,
-            )
-            .order_by(webhook_events.c.id)
-            .with_for_update(skip_locked=True)
+        return None
+    return (
+        sa.select(webhook_events)
+        .where(
+            webhook_events.c.provider_message_id == sa.any_(sa.cast(forms, pg.ARRAY(sa.Text))),
+            webhook_events.c.outcome == Outcome.unknown.value,
         )
-    ).all()
+        .order_by(webhook_events.c.id)
+        .with_for_update(skip_locked=True)
+    )
+
+
+async def apply_early_rows(conn: AsyncConnection, rows: Sequence[sa.Row[Any]]) -> int:
+    """Apply the rows early_events_query found; returns how many it applied."""
     applied = 0
     for row in rows:
         outcome = await apply_event(conn, row.provider, ProviderEvent.from_row(row))

@@ -13,6 +13,7 @@ from collections import defaultdict
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg
@@ -89,6 +90,32 @@ async def suppressed(conn: AsyncConnection, pairs: Collection[tuple[str, str]]) 
         )
     )
     return {(row.channel, row.address): row.reason for row in rows}
+
+
+def preferences_of(recipient_id: sa.ColumnElement[Any]) -> sa.ScalarSelect[Any]:
+    """A recipient's preference rows as a JSON array of [category, channel, enabled], as a
+    column of a query that reads the recipient (an instant notification's one read)."""
+    rows = sa.func.json_agg(sa.func.json_build_array(preferences.c.category, preferences.c.channel,
+                                                     preferences.c.enabled))  # fmt: skip
+    found = sa.func.coalesce(rows, sa.literal_column("'[]'::json"), type_=sa.JSON)
+    return sa.select(found).where(preferences.c.recipient_id == recipient_id).scalar_subquery()
+
+
+def suppressions_of(
+    email: sa.ColumnElement[Any], phone: sa.ColumnElement[Any], push_tokens: sa.ColumnElement[Any]
+) -> sa.ScalarSelect[Any]:
+    """The suppressed ones of a recipient's contacts as a JSON array of [channel, address,
+    reason]: `suppressed` for every address the recipient has (a superset of what the
+    channels asked for, keyed the same way)."""
+    rows = sa.func.json_agg(sa.func.json_build_array(suppressions.c.channel, suppressions.c.address,
+                                                     suppressions.c.reason))  # fmt: skip
+    found = sa.func.coalesce(rows, sa.literal_column("'[]'::json"), type_=sa.JSON)
+    contact = sa.or_(
+        sa.and_(suppressions.c.channel == "email", suppressions.c.address == email),
+        sa.and_(suppressions.c.channel == "sms", suppressions.c.address == phone),
+        sa.and_(suppressions.c.channel == "push", suppressions.c.address == sa.any_(push_tokens)),
+    )
+    return sa.select(found).where(contact).scalar_subquery()
 
 
 def quiet_until(now: datetime, zone: str, start: str | None, end: str | None) -> datetime | None:

@@ -5,8 +5,10 @@ activities call these; what goes wrong comes back as a SendFailure naming its ki
 from __future__ import annotations
 
 import asyncio
-from contextlib import AbstractAsyncContextManager, nullcontext
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 from typing import Any
 
 import sqlalchemy as sa
@@ -43,25 +45,30 @@ from core.contracts import (
 )
 from core.models import DeliveryStatus
 from core.queries import (
+    SEND_COLUMNS,
     dead_letters,
     deliveries,
     lock_notification,
+    notification_lock,
     notification_row,
+    notification_status_update,
     notifications,
     recipients,
     refresh_notification_status,
+    select_recipients_to_send,
 )
 from core.templating import RenderError, checked_variables, render_for_recipient
 from core.tracking import InstantDelivery
 from services import breaker, delivery, metrics
 from services import preferences as prefs
-from services.delivery_events import apply_early_events, queue_history
+from services.delivery_events import apply_early_rows, early_events_query, history_insert, queue_history
 from services.history import HistoryRow, HistorySubject
 from services.providers import message_cost
 from services.routing import ProviderDirectory
 from services.templates import PinnedVersions, TemplateNotFound
 
 logger = structlog.get_logger("marquee.notifications")
+NO_CHOICES = delivery.Choices({}, {})  # no recipient: nothing to read
 
 
 class SendFailure(Exception):
@@ -103,20 +110,47 @@ class InstantSender:
         self._settings = settings
         self._templates = templates or PinnedVersions()
 
+    @asynccontextmanager
+    async def _autocommitted(self) -> AsyncIterator[AsyncConnection]:
+        """A connection whose statements commit each on its own: no BEGIN and COMMIT round trips."""
+        async with self._engine.connect() as conn:
+            await conn.execution_options(isolation_level="AUTOCOMMIT")
+            yield conn
+
     async def prepare(self, request: NotificationInput, workflow_run_id: str) -> DeliveryPlan:
-        """Ensure the rows exist, and decide per channel where to send or why not."""
-        async with self._engine.begin() as conn:
+        """Ensure the rows exist, and decide per channel where to send or why not.
+
+        Two statements, each committed on its own (a replay's run in one transaction): the
+        notification's upsert with everything the decision reads, then the deliveries with
+        their history rows. A prepare retried after the first finds its row and does the same."""
+        replay = request.replay_of is not None
+        async with self._engine.begin() if replay else self._autocommitted() as conn:
             # The API wrote this row before starting the workflow; the upsert makes the
             # workflow whole even if that transaction was lost after the start.
-            accepted_at = await conn.scalar(
+            accepted = (
                 insert(notifications)
                 .values(
                     {**notification_row(request, workflow_id_for(request.notification_id)), "run_id": workflow_run_id}
                 )
                 .on_conflict_do_update(index_elements=["id"], set_={"run_id": workflow_run_id})
                 .returning(notifications.c.created_at)
+                .cte("accepted")
             )
-            if request.replay_of is not None:
+            facts = (
+                await conn.execute(
+                    select_recipients_to_send()
+                    .add_columns(
+                        accepted.c.created_at.label("accepted_at"),
+                        prefs.preferences_of(recipients.c.id).label("wanted"),
+                        prefs.suppressions_of(recipients.c.email, recipients.c.phone, recipients.c.push_tokens).label(
+                            "blocked"
+                        ),
+                    )
+                    .select_from(accepted.outerjoin(recipients, recipients.c.user_id == request.user_id))
+                )
+            ).one()
+            accepted_at = facts.accepted_at
+            if replay:
                 # An operator replays a dead letter: the failed channel starts over.
                 await conn.execute(
                     deliveries.update()
@@ -131,10 +165,9 @@ class InstantSender:
                         updated_at=sa.func.now(),
                     )
                 )
-            recipient = (
-                await conn.execute(sa.select(recipients).where(recipients.c.user_id == request.user_id))
-            ).first()
-            choices = await delivery.load_choices(conn, [recipient] if recipient else [], request.channels)
+            fields: dict[str, Any] = {name: facts._mapping[name] for name in SEND_COLUMNS}
+            recipient = SimpleNamespace(**fields) if facts.id is not None else None
+            choices = delivery.choices_of(facts.id, facts.wanted, facts.blocked) if recipient else NO_CHOICES
             decisions = [
                 delivery.decide(
                     recipient,
@@ -150,32 +183,7 @@ class InstantSender:
             ]
             plans = [_plan(channel, decision) for channel, decision in zip(request.channels, decisions, strict=True)]
             if recipient is not None:
-                plans = await self._content(conn, request, recipient, plans)
-            for plan in plans:
-                status = _recorded_status(plan)
-                final = status != DeliveryStatus.pending.value
-                await conn.execute(
-                    insert(deliveries)
-                    .values(
-                        notification_id=request.notification_id,
-                        channel=plan.channel,
-                        address=plan.address,
-                        status=status,
-                        error=plan.skip_reason if final else None,
-                    )
-                    # A replay (or a retried prepare) finds the row pending; a channel the
-                    # recipient no longer wants (or can no longer be reached on) must not
-                    # stay pending forever.
-                    .on_conflict_do_update(
-                        constraint="uq_delivery_channel",
-                        set_={"status": status, "error": plan.skip_reason, "updated_at": sa.func.now()},
-                        where=sa.and_(deliveries.c.status == DeliveryStatus.pending.value, sa.literal(final)),
-                    )
-                )
-            if request.replay_of is not None or all(_recorded_status(plan) != DeliveryStatus.pending.value
-                                                    for plan in plans):  # fmt: skip
-                # Otherwise a channel is pending, so the notification stays as the API wrote it.
-                await refresh_notification_status(conn, request.notification_id)
+                plans = await self._content(conn, request, fields, plans)
             tags = HistoryTags(
                 run_id=workflow_run_id,
                 template_key=request.template_key or "",
@@ -188,8 +196,32 @@ class InstantSender:
             # The accepted time of the notification, so that a retried prepare writes the same row.
             at = datetime.now(UTC) if request.replay_of is not None or accepted_at is None else accepted_at
             subject = _subject(request, tags)
-            await queue_history(conn, [subject.event(plan.channel, _recorded_status(plan), event_time=at)
-                                       for plan in plans])  # fmt: skip
+            if plans:
+                # The deliveries and their history rows: one statement.
+                planned = insert(deliveries).values(
+                    [
+                        {"notification_id": request.notification_id, "channel": plan.channel,
+                         "address": plan.address, "status": _recorded_status(plan),
+                         "error": plan.skip_reason if _recorded_status(plan) != DeliveryStatus.pending.value else None}
+                        for plan in plans
+                    ]
+                )  # fmt: skip
+                # A replay (or a retried prepare) finds the row pending; a channel the
+                # recipient no longer wants (or can no longer be reached on) must not
+                # stay pending forever.
+                planned = planned.on_conflict_do_update(
+                    constraint="uq_delivery_channel",
+                    set_={"status": planned.excluded.status, "error": planned.excluded.error,
+                          "updated_at": sa.func.now()},
+                    where=sa.and_(deliveries.c.status == DeliveryStatus.pending.value,
+                                  planned.excluded.status != DeliveryStatus.pending.value),
+                )  # fmt: skip
+                events = [subject.event(plan.channel, _recorded_status(plan), event_time=at) for plan in plans]
+                await conn.execute(history_insert(events).add_cte(planned.cte("planned")))
+            if replay or all(_recorded_status(plan) != DeliveryStatus.pending.value for plan in plans):
+                # Otherwise a channel is pending, so the notification stays as the API wrote it.
+                # After the deliveries' statement: the summary reads them.
+                await refresh_notification_status(conn, request.notification_id)
         for plan in plans:
             if _recorded_status(plan) == DeliveryStatus.pending.value:
                 first = self._directory.first_in_line(plan.channel, plan.routes)
@@ -202,7 +234,7 @@ class InstantSender:
                             defer_until=min(quiet) if quiet else None, tags=tags)  # fmt: skip
 
     async def _content(
-        self, conn: AsyncConnection, request: NotificationInput, recipient: sa.Row[Any], plans: list[ChannelPlan]
+        self, conn: AsyncConnection, request: NotificationInput, recipient: dict[str, Any], plans: list[ChannelPlan]
     ) -> list[ChannelPlan]:
         """Each sendable channel's finished message: the pinned template version rendered for
         this recipient, or the request's own title and body."""
@@ -213,7 +245,7 @@ class InstantSender:
             try:
                 template = await self._templates.get(conn, request.template_key, request.template_version)
                 variables = checked_variables(template, request.variables)
-                rendered = render_for_recipient(template, dict(recipient._mapping), variables, sendable)
+                rendered = render_for_recipient(template, recipient, variables, sendable)
                 contents = {channel: delivery.rendered_content(rendered, channel) for channel in sendable}
             except (RenderError, TemplateNotFound, ValueError) as err:
                 reason = f"template {request.template_key} v{request.template_version} failed to render: {err}"
@@ -241,8 +273,7 @@ class InstantSender:
         default = self._directory.defaults.get(request.channel)
         name = request.provider or (default.name if default else request.channel)
         # One statement: committed on its own, without BEGIN and COMMIT round trips.
-        async with self._engine.connect() as conn:
-            await conn.execution_options(isolation_level="AUTOCOMMIT")
+        async with self._autocommitted() as conn:
             row = (
                 await conn.execute(
                     deliveries.update()
@@ -334,12 +365,16 @@ class InstantSender:
         # one this process saw open): not a PostgreSQL transaction per message.
         await self._directory.succeeded(name, was_open=request.may_skip or await self._directory.is_open(name))
 
+        # Two statements: the notification's lock taken (as its every writer does first) and
+        # the delivery recorded sent; then, seeing every channel committed, its history row
+        # queued, the summary refreshed and the events that came before this commit found.
         async with self._engine.begin() as conn:
-            await lock_notification(conn, request.notification_id)
+            locked = notification_lock(request.notification_id).cte("locked")
             sent_at = await conn.scalar(
                 deliveries.update()
                 .where(deliveries.c.notification_id == request.notification_id)
                 .where(deliveries.c.channel == request.channel)
+                .where(sa.exists(sa.select(locked.c.id)))  # a delivery's notification exists (foreign key)
                 # A send that was already under way when the run was cancelled did go out:
                 # the record says so rather than "cancelled".
                 .where(deliveries.c.status.in_([DeliveryStatus.pending.value, DeliveryStatus.cancelled.value]))
@@ -353,10 +388,13 @@ class InstantSender:
                 )
                 .returning(deliveries.c.sent_at)
             )
-            await queue_history(conn, [self._sent_event(request, receipt.provider, attempt, sent_at)])
+            queued = history_insert([self._sent_event(request, receipt.provider, attempt, sent_at)]).cte("queued")
+            refreshed = notification_status_update(request.notification_id).cte("refreshed")
             # A fast provider may have reported on this message before this commit.
-            await apply_early_events(conn, receipt.message_id)
-            await refresh_notification_status(conn, request.notification_id)
+            early = early_events_query([receipt.message_id])
+            assert early is not None  # a message id has its forms
+            found = (await conn.execute(early.add_cte(queued, refreshed))).all()
+            await apply_early_rows(conn, found)
         metrics.SENT.labels(request.channel, receipt.provider, "instant").inc()
         logger.info("notification sent", channel=request.channel, provider=receipt.provider, attempt=attempt)
         return SendResult(provider=receipt.provider, provider_message_id=receipt.message_id)
