@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import threading
 import uuid
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from datetime import UTC, date, datetime, timedelta
 from decimal import ROUND_DOWN, Decimal
 from operator import attrgetter
@@ -384,8 +385,26 @@ class HistoryRow:
 
 def campaign_send_id(campaign_id: uuid.UUID, run_id: str, recipient_id: int, channel: str) -> str:
     """The notification id a campaign send's history rows carry (campaign sends have no
-    notifications row): the same for the batch that sent it and the events that follow."""
-    return str(uuid.uuid5(campaign_id, f"{run_id}:{recipient_id}:{channel}"))
+    notifications row): the same for the batch that sent it and the events that follow.
+    str(uuid.uuid5(campaign_id, name)), written from SHA-1's hex digits (a campaign chunk
+    computes one a row: 1.5 µs instead of 6 through UUID objects)."""
+    digest = hashlib.sha1(campaign_id.bytes + f"{run_id}:{recipient_id}:{channel}".encode()).hexdigest()
+    return f"{digest[:8]}-{digest[8:12]}-5{digest[13:16]}-{_VARIANT[digest[16]]}{digest[17:20]}-{digest[20:32]}"
+
+
+# Every field of a HistoryRow by default, in declaration order (the first five have none).
+_ROW_DEFAULTS: dict[str, Any] = {
+    field.name: field.default if field.default is not MISSING else "" for field in fields(HistoryRow)
+}
+
+
+def _history_row(values: dict[str, Any]) -> HistoryRow:
+    """The HistoryRow of these values, every field present in declaration order (`_ROW_DEFAULTS`
+    updated), equal to HistoryRow(**values): a frozen dataclass refuses attribute assignment,
+    not its __dict__, so the row skips __init__'s setattr per field (~2 µs instead of 10)."""
+    row = object.__new__(HistoryRow)
+    row.__dict__.update(values)
+    return row
 
 
 @dataclass(frozen=True)
@@ -407,9 +426,26 @@ class HistorySubject:
     def event(self, channel: str, status: str, **details: Any) -> HistoryRow:
         """details: provider, attempt, error (cut to 1,000 characters), error_class, cost,
         currency, latency_ms, event_time."""
+        return self.event_of({}, channel, status, **details)
+
+    def event_of(self, subject: Mapping[str, Any], channel: str, status: str, **details: Any) -> HistoryRow:
+        """event() of the subject that is this one but for `subject`'s fields: a campaign
+        chunk's rows (recipients that share the campaign's fields) without a subject each."""
         if "error" in details:
             details["error"] = (details["error"] or "")[:1000]
-        return HistoryRow(channel=channel, status=status, **asdict(self), **details)
+        if not _SUBJECT_FIELDS.issuperset(subject) or not _EVENT_DETAILS.issuperset(details):
+            unknown = (set(subject) - _SUBJECT_FIELDS) | (set(details) - _EVENT_DETAILS)
+            raise TypeError(f"not a history subject field or event detail: {', '.join(sorted(unknown))}")
+        return _history_row({**self._row_fields, **subject, "channel": channel, "status": status, **details})
+
+    @functools.cached_property
+    def _row_fields(self) -> dict[str, Any]:
+        """A row's fields with this subject's values, once (asdict copied them for every event)."""
+        return {**_ROW_DEFAULTS, **{name: getattr(self, name) for name in _SUBJECT_FIELDS}}
+
+
+_SUBJECT_FIELDS = frozenset(field.name for field in fields(HistorySubject))
+_EVENT_DETAILS = frozenset(_ROW_DEFAULTS) - {"channel", "status", *_SUBJECT_FIELDS}
 
 
 def _utc(at: datetime) -> datetime:
