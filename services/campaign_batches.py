@@ -57,8 +57,26 @@ HEARTBEAT_SECONDS = 1.0  # liveness for Temporal, independent of how fast sends 
 FLUSH_EVERY = 50  # write a chunk once this many outcomes wait
 MAX_UNRECORDED = 200  # senders wait beyond this: bounds what a crash can leave unrecorded
 RUN_COUNTERS = ("sent", "failed", "suppressed", "unreachable")  # the statuses a delivery row is recorded with
-# What an outcome carries for its history row only, not stored in campaign_deliveries.
-HISTORY_ONLY = ("user_id", "country", "timezone", "provider", "error_class")
+# What an outcome stores in campaign_deliveries (with the run's id); the rest is for its history row.
+DELIVERY_COLUMNS = ("recipient_id", "channel", "status", "provider_message_id", "error")
+# A chunk of outcomes: its delivery rows (each once: a rewritten chunk's rows are kept) and
+# the run's counters raised by what was new, in one statement; the new rows by status, with
+# this transaction's time.
+RECORD_CHUNK = sa.text(f"""
+WITH written AS (
+    INSERT INTO campaign_deliveries (run_id, {", ".join(DELIVERY_COLUMNS)})
+    SELECT CAST(:run_id AS text), * FROM unnest(CAST(:recipient_id AS bigint[]), CAST(:channel AS text[]),
+        CAST(:status AS text[]), CAST(:provider_message_id AS text[]), CAST(:error AS text[]))
+    ON CONFLICT ON CONSTRAINT uq_campaign_delivery DO NOTHING
+    RETURNING status, created_at
+), counted AS (
+    UPDATE campaign_runs SET {", ".join(f"{name} = campaign_runs.{name} + added.{name}" for name in RUN_COUNTERS)}
+    FROM (SELECT {", ".join(f"count(*) FILTER (WHERE status = '{name}') AS {name}" for name in RUN_COUNTERS)}
+          FROM written) AS added
+    WHERE id = CAST(:run_id AS text) AND EXISTS (SELECT FROM written)
+)
+SELECT status, count(*) AS rows, min(created_at) AS at FROM written GROUP BY status
+""")
 # Failure classes, named as the notification workflow names its reasons.
 REJECTED = "rejected by provider"
 RENDER_FAILED = "render failed"
@@ -116,6 +134,11 @@ class _Recorder:
         self._flushing: asyncio.Task[None] | None = None
         self._history_writes: list[asyncio.Task[None]] = []
         self.totals: Counter[str] = Counter()
+        # What the batch's history rows share; each row adds its recipient's fields.
+        self._subject = HistorySubject(
+            "", "", spec.category, str(spec.campaign_id), run_id=run_id, template_key=spec.template_key,
+            template_version=spec.template_version,
+        )  # fmt: skip
 
     async def add(self, recipient: sa.Row[Any], channel: str, status: str, *, message_id: str | None = None,
                   error: str | None = None, error_class: str = "", provider: str = "") -> None:  # fmt: skip
@@ -125,7 +148,6 @@ class _Recorder:
             metrics.FAILED.labels(channel, provider, "campaign").inc()
         self._rows.append(
             {
-                "run_id": self._run_id,
                 "recipient_id": recipient.id,
                 "user_id": recipient.user_id,
                 "country": recipient.country or "",
@@ -165,26 +187,17 @@ class _Recorder:
 
     async def _insert(self, rows: list[dict[str, Any]]) -> tuple[Counter[str], datetime]:
         """Delivery rows and the run's counters, in one transaction; the rows' recorded time."""
-        table = store.campaign_deliveries
         async with self._engine.begin() as conn:
-            # executemany of one cached statement: no per-chunk SQL compilation.
-            inserted = await conn.execute(
-                insert(table)
-                .on_conflict_do_nothing(constraint="uq_campaign_delivery")
-                .returning(table.c.status, table.c.created_at),
-                [{key: value for key, value in row.items() if key not in HISTORY_ONLY} for row in rows],
+            # One statement a chunk, its rows bound as one array a column (an executemany
+            # bound and sent each row, then the counters took a statement of their own).
+            written = await conn.execute(
+                RECORD_CHUNK,
+                {"run_id": self._run_id, **{column: [row[column] for row in rows] for column in DELIVERY_COLUMNS}},
             )
-            stored = inserted.all()
-            counts = Counter(row.status for row in stored)
+            stored = written.all()
+            counts = Counter({row.status: row.rows for row in stored})
             # now() of this transaction, the same for every row: a rewritten chunk keeps its time.
-            at = stored[0].created_at if stored else datetime.now(UTC)
-            if counts:
-                run = store.campaign_runs
-                await conn.execute(
-                    run.update()
-                    .where(run.c.id == self._run_id)
-                    .values({name: run.c[name] + counts[name] for name in RUN_COUNTERS})
-                )
+            at = stored[0].at if stored else datetime.now(UTC)
             # A fast provider may have reported on some of these before this commit.
             await apply_early_events_for(
                 conn, [row["provider_message_id"] for row in rows if row["provider_message_id"]]
@@ -192,20 +205,29 @@ class _Recorder:
         return counts, at
 
     def _history_rows(self, rows: list[dict[str, Any]], at: datetime) -> list[HistoryRow]:
-        spec = self._spec
+        campaign_id, run_id = self._spec.campaign_id, self._run_id
+        costs: dict[str, dict[str, Any]] = {}  # a sent event's cost and currency, by provider
         events = []
         for row in rows:
-            subject = HistorySubject(
-                campaign_send_id(spec.campaign_id, row["run_id"], row["recipient_id"], row["channel"]),
-                row["user_id"], spec.category, str(spec.campaign_id), run_id=row["run_id"],
-                template_key=spec.template_key, template_version=spec.template_version, country=row["country"],
-                timezone=row["timezone"],
-            )  # fmt: skip
-            loaded = self._directory.loaded.get(row["provider"]) if row["status"] == "sent" else None
-            events.append(subject.event(row["channel"], row["status"], error=row["error"], provider=row["provider"],
-                                        error_class=row["error_class"], event_time=at,
-                                        **message_cost(loaded.record if loaded else None)))  # fmt: skip
+            cost: dict[str, Any] = {}
+            if row["status"] == "sent":
+                if row["provider"] not in costs:
+                    costs[row["provider"]] = self._cost(row["provider"])
+                cost = costs[row["provider"]]
+            recipient = {
+                "notification_id": campaign_send_id(campaign_id, run_id, row["recipient_id"], row["channel"]),
+                "user_id": row["user_id"],
+                "country": row["country"],
+                "timezone": row["timezone"],
+            }
+            events.append(self._subject.event_of(recipient, row["channel"], row["status"], error=row["error"],
+                                                 provider=row["provider"], error_class=row["error_class"],
+                                                 event_time=at, **cost))  # fmt: skip
         return events
+
+    def _cost(self, provider: str) -> dict[str, Any]:
+        loaded = self._directory.loaded.get(provider)
+        return message_cost(loaded.record if loaded else None)
 
     async def close(self) -> None:
         """Record everything still buffered, and wait until its history is stored too."""
