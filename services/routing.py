@@ -88,6 +88,7 @@ class ProviderDirectory:
         self._failed_since_success: set[str] = set()
         self._routes: dict[str, list[ProviderRoute]] = {}
         self._breakers_read = 0.0
+        self._breakers_reading = asyncio.Lock()
 
     def another(self, base_queue: str | None = None) -> ProviderDirectory:
         """The same configuration, none of the state: what a second worker process would
@@ -196,10 +197,14 @@ class ProviderDirectory:
     async def is_open(self, name: str) -> bool:
         """Circuit state as of at most a second ago (campaign batches ask per message)."""
         if time.monotonic() - self._breakers_read > BREAKER_CACHE_SECONDS:
-            async with self.engine.connect() as conn:
-                found = await breaker.states(conn)
-            self._open = {name for name, state in found.items() if state.state != breaker.BreakerState.closed}
-            self._breakers_read = time.monotonic()
+            # One reader at a time: the others take what it read. (Every sender of a campaign
+            # batch found the state stale at once and read it too, on connections of their own.)
+            async with self._breakers_reading:
+                if time.monotonic() - self._breakers_read > BREAKER_CACHE_SECONDS:
+                    async with self.engine.connect() as conn:
+                        found = await breaker.states(conn)
+                    self._open = {name for name, state in found.items() if state.state != breaker.BreakerState.closed}
+                    self._breakers_read = time.monotonic()
         return name in self._open
 
     async def failed(self, name: str, error: BaseException) -> None:
