@@ -340,9 +340,11 @@ async def queue_history(conn: AsyncConnection, events: list[HistoryRow]) -> None
 
 
 def history_insert(events: list[HistoryRow]) -> sa.Insert:
-    """queue_history's statement (one multi-row INSERT), for a caller that makes it a CTE of
-    a statement doing more."""
-    return sa.insert(history_outbox).values([{"row": event.as_json()} for event in events])
+    """queue_history's statement, for a caller that makes it a CTE of a statement doing more:
+    the rows as one array parameter, so that SQLAlchemy compiles it once (a multi-row VALUES
+    is compiled anew every time)."""
+    rows = sa.bindparam("history_rows", [event.as_json() for event in events], type_=pg.ARRAY(pg.JSONB))
+    return sa.insert(history_outbox).from_select(["row"], sa.select(sa.func.unnest(rows)))
 
 
 async def apply_event(conn: AsyncConnection, provider: str, event: ProviderEvent) -> Outcome:

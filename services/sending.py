@@ -13,6 +13,7 @@ from typing import Any
 
 import sqlalchemy as sa
 import structlog
+from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -197,14 +198,32 @@ class InstantSender:
             at = datetime.now(UTC) if request.replay_of is not None or accepted_at is None else accepted_at
             subject = _subject(request, tags)
             if plans:
-                # The deliveries and their history rows: one statement.
-                planned = insert(deliveries).values(
-                    [
-                        {"notification_id": request.notification_id, "channel": plan.channel,
-                         "address": plan.address, "status": _recorded_status(plan),
-                         "error": plan.skip_reason if _recorded_status(plan) != DeliveryStatus.pending.value else None}
-                        for plan in plans
-                    ]
+                # The deliveries and their history rows: one statement. It takes the
+                # notification's lock as the run's other writers do: a cancellation recorded
+                # since the first statement (a run cancelled during prepare) leaves no channel
+                # pending behind it; one recorded after finds the channels to cancel.
+                live = (
+                    sa.select(notifications.c.id)
+                    .where(notifications.c.id == request.notification_id)
+                    .where(notifications.c.status != DeliveryStatus.cancelled.value)
+                    .with_for_update()
+                    .cte("live")
+                )
+                # The rows as array parameters: a multi-row VALUES is compiled anew every time.
+                recorded = [_recorded_status(plan) for plan in plans]
+                rows = sa.func.unnest(
+                    sa.bindparam("channels", [plan.channel for plan in plans], type_=pg.ARRAY(sa.Text)),
+                    sa.bindparam("addresses", [plan.address for plan in plans], type_=pg.ARRAY(sa.Text)),
+                    sa.bindparam("statuses", recorded, type_=pg.ARRAY(sa.Text)),
+                    sa.bindparam("errors", [plan.skip_reason if status != DeliveryStatus.pending.value else None
+                                            for plan, status in zip(plans, recorded, strict=True)],
+                                 type_=pg.ARRAY(sa.Text)),
+                ).table_valued("channel", "address", "status", "error").render_derived(name="planned_rows")  # fmt: skip
+                planned = insert(deliveries).from_select(
+                    ["notification_id", "channel", "address", "status", "error"],
+                    sa.select(sa.literal(request.notification_id, deliveries.c.notification_id.type), rows.c.channel,
+                              rows.c.address, rows.c.status, rows.c.error)
+                    .where(sa.exists(sa.select(live.c.id))),
                 )  # fmt: skip
                 # A replay (or a retried prepare) finds the row pending; a channel the
                 # recipient no longer wants (or can no longer be reached on) must not

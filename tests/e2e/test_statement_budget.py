@@ -15,9 +15,9 @@ from sqlalchemy import Connection, event
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.config import Settings
-from core.contracts import ChannelPlan, NotificationInput, SendInput
+from core.contracts import CancelInput, ChannelPlan, NotificationInput, SendInput
 from core.db import create_engine
-from core.queries import deliveries, notifications, recipients, select_recipients_to_send
+from core.queries import deliveries, notification_row, notifications, recipients, select_recipients_to_send
 from services import delivery
 from services import preferences as prefs
 from services.sending import InstantSender
@@ -144,3 +144,30 @@ async def test_the_one_read_decides_as_load_choices_does(
 
 def _status(plan: ChannelPlan) -> str:
     return "suppressed" if plan.suppress else "unreachable" if plan.unreachable else "pending"
+
+
+async def test_a_cancellation_recorded_before_the_deliveries_leaves_none_pending(
+    counted: tuple[AsyncEngine, Trips], services: WorkerServices, settings: Settings, recipient: dict
+) -> None:
+    """prepare's two statements commit each on their own: a run cancelled in between records
+    its cancellation (no channel yet: the notification reads cancelled) before the second,
+    which then writes no delivery that would stay pending."""
+    engine, _ = counted
+    sender = InstantSender(engine, services.directory, settings)
+    notification_id = uuid.uuid4()
+    request = NotificationInput(
+        notification_id=notification_id, idempotency_key=f"budget-{notification_id}", request_hash="h",
+        requested_by="test", user_id=recipient["user_id"], category="new_episode", channels=["email"],
+        title="Episode 5", body="Out tonight.", send_locally=True,
+    )  # fmt: skip
+    async with engine.begin() as conn:  # as the API writes it
+        await conn.execute(sa.insert(notifications).values(notification_row(request, "notification-x")))
+    await sender.record_cancelled(CancelInput(notification_id=notification_id, user_id=request.user_id,
+                                              category=request.category))  # fmt: skip
+    await sender.prepare(request, "run-1")
+    async with engine.connect() as conn:
+        status = await conn.scalar(sa.select(notifications.c.status).where(notifications.c.id == notification_id))
+        channels = await conn.scalar(
+            sa.select(sa.func.count()).select_from(deliveries).where(deliveries.c.notification_id == notification_id)
+        )
+    assert (status, channels) == ("cancelled", 0)
