@@ -44,13 +44,13 @@ lock: install ## re-resolve requirements.lock after changing dependencies in pyp
 # Ceilings, then the service against them, in one run; bench.report rewrites docs/benchmarks.md
 # and docs/benchmarks/*.png. `make bench BENCH_PROFILE=--profile` adds py-spy on the API and worker.
 BENCH_PROFILE ?=
-bench: install ## measure against the machine's ceilings: campaigns (1 and 2 workers, naive), instant (open loop), events, analytics (docs/benchmarks.md)
+bench: install ## measure against the machine's ceilings: campaigns (1 and 2 workers, naive, peak RSS at 1M recipients), instant (open loop), events, analytics (docs/benchmarks.md)
 	@# Bytecode as an installed package has it (pip compiles; the editable install does not, and
 	@# PYTHONDONTWRITEBYTECODE machines never write it): the workflow sandbox re-imports workflow
 	@# modules for every run, and would compile them from source each time.
 	$(BIN)/python -m compileall -q activities admin api channels core entrypoints services workflows worker.py
 	$(BIN)/python -m bench.ceilings --smtp-messages 100000 --workflows 600
-	$(BIN)/python -m bench.campaign --recipients 100000 --workers 1,2 --naive 2000 $(BENCH_PROFILE)
+	$(BIN)/python -m bench.campaign --recipients 100000 --workers 1,2 --naive 2000 --memory-recipients 1000000 $(BENCH_PROFILE)
 	$(BIN)/python -m bench.instant --rates 25,50,100,150 --duration 20 $(BENCH_PROFILE)
 	$(BIN)/python -m bench.instant --count 1000 --concurrency 32
 	$(BIN)/python -m bench.events --count 1000 --concurrency 32

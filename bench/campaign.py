@@ -10,7 +10,13 @@ second over time (the sink's count, sampled), the peak RSS (VmHWM) of the worker
 API, and with `--naive N` the naive design on N recipients: one NotificationWorkflow per
 recipient through POST /v1/notifications (32 concurrent clients, one worker).
 
-    .venv/bin/python -m bench.campaign --recipients 100000 --workers 1,2 --naive 2000 [--profile]
+`--memory-recipients M` (issue #14's memory target: peak RSS flat from 100k to 1M) then
+loads the segment up to M recipients and runs one more campaign to all of them with one
+worker, beside the 1-worker run of `--recipients`: the worker is a fresh process each run,
+and the API's peak is restarted before each run (clear_refs), so both peaks are per run.
+
+    .venv/bin/python -m bench.campaign --recipients 100000 --workers 1,2 --naive 2000 \
+        [--memory-recipients 1000000] [--profile]
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from bench.common import (
     marquee_env,
     post_admitted,
     profile_path,
+    rss_mib,
     save_result,
 )
 from bench.postfix import Sink, find_postfix, start_sink
@@ -47,7 +54,7 @@ from core.templating import TemplateContent, TemplateLimits
 from entrypoints.embedded import TemporalDevServer, free_port
 from services import campaigns as campaign_control
 from services import templates as template_store
-from services.campaign_store import campaign_runs, segments
+from services.campaign_store import campaign_deliveries, campaign_runs, segments
 
 TEMPLATE = TemplateContent.model_validate(
     {
@@ -64,9 +71,12 @@ TEMPLATE = TemplateContent.model_validate(
 )
 
 
-async def _load_recipients(database_url: str, count: int) -> None:
+async def _load_recipients(database_url: str, count: int, start: int = 0) -> None:
+    """Recipients `start` to `count` - 1, all in the bench segment."""
     conn = await asyncpg.connect(database_url)
-    rows = [(f"bench-{n}", f"Viewer {n}", f"viewer{n}@example.com", ["bench"], "en", "UTC") for n in range(count)]
+    rows = (
+        (f"bench-{n}", f"Viewer {n}", f"viewer{n}@example.com", ["bench"], "en", "UTC") for n in range(start, count)
+    )
     columns = ["user_id", "name", "email", "tags", "locale", "timezone"]
     await conn.copy_records_to_table("recipients", records=rows, columns=columns)
     await conn.close()
@@ -74,7 +84,7 @@ async def _load_recipients(database_url: str, count: int) -> None:
 
 async def run(
     recipients: int, workers: list[int], batch_size: int, window: int, concurrency: int,
-    naive: int, ceiling_messages: int, profile: bool,
+    naive: int, ceiling_messages: int, profile: bool, memory_recipients: int = 0,
 ) -> dict[str, Any]:  # fmt: skip
     workdir = Path(tempfile.mkdtemp(prefix="marquee-bench-"))
     postfix = find_postfix()
@@ -83,7 +93,8 @@ async def run(
         print(f"C-to-C ceiling: {ceiling['per_minute']:,.0f}/min", flush=True)
     database_url, embedded = await fresh_database(workdir)
     await upgrade_async(database_url)
-    await _load_recipients(database_url, max(recipients, naive))
+    loaded = max(recipients, naive)
+    await _load_recipients(database_url, loaded)
     temporal_port = free_port()
     temporal = TemporalDevServer(workdir / "temporal.db", temporal_port, free_port(), workdir / "temporal.log")
     await asyncio.to_thread(temporal.start)
@@ -105,6 +116,8 @@ async def run(
     token = create_token(secret, "bench", Role.admin, 3600)
     runs: list[dict[str, Any]] = []
     naive_result: dict[str, Any] | None = None
+    memory_run: dict[str, Any] | None = None
+    api_peaks: list[float] = []  # the API's peak before each restart of it, and at the end
     try:
         async with httpx.AsyncClient(
             base_url=f"http://127.0.0.1:{api_port}", headers={"Authorization": f"Bearer {token}"}, timeout=60
@@ -112,15 +125,24 @@ async def run(
             await api.wait_ready()
             segment_id = await _template_and_segment(engine)
             for count in workers:
+                api_peaks.append(api.reset_peak_rss())
                 runs.append(
                     await _campaign(engine, http, sink, api, env, workdir, segment_id, recipients, count, profile)
                 )
                 print(_run_line(runs[-1], ceiling), flush=True)
+            if memory_recipients > loaded:
+                # The same segment, grown only now: the runs above had exactly `recipients`.
+                await _load_recipients(database_url, memory_recipients, start=loaded)
+                api_peaks.append(api.reset_peak_rss())
+                memory_run = await _campaign(
+                    engine, http, sink, api, env, workdir, segment_id, memory_recipients, 1, profile=False
+                )
+                print("memory run: " + _run_line(memory_run, ceiling), flush=True)
             if naive:
                 naive_result = await _naive(http, sink, env, workdir, naive)
                 print(f"naive: {naive} recipients in {naive_result['seconds']:.1f} s = "
                       f"{naive_result['per_minute']:,.0f}/min", flush=True)  # fmt: skip
-        api_peak = api.peak_rss_mib()
+        api_peaks.append(api.peak_rss_mib())
     finally:
         await asyncio.to_thread(api.stop)
         received = await asyncio.to_thread(sink.stop)
@@ -139,8 +161,9 @@ async def run(
         "ceiling": ceiling,
         "runs": runs,
         "naive": naive_result,
+        "memory_run": memory_run,
         "received_by_smtp_server": received,
-        "api_peak_rss_mib": api_peak,
+        "api_peak_rss_mib": max(api_peaks),
         "logs": str(logs),
     }
 
@@ -162,7 +185,7 @@ async def _campaign(
     engine: Any, http: httpx.AsyncClient, sink: Sink, api: MarqueeChild, env: dict[str, str], workdir: Path,
     segment_id: int, recipients: int, count: int, profile: bool,
 ) -> dict[str, Any]:  # fmt: skip
-    """One campaign to the whole segment with `count` fresh worker processes."""
+    """One campaign to the whole segment (`recipients`) with `count` fresh worker processes."""
     name = f"bench-{count}w-{uuid.uuid4().hex[:4]}"
     logs = workdir / "logs"
     workers = [
@@ -192,10 +215,12 @@ async def _campaign(
         began = time.perf_counter()
         (await http.post(f"/v1/campaigns/{campaign_id}/launch")).raise_for_status()
         samples: list[tuple[float, int]] = [(0.0, 0)]
+        rss: list[tuple[float, float]] = []  # the first worker's resident set over time: does it grow?
         run_id = f"campaign-{campaign_id}"
         while True:
             await asyncio.sleep(0.5)
             samples.append((time.perf_counter() - began, sink.count() - before))
+            rss.append((samples[-1][0], rss_mib(workers[0].pid)))
             async with engine.connect() as conn:
                 row = (await conn.execute(sa.select(campaign_runs).where(campaign_runs.c.id == run_id))).first()
             if row is not None and row.status == "completed":
@@ -207,6 +232,13 @@ async def _campaign(
         samples.append((time.perf_counter() - began, received))
         profiles = {name: profiler.stop() for name, profiler in profilers.items()}
         peaks = [worker.peak_rss_mib() for worker in workers]
+        api_peak = api.peak_rss_mib()
+        async with engine.connect() as conn:
+            sent_to = await conn.scalar(
+                sa.select(sa.func.count(sa.distinct(campaign_deliveries.c.recipient_id))).where(
+                    campaign_deliveries.c.run_id == run_id, campaign_deliveries.c.status == "sent"
+                )
+            )
     finally:
         for profiler in profilers.values():
             profiler.stop()
@@ -214,12 +246,17 @@ async def _campaign(
             await asyncio.to_thread(worker.stop)
     return {
         "workers": count,
+        "recipients": recipients,
         "sent_recorded": row.sent,
         "received_by_smtp_server": received,
+        # Each recipient once: as many messages at the server as recipients recorded sent, each once.
+        "exactly_once": received == row.sent == sent_to == recipients,
         "seconds": elapsed,
         "per_minute": recipients / elapsed * 60,
         "worker_peak_rss_mib": peaks,
+        "api_peak_rss_mib": api_peak,
         "samples": samples,
+        "worker_rss_mib": rss,
         "profiles": profiles,
     }
 
@@ -266,7 +303,8 @@ def _run_line(row: dict[str, Any], ceiling: dict[str, Any] | None) -> str:
     ratio = f", {row['per_minute'] / ceiling['per_minute']:.2f} of the C-to-C ceiling" if ceiling else ""
     return (
         f"{row['workers']} worker(s): {row['received_by_smtp_server']:,} received, {row['sent_recorded']:,} recorded, "
-        f"{row['seconds']:.1f} s = {row['per_minute']:,.0f}/min{ratio}; worker peak RSS {row['worker_peak_rss_mib']}"
+        f"{row['seconds']:.1f} s = {row['per_minute']:,.0f}/min{ratio}; exactly once: {row['exactly_once']}; "
+        f"peak RSS: worker {row['worker_peak_rss_mib']}, API {row['api_peak_rss_mib']:.0f} MiB"
     )
 
 
@@ -280,11 +318,16 @@ def main() -> None:
     parser.add_argument("--naive", type=int, default=0, help="recipients for the naive design (0: skip)")
     parser.add_argument("--ceiling-messages", type=int, default=100_000, help="smtp-source messages for the ceiling")
     parser.add_argument("--profile", action="store_true", help="py-spy on the workers and the API")
+    parser.add_argument(
+        "--memory-recipients", type=int, default=0, help="then a 1-worker campaign to this many, for peak RSS (0: skip)"
+    )
     args = parser.parse_args()
     workers = [int(count) for count in args.workers.split(",")]
+    if args.memory_recipients and (1 not in workers or args.memory_recipients <= max(args.recipients, args.naive)):
+        parser.error("--memory-recipients needs a 1-worker run in --workers and more than --recipients and --naive")
     result = asyncio.run(
         run(args.recipients, workers, args.batch_size, args.window, args.concurrency, args.naive,
-            args.ceiling_messages, args.profile)
+            args.ceiling_messages, args.profile, args.memory_recipients)
     )  # fmt: skip
     naive = result["naive"]
     if naive and result["runs"]:

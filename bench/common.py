@@ -154,12 +154,27 @@ def percentile(values: list[float], fraction: float) -> float:
 
 def peak_rss_mib(pid: int) -> float:
     """The process's peak resident set (VmHWM) so far, in MiB; 0 once it is gone."""
+    return _status_mib(pid, "VmHWM")
+
+
+def rss_mib(pid: int) -> float:
+    """The process's resident set (VmRSS) now, in MiB; 0 once it is gone."""
+    return _status_mib(pid, "VmRSS")
+
+
+def _status_mib(pid: int, field: str) -> float:
     try:
         status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return 0.0
-    found = re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE)
+    found = re.search(rf"^{field}:\s+(\d+) kB", status, re.MULTILINE)
     return int(found.group(1)) / 1024 if found else 0.0
+
+
+def reset_peak_rss(pid: int) -> None:
+    """Start the process's VmHWM again from its current RSS (Linux: "5" to clear_refs), so
+    a later peak_rss_mib is the peak since now."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
 class Profiler:
@@ -275,6 +290,12 @@ class MarqueeChild:
 
     def peak_rss_mib(self) -> float:
         return peak_rss_mib(self.process.pid)
+
+    def reset_peak_rss(self) -> float:
+        """The peak so far, then the peak starts again from the current RSS."""
+        peak = self.peak_rss_mib()
+        reset_peak_rss(self.process.pid)
+        return peak
 
     def check_alive(self) -> None:
         if self.process.poll() is not None:

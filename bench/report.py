@@ -148,6 +148,7 @@ def campaign_block(campaign: dict[str, Any], ceilings: dict[str, Any] | None, la
                      f"32 clients): {_n(naive['recipients'])} recipients, {_n(naive['received'])} received, "
                      f"{naive['seconds']:.1f} s = {_n(naive['per_minute'])}/min{factor} "
                      f"({_n(naive.get('shed', 0))} requests shed, sent again after Retry-After).")  # fmt: skip
+    lines += memory_lines(campaign)
     lines.append("")
     lines.append("![Sends per second over time, each campaign run](benchmarks/campaign-sends.png)")
     lines += profile_lines(
@@ -158,6 +159,36 @@ def campaign_block(campaign: dict[str, Any], ceilings: dict[str, Any] | None, la
         }
     )
     return "\n".join(lines)
+
+
+# Issue #14: worker and API peak RSS flat (within this fraction) from 100k to 1M recipients.
+MEMORY_FLAT = 0.10
+
+
+def memory_lines(campaign: dict[str, Any]) -> list[str]:
+    """The Memory table: the `--memory-recipients` run beside the 1-worker run of `--recipients`."""
+    big = campaign.get("memory_run")
+    small = next((run for run in campaign["runs"] if run["workers"] == 1), None)
+    if big is None or small is None:
+        return []
+    lines = ["", "Memory (one worker, a fresh worker process each run, the API's peak restarted before each run):", "",
+             "| recipients | received | recorded sent | exactly once | time | per minute | worker peak RSS "
+             "| API peak RSS |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for run in (small, big):
+        recipients = run.get("recipients", campaign["recipients"])
+        lines.append(f"| {_n(recipients)} | {_n(run['received_by_smtp_server'])} | {_n(run['sent_recorded'])} "
+                     f"| {'yes' if run.get('exactly_once') else 'no'} | {run['seconds']:,.1f} s "
+                     f"| {_n(run['per_minute'])} | {_n(run['worker_peak_rss_mib'][0])} MiB "
+                     f"| {_n(run['api_peak_rss_mib'])} MiB |")  # fmt: skip
+    cells = []
+    for name, before, after in (("worker", small["worker_peak_rss_mib"][0], big["worker_peak_rss_mib"][0]),
+                                ("API", small["api_peak_rss_mib"], big["api_peak_rss_mib"])):  # fmt: skip
+        ratio = after / before
+        verdict = "within" if abs(ratio - 1) <= MEMORY_FLAT else "NOT within"
+        cells.append(f"{name} {ratio:.2f} ({verdict} {MEMORY_FLAT:.0%})")
+    lines += ["", f"Peak RSS {_n(big['recipients'])} / {_n(small.get('recipients', campaign['recipients']))} "
+              f"recipients: {', '.join(cells)}."]  # fmt: skip
+    return lines
 
 
 def instant_block(instant: dict[str, Any], ceilings: dict[str, Any] | None, label: str | None) -> str:
