@@ -79,7 +79,7 @@ def notification_row(request: NotificationInput, workflow_id: str) -> dict[str, 
 SUMMARY_ORDER = ("pending", "clicked", "opened", "delivered", "sent", "bounced", "failed", "unreachable", "cancelled")
 
 
-def notification_status_update(notification_id: uuid.UUID) -> sa.Update:
+def notification_status_update(notification_id: uuid.UUID | sa.BindParameter[Any]) -> sa.Update:
     """The UPDATE that refreshes a notification's summary status; a statement of its own, or
     a data-modifying CTE of one that does more (the send's record)."""
     channel = deliveries.alias("d")
@@ -93,15 +93,22 @@ def notification_status_update(notification_id: uuid.UUID) -> sa.Update:
     return update.where(notifications.c.id == notification_id).values(updated_at=sa.func.now(), status=status)
 
 
-def notification_lock(notification_id: uuid.UUID) -> sa.Select[Any]:
+def notification_lock(notification_id: uuid.UUID | sa.BindParameter[Any]) -> sa.Select[Any]:
     """Serialise writers of one notification's channels: taken first in each transaction so
     that the status summary, read in a later statement, sees every channel committed."""
     return sa.select(notifications.c.id).where(notifications.c.id == notification_id).with_for_update()
 
 
+# Built once with this parameter: a statement object reused keeps its SQLAlchemy cache key
+# (worked out again by walking the statement each time one is built), and building costs too.
+NOTIFICATION_ID = sa.bindparam("notification", type_=notifications.c.id.type)
+LOCK_NOTIFICATION = notification_lock(NOTIFICATION_ID)
+REFRESH_NOTIFICATION_STATUS = notification_status_update(NOTIFICATION_ID)
+
+
 async def lock_notification(conn: AsyncConnection, notification_id: uuid.UUID) -> None:
-    await conn.execute(notification_lock(notification_id))
+    await conn.execute(LOCK_NOTIFICATION, {"notification": notification_id})
 
 
 async def refresh_notification_status(conn: AsyncConnection, notification_id: uuid.UUID) -> None:
-    await conn.execute(notification_status_update(notification_id))
+    await conn.execute(REFRESH_NOTIFICATION_STATUS, {"notification": notification_id})

@@ -336,15 +336,20 @@ async def queue_history(conn: AsyncConnection, events: list[HistoryRow]) -> None
     step waits for a ClickHouse insert, and none is lost if the process dies after the commit.
     A step run twice queues the same events again; ClickHouse drops them by event id."""
     if events:
-        await conn.execute(history_insert(events))
+        await conn.execute(HISTORY_INSERT, {"history_rows": history_rows(events)})
 
 
-def history_insert(events: list[HistoryRow]) -> sa.Insert:
-    """queue_history's statement, for a caller that makes it a CTE of a statement doing more:
-    the rows as one array parameter, so that SQLAlchemy compiles it once (a multi-row VALUES
-    is compiled anew every time)."""
-    rows = sa.bindparam("history_rows", [event.as_json() for event in events], type_=pg.ARRAY(pg.JSONB))
-    return sa.insert(history_outbox).from_select(["row"], sa.select(sa.func.unnest(rows)))
+def history_rows(events: list[HistoryRow]) -> list[dict[str, Any]]:
+    """HISTORY_INSERT's parameter `history_rows`."""
+    return [event.as_json() for event in events]
+
+
+# queue_history's statement, also a CTE of statements doing more (the instant send's record):
+# the rows as one array parameter, so that it is built and compiled once (SQLAlchemy compiles
+# a multi-row VALUES anew every time).
+HISTORY_INSERT = sa.insert(history_outbox).from_select(
+    ["row"], sa.select(sa.func.unnest(sa.bindparam("history_rows", type_=pg.ARRAY(pg.JSONB))))
+)
 
 
 async def apply_event(conn: AsyncConnection, provider: str, event: ProviderEvent) -> Outcome:
@@ -410,30 +415,31 @@ async def apply_early_events(conn: AsyncConnection, message_id: str) -> int:
 
 async def apply_early_events_for(conn: AsyncConnection, message_ids: Sequence[str]) -> int:
     """apply_early_events for many messages (a campaign chunk) in one indexed query."""
-    query = early_events_query(message_ids)
-    if query is None:
-        return 0
-    return await apply_early_rows(conn, (await conn.execute(query)).all())
-
-
-def early_events_query(message_ids: Sequence[str]) -> sa.Select[Any] | None:
-    """The stored events of these messages that found no delivery yet, locked (None: no ids)."""
-    forms = sorted({form for message_id in message_ids for form in message_id_forms(message_id)})
+    forms = early_event_forms(message_ids)
     if not forms:
-        return None
-    return (
-        sa.select(webhook_events)
-        .where(
-            webhook_events.c.provider_message_id == sa.any_(sa.cast(forms, pg.ARRAY(sa.Text))),
-            webhook_events.c.outcome == Outcome.unknown.value,
-        )
-        .order_by(webhook_events.c.id)
-        .with_for_update(skip_locked=True)
+        return 0
+    return await apply_early_rows(conn, (await conn.execute(EARLY_EVENTS, {"message_id_forms": forms})).all())
+
+
+def early_event_forms(message_ids: Sequence[str]) -> list[str]:
+    """EARLY_EVENTS' parameter `message_id_forms`."""
+    return sorted({form for message_id in message_ids for form in message_id_forms(message_id)})
+
+
+# The stored events of some messages (all their id forms) that found no delivery yet, locked.
+EARLY_EVENTS = (
+    sa.select(webhook_events)
+    .where(
+        webhook_events.c.provider_message_id == sa.any_(sa.bindparam("message_id_forms", type_=pg.ARRAY(sa.Text))),
+        webhook_events.c.outcome == Outcome.unknown.value,
     )
+    .order_by(webhook_events.c.id)
+    .with_for_update(skip_locked=True)
+)
 
 
 async def apply_early_rows(conn: AsyncConnection, rows: Sequence[sa.Row[Any]]) -> int:
-    """Apply the rows early_events_query found; returns how many it applied."""
+    """Apply the rows EARLY_EVENTS found; returns how many it applied."""
     applied = 0
     for row in rows:
         outcome = await apply_event(conn, row.provider, ProviderEvent.from_row(row))

@@ -5,6 +5,7 @@ activities call these; what goes wrong comes back as a SendFailure naming its ki
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from datetime import UTC, datetime, timedelta
@@ -46,13 +47,14 @@ from core.contracts import (
 )
 from core.models import DeliveryStatus
 from core.queries import (
+    LOCK_NOTIFICATION,
+    NOTIFICATION_ID,
+    REFRESH_NOTIFICATION_STATUS,
     SEND_COLUMNS,
     dead_letters,
     deliveries,
     lock_notification,
-    notification_lock,
     notification_row,
-    notification_status_update,
     notifications,
     recipients,
     refresh_notification_status,
@@ -62,7 +64,14 @@ from core.templating import RenderError, checked_variables, render_for_recipient
 from core.tracking import InstantDelivery
 from services import breaker, delivery, metrics
 from services import preferences as prefs
-from services.delivery_events import apply_early_rows, early_events_query, history_insert, queue_history
+from services.delivery_events import (
+    EARLY_EVENTS,
+    HISTORY_INSERT,
+    apply_early_rows,
+    early_event_forms,
+    history_rows,
+    queue_history,
+)
 from services.history import HistoryRow, HistorySubject
 from services.providers import message_cost
 from services.routing import ProviderDirectory
@@ -70,6 +79,95 @@ from services.templates import PinnedVersions, TemplateNotFound
 
 logger = structlog.get_logger("marquee.notifications")
 NO_CHOICES = delivery.Choices({}, {})  # no recipient: nothing to read
+
+
+# The hot statements of prepare and the send, built once (see core.queries'
+# NOTIFICATION_ID: building one and working out its cache key cost more than its round trip).
+
+
+@functools.cache
+def _facts_statement(fields: tuple[str, ...]) -> sa.Select[Any]:
+    """prepare's one read: the notification upserted (the API wrote it before starting the
+    workflow; the upsert makes the workflow whole should that transaction have been lost
+    after the start), with its accepted time, the recipient and the preferences and
+    suppressed contacts that delivery.decide reads. `fields`: notification_row's, as `n_*`."""
+    values: dict[str, Any] = {name[2:]: sa.bindparam(name, type_=notifications.c[name[2:]].type) for name in fields}
+    run_id = sa.bindparam("the_run", type_=notifications.c.run_id.type)
+    accepted = (
+        insert(notifications)
+        .values({**values, "id": NOTIFICATION_ID, "run_id": run_id})
+        .on_conflict_do_update(index_elements=["id"], set_={"run_id": run_id})
+        .returning(notifications.c.created_at)
+        .cte("accepted")
+    )
+    return (
+        select_recipients_to_send()
+        .add_columns(
+            accepted.c.created_at.label("accepted_at"),
+            prefs.preferences_of(recipients.c.id).label("wanted"),
+            prefs.suppressions_of(recipients.c.email, recipients.c.phone, recipients.c.push_tokens).label("blocked"),
+        )
+        .select_from(accepted.outerjoin(recipients, recipients.c.user_id == values["user_id"]))
+    )
+
+
+def _plan_deliveries() -> sa.Insert:
+    """prepare's write: every channel's delivery (arrays `channels`, `addresses`, `statuses`,
+    `errors`: a multi-row VALUES is compiled anew every time) and history row. It takes the
+    notification's lock as the run's other writers do: a cancellation recorded since prepare's
+    read (a run cancelled during prepare) leaves no channel pending behind it; one recorded
+    after finds the channels to cancel."""
+    live = (
+        sa.select(notifications.c.id)
+        .where(notifications.c.id == NOTIFICATION_ID)
+        .where(notifications.c.status != DeliveryStatus.cancelled.value)
+        .with_for_update()
+        .cte("live")
+    )
+    arrays = [sa.bindparam(name, type_=pg.ARRAY(sa.Text)) for name in ("channels", "addresses", "statuses", "errors")]
+    unnested = sa.func.unnest(*arrays).table_valued("channel", "address", "status", "error")
+    rows = unnested.render_derived(name="planned_rows")
+    planned = insert(deliveries).from_select(
+        ["notification_id", "channel", "address", "status", "error"],
+        sa.select(NOTIFICATION_ID, rows.c.channel, rows.c.address, rows.c.status, rows.c.error).where(
+            sa.exists(sa.select(live.c.id))
+        ),
+    )
+    # A replay (or a retried prepare) finds the row pending; a channel the recipient no
+    # longer wants (or can no longer be reached on) must not stay pending forever.
+    planned = planned.on_conflict_do_update(
+        constraint="uq_delivery_channel",
+        set_={"status": planned.excluded.status, "error": planned.excluded.error, "updated_at": sa.func.now()},
+        where=sa.and_(deliveries.c.status == DeliveryStatus.pending.value,
+                      planned.excluded.status != DeliveryStatus.pending.value),
+    )  # fmt: skip
+    return HISTORY_INSERT.add_cte(planned.cte("planned"))
+
+
+PLAN_DELIVERIES = _plan_deliveries()
+# The send's record, first statement: the notification's lock taken (as its every writer does
+# first) and the delivery recorded sent. A send that was already under way when the run was
+# cancelled did go out: the record says so rather than "cancelled".
+_LOCKED = LOCK_NOTIFICATION.cte("locked")
+RECORD_SENT = (
+    deliveries.update()
+    .where(deliveries.c.notification_id == NOTIFICATION_ID)
+    .where(deliveries.c.channel == sa.bindparam("sent_channel", type_=sa.Text))
+    .where(sa.exists(sa.select(_LOCKED.c.id)))  # a delivery's notification exists (foreign key)
+    .where(deliveries.c.status.in_([DeliveryStatus.pending.value, DeliveryStatus.cancelled.value]))
+    .values(
+        status=DeliveryStatus.sent.value,
+        provider=sa.bindparam("sent_provider", type_=sa.Text),
+        provider_message_id=sa.bindparam("sent_message_id", type_=sa.Text),
+        sent_at=sa.func.now(),
+        updated_at=sa.func.now(),
+        error=None,
+    )
+    .returning(deliveries.c.sent_at)
+)
+# The second, seeing every channel committed: its history row queued, the summary refreshed
+# and the provider's events that came before this commit found.
+RECORDED_SENT = EARLY_EVENTS.add_cte(HISTORY_INSERT.cte("queued"), REFRESH_NOTIFICATION_STATUS.cte("refreshed"))
 
 
 class SendFailure(Exception):
@@ -128,26 +226,12 @@ class InstantSender:
         async with self._engine.begin() if replay else self._autocommitted() as conn:
             # The API wrote this row before starting the workflow; the upsert makes the
             # workflow whole even if that transaction was lost after the start.
-            accepted = (
-                insert(notifications)
-                .values(
-                    {**notification_row(request, workflow_id_for(request.notification_id)), "run_id": workflow_run_id}
-                )
-                .on_conflict_do_update(index_elements=["id"], set_={"run_id": workflow_run_id})
-                .returning(notifications.c.created_at)
-                .cte("accepted")
-            )
+            notification = notification_row(request, workflow_id_for(request.notification_id))
+            params = {f"n_{name}": value for name, value in notification.items() if name != "id"}
             facts = (
                 await conn.execute(
-                    select_recipients_to_send()
-                    .add_columns(
-                        accepted.c.created_at.label("accepted_at"),
-                        prefs.preferences_of(recipients.c.id).label("wanted"),
-                        prefs.suppressions_of(recipients.c.email, recipients.c.phone, recipients.c.push_tokens).label(
-                            "blocked"
-                        ),
-                    )
-                    .select_from(accepted.outerjoin(recipients, recipients.c.user_id == request.user_id))
+                    _facts_statement(tuple(params)),
+                    {**params, "notification": request.notification_id, "the_run": workflow_run_id},
                 )
             ).one()
             accepted_at = facts.accepted_at
@@ -202,41 +286,17 @@ class InstantSender:
                 # notification's lock as the run's other writers do: a cancellation recorded
                 # since the first statement (a run cancelled during prepare) leaves no channel
                 # pending behind it; one recorded after finds the channels to cancel.
-                live = (
-                    sa.select(notifications.c.id)
-                    .where(notifications.c.id == request.notification_id)
-                    .where(notifications.c.status != DeliveryStatus.cancelled.value)
-                    .with_for_update()
-                    .cte("live")
-                )
-                # The rows as array parameters: a multi-row VALUES is compiled anew every time.
                 recorded = [_recorded_status(plan) for plan in plans]
-                rows = sa.func.unnest(
-                    sa.bindparam("channels", [plan.channel for plan in plans], type_=pg.ARRAY(sa.Text)),
-                    sa.bindparam("addresses", [plan.address for plan in plans], type_=pg.ARRAY(sa.Text)),
-                    sa.bindparam("statuses", recorded, type_=pg.ARRAY(sa.Text)),
-                    sa.bindparam("errors", [plan.skip_reason if status != DeliveryStatus.pending.value else None
-                                            for plan, status in zip(plans, recorded, strict=True)],
-                                 type_=pg.ARRAY(sa.Text)),
-                ).table_valued("channel", "address", "status", "error").render_derived(name="planned_rows")  # fmt: skip
-                planned = insert(deliveries).from_select(
-                    ["notification_id", "channel", "address", "status", "error"],
-                    sa.select(sa.literal(request.notification_id, deliveries.c.notification_id.type), rows.c.channel,
-                              rows.c.address, rows.c.status, rows.c.error)
-                    .where(sa.exists(sa.select(live.c.id))),
+                errors = [plan.skip_reason if status != DeliveryStatus.pending.value else None
+                          for plan, status in zip(plans, recorded, strict=True)]  # fmt: skip
+                events = [subject.event(plan.channel, status, event_time=at)
+                          for plan, status in zip(plans, recorded, strict=True)]  # fmt: skip
+                await conn.execute(
+                    PLAN_DELIVERIES,
+                    {"notification": request.notification_id, "channels": [plan.channel for plan in plans],
+                     "addresses": [plan.address for plan in plans], "statuses": recorded, "errors": errors,
+                     "history_rows": history_rows(events)},
                 )  # fmt: skip
-                # A replay (or a retried prepare) finds the row pending; a channel the
-                # recipient no longer wants (or can no longer be reached on) must not
-                # stay pending forever.
-                planned = planned.on_conflict_do_update(
-                    constraint="uq_delivery_channel",
-                    set_={"status": planned.excluded.status, "error": planned.excluded.error,
-                          "updated_at": sa.func.now()},
-                    where=sa.and_(deliveries.c.status == DeliveryStatus.pending.value,
-                                  planned.excluded.status != DeliveryStatus.pending.value),
-                )  # fmt: skip
-                events = [subject.event(plan.channel, _recorded_status(plan), event_time=at) for plan in plans]
-                await conn.execute(history_insert(events).add_cte(planned.cte("planned")))
             if replay or all(_recorded_status(plan) != DeliveryStatus.pending.value for plan in plans):
                 # Otherwise a channel is pending, so the notification stays as the API wrote it.
                 # After the deliveries' statement: the summary reads them.
@@ -388,31 +448,20 @@ class InstantSender:
         # the delivery recorded sent; then, seeing every channel committed, its history row
         # queued, the summary refreshed and the events that came before this commit found.
         async with self._engine.begin() as conn:
-            locked = notification_lock(request.notification_id).cte("locked")
             sent_at = await conn.scalar(
-                deliveries.update()
-                .where(deliveries.c.notification_id == request.notification_id)
-                .where(deliveries.c.channel == request.channel)
-                .where(sa.exists(sa.select(locked.c.id)))  # a delivery's notification exists (foreign key)
-                # A send that was already under way when the run was cancelled did go out:
-                # the record says so rather than "cancelled".
-                .where(deliveries.c.status.in_([DeliveryStatus.pending.value, DeliveryStatus.cancelled.value]))
-                .values(
-                    status=DeliveryStatus.sent.value,
-                    provider=receipt.provider,
-                    provider_message_id=receipt.message_id,
-                    sent_at=sa.func.now(),
-                    updated_at=sa.func.now(),
-                    error=None,
-                )
-                .returning(deliveries.c.sent_at)
-            )
-            queued = history_insert([self._sent_event(request, receipt.provider, attempt, sent_at)]).cte("queued")
-            refreshed = notification_status_update(request.notification_id).cte("refreshed")
+                RECORD_SENT,
+                {"notification": request.notification_id, "sent_channel": request.channel,
+                 "sent_provider": receipt.provider, "sent_message_id": receipt.message_id},
+            )  # fmt: skip
             # A fast provider may have reported on this message before this commit.
-            early = early_events_query([receipt.message_id])
-            assert early is not None  # a message id has its forms
-            found = (await conn.execute(early.add_cte(queued, refreshed))).all()
+            event = self._sent_event(request, receipt.provider, attempt, sent_at)
+            found = (
+                await conn.execute(
+                    RECORDED_SENT,
+                    {"notification": request.notification_id, "history_rows": history_rows([event]),
+                     "message_id_forms": early_event_forms([receipt.message_id])},
+                )
+            ).all()  # fmt: skip
             await apply_early_rows(conn, found)
         metrics.SENT.labels(request.channel, receipt.provider, "instant").inc()
         logger.info("notification sent", channel=request.channel, provider=receipt.provider, attempt=attempt)
