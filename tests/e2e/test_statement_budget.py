@@ -66,17 +66,23 @@ async def counted(settings: Settings) -> AsyncIterator[tuple[AsyncEngine, Trips]
     await engine.dispose()
 
 
+def _email_request(user_id: str) -> NotificationInput:
+    """One email notification to this user, as the API would start it."""
+    notification_id = uuid.uuid4()
+    return NotificationInput(
+        notification_id=notification_id, idempotency_key=f"budget-{notification_id}", request_hash="h",
+        requested_by="test", user_id=user_id, category="new_episode", channels=["email"],
+        title="Episode 5", body="Out tonight.", send_locally=True,
+    )  # fmt: skip
+
+
 async def test_one_email_notification_round_trips(
     counted: tuple[AsyncEngine, Trips], services: WorkerServices, settings: Settings, recipient: dict
 ) -> None:
     engine, trips = counted
     sender = InstantSender(engine, services.directory, settings)
-    notification_id = uuid.uuid4()
-    request = NotificationInput(
-        notification_id=notification_id, idempotency_key=f"budget-{notification_id}", request_hash="h",
-        requested_by="test", user_id=recipient["user_id"], category="new_episode", channels=["email"],
-        title="Episode 5", body="Out tonight.", send_locally=True,
-    )  # fmt: skip
+    request = _email_request(recipient["user_id"])
+    notification_id = request.notification_id
     plan = await sender.prepare(request, "run-1")
     prepared = trips.reset()
     [channel] = plan.channels
@@ -154,12 +160,8 @@ async def test_a_cancellation_recorded_before_the_deliveries_leaves_none_pending
     which then writes no delivery that would stay pending."""
     engine, _ = counted
     sender = InstantSender(engine, services.directory, settings)
-    notification_id = uuid.uuid4()
-    request = NotificationInput(
-        notification_id=notification_id, idempotency_key=f"budget-{notification_id}", request_hash="h",
-        requested_by="test", user_id=recipient["user_id"], category="new_episode", channels=["email"],
-        title="Episode 5", body="Out tonight.", send_locally=True,
-    )  # fmt: skip
+    request = _email_request(recipient["user_id"])
+    notification_id = request.notification_id
     async with engine.begin() as conn:  # as the API writes it
         await conn.execute(sa.insert(notifications).values(notification_row(request, "notification-x")))
     await sender.record_cancelled(CancelInput(notification_id=notification_id, user_id=request.user_id,
