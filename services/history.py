@@ -314,10 +314,11 @@ RETENTION = {"notification_history": "toDateTime(event_time)", "notification_sta
              "notification_campaign_stats": "hour"}  # fmt: skip
 
 
-def _uuid5(name: str) -> str:
-    """uuid.uuid5(EVENT_NAMESPACE, name) as 32 hex digits, without building a UUID object
-    (the writer computes one per row): SHA-1's first 16 bytes, version 5, RFC 4122 variant."""
-    digest = hashlib.sha1(_NAMESPACE_BYTES + name.encode()).hexdigest()
+def _uuid5(name: str, namespace: bytes | None = None) -> str:
+    """uuid.uuid5(namespace, name) as 32 hex digits (EVENT_NAMESPACE by default), without
+    building a UUID object (the writer and a campaign chunk compute one per row): SHA-1's
+    first 16 bytes, version 5, RFC 4122 variant."""
+    digest = hashlib.sha1((namespace or _NAMESPACE_BYTES) + name.encode()).hexdigest()
     return f"{digest[:12]}5{digest[13:16]}{_VARIANT[digest[16]]}{digest[17:32]}"
 
 
@@ -386,10 +387,10 @@ class HistoryRow:
 def campaign_send_id(campaign_id: uuid.UUID, run_id: str, recipient_id: int, channel: str) -> str:
     """The notification id a campaign send's history rows carry (campaign sends have no
     notifications row): the same for the batch that sent it and the events that follow.
-    str(uuid.uuid5(campaign_id, name)), written from SHA-1's hex digits (a campaign chunk
-    computes one a row: 1.5 µs instead of 6 through UUID objects)."""
-    digest = hashlib.sha1(campaign_id.bytes + f"{run_id}:{recipient_id}:{channel}".encode()).hexdigest()
-    return f"{digest[:8]}-{digest[8:12]}-5{digest[13:16]}-{_VARIANT[digest[16]]}{digest[17:20]}-{digest[20:32]}"
+    str(uuid.uuid5(campaign_id, name)), written from _uuid5's hex digits (a campaign chunk
+    computes one a row: UUID objects cost about four times as much)."""
+    hex_id = _uuid5(f"{run_id}:{recipient_id}:{channel}", campaign_id.bytes)
+    return f"{hex_id[:8]}-{hex_id[8:12]}-{hex_id[12:16]}-{hex_id[16:20]}-{hex_id[20:]}"
 
 
 # Every field of a HistoryRow by default, in declaration order (the first five have none).

@@ -153,7 +153,9 @@ RECORD_SENT = (
     deliveries.update()
     .where(deliveries.c.notification_id == NOTIFICATION_ID)
     .where(deliveries.c.channel == sa.bindparam("sent_channel", type_=sa.Text))
-    .where(sa.exists(sa.select(_LOCKED.c.id)))  # a delivery's notification exists (foreign key)
+    # Always true (a delivery's notification exists): it makes PostgreSQL run the lock's CTE,
+    # which it skips when nothing reads it.
+    .where(sa.exists(sa.select(_LOCKED.c.id)))
     .where(deliveries.c.status.in_([DeliveryStatus.pending.value, DeliveryStatus.cancelled.value]))
     .values(
         status=DeliveryStatus.sent.value,
