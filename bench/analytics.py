@@ -2,11 +2,12 @@
 
 Generates a realistic history (channels, providers, campaigns, templates, countries and time
 zones, a notification's accepted -> sent -> delivered -> opened -> clicked with latencies,
-failures, bounces, the providers' costs) spread over the last N days in time order, and
-loads it through the real writer path: `ChdbStore.insert` (the Arrow batch, event ids and
-the duplicate check in chDB, the materialized views into notification_stats and its
-rollups) in batches of the HistoryWriter's flush_rows, into chDB in a temporary directory.
-Only the inserts are timed (generating the rows is not the writer's work). Then each
+failures, bounces, the providers' costs) spread over the last N days in time order, as
+columns (a HistoryBatch, as a campaign chunk hands its events to the writer), and loads it
+through the real writer path: `ChdbStore.insert` (the Arrow chunks, event ids and the
+duplicate check in chDB, the materialized views into notification_stats and its rollups) in
+batches of the HistoryWriter's flush_rows, into chDB in a temporary directory. Only the
+inserts are timed (generating the rows is not the writer's work). Then each
 services.analytics function runs a few times over the loaded store; the campaign report reads its campaign from a fresh
 PostgreSQL database (127.0.0.1:5432, else an embedded server), dropped at the end.
 
@@ -38,7 +39,7 @@ from core.migrate import upgrade_async
 from services import analytics
 from services.analytics import Query
 from services.campaign_store import campaign_runs, campaigns, segments
-from services.history import ChdbStore, HistoryRow, HistoryWriter
+from services.history import ChdbStore, HistoryBatch, HistoryWriter, epoch_ms
 
 COUNTRIES = [("RU", "Europe/Moscow", 30), ("DE", "Europe/Berlin", 12), ("FR", "Europe/Paris", 10),
              ("GB", "Europe/London", 10), ("US", "America/New_York", 9), ("US", "America/Los_Angeles", 6),
@@ -55,19 +56,11 @@ ERRORS = [("PermanentSendError", "550 mailbox unavailable"), ("retries exhausted
           ("render failed", "undefined variable")]  # fmt: skip
 CAMPAIGNS = [str(uuid.UUID(int=n, version=4)) for n in range(1, 41)]
 TEMPLATES = [f"template-{n}" for n in range(20)]
-# A frozen dataclass refuses attribute assignment, not its __dict__: rows are built from a
-# dict of all fields at about 2 µs instead of 10 (HistoryRow(...)'s frozen __init__).
-ROW_DEFAULTS = dict(HistoryRow("", "", "", "", "").__dict__)
 
 
-def _row(fields: dict[str, Any]) -> HistoryRow:
-    row = object.__new__(HistoryRow)
-    row.__dict__.update(fields)
-    return row
-
-
-def history(total: int, start: datetime, end: datetime, seed: int = 7) -> Iterator[HistoryRow]:
-    """About `total` rows, a notification's events at a time, in time order over [start, end)."""
+def history(total: int, start: datetime, end: datetime, batch: int, seed: int = 7) -> Iterator[HistoryBatch]:
+    """About `total` events, a notification's at a time, in time order over [start, end), in
+    batches of `batch` or a few more, as columns: what a campaign chunk hands the writer."""
     rand = random.Random(seed)
     countries = rand.choices(COUNTRIES, weights=[share for *_, share in COUNTRIES], k=4096)
     channel_names = list(CHANNELS)
@@ -75,65 +68,69 @@ def history(total: int, start: datetime, end: datetime, seed: int = 7) -> Iterat
     costs = {(name, provider): (Decimal(cost), currency) for name, spec in CHANNELS.items()
              for provider, cost, currency in spec[1]}  # fmt: skip
     notifications = total // 3  # about three events each
-    step = (end - start) / notifications
-    ms = timedelta(milliseconds=1)
+    step_ms = (end - start) / notifications / timedelta(milliseconds=1)
+    start_ms = epoch_ms(start)
+    no_cost = Decimal(0)
+    columns: dict[str, list[Any]] = {name: [] for name in HistoryBatch.of([]).columns}
+    subject_fields = ("notification_id", "channel", "user_id", "category", "campaign_id", "run_id", "template_key",
+                      "template_version", "country", "timezone", "occurrence")  # fmt: skip
+    event_fields = ("status", "provider", "attempt", "error", "error_class", "cost", "currency", "latency_ms",
+                    "event_time")  # fmt: skip
+
+    def add(subject: tuple[Any, ...], *event: Any) -> None:
+        for name, value in zip(subject_fields, subject, strict=True):
+            columns[name].append(value)
+        for name, value in zip(event_fields, event, strict=True):
+            columns[name].append(value)
+
     for n in range(notifications):
-        at = start + step * n
+        at = start_ms + int(step_ms * n)
         channel = channel_picks[n % 4096]
         _, providers, delivered, opened, clicked, failed, bounced = CHANNELS[channel]
         provider = providers[n % 2 if channel != "email" else int(rand.random() < 0.2)][0]
         country, zone, _ = countries[(n * 7) % 4096]
         campaign = CAMPAIGNS[n % 40] if n % 10 < 7 else ""  # 70% of sends belong to a campaign
-        subject = {**ROW_DEFAULTS, "notification_id": f"5e1d0000-0000-4000-8000-{n:012x}", "channel": channel,
-                   "user_id": f"user-{n % 1_000_000}", "category": CATEGORIES[n % 5] if not campaign else "marketing",
-                   "campaign_id": campaign, "run_id": f"run-{campaign[:8]}" if campaign else "",
-                   "template_key": TEMPLATES[n % 20], "template_version": 1 + n % 3, "country": country,
-                   "timezone": zone}  # fmt: skip
-        yield _row({**subject, "status": "pending", "event_time": at})
-        sent_at = at + ms * int(rand.expovariate(1 / 800))
+        category, run = (CATEGORIES[n % 5], "") if not campaign else ("marketing", f"run-{campaign[:8]}")
+        subject = (f"5e1d0000-0000-4000-8000-{n:012x}", channel, f"user-{n % 1_000_000}", category, campaign, run,
+                   TEMPLATES[n % 20], 1 + n % 3, country, zone, "")  # fmt: skip
+        add(subject, "pending", "", 0, "", "", no_cost, "", 0, at)
+        sent_at = at + int(rand.expovariate(1 / 800))
         roll = rand.random()
         if roll < failed:
             error_class, error = ERRORS[n % 3]
-            yield _row({**subject, "status": "failed", "provider": provider, "attempt": 3, "error": error,
-                        "error_class": error_class, "event_time": sent_at})  # fmt: skip
-            continue
-        cost, currency = costs[(channel, provider)]
-        yield _row({**subject, "status": "sent", "provider": provider, "attempt": 1, "cost": cost,
-                    "currency": currency, "event_time": sent_at})  # fmt: skip
-        if roll < failed + bounced:
-            yield _row({**subject, "status": "bounced", "provider": provider, "event_time": sent_at + ms * 4000})
-        elif rand.random() < delivered:
-            deliver_ms = int(rand.lognormvariate(7.5, 1.0))  # median about 1.8 s
-            yield _row({**subject, "status": "delivered", "provider": provider, "latency_ms": deliver_ms,
-                        "event_time": sent_at + ms * deliver_ms})  # fmt: skip
-            if rand.random() < opened:
-                open_ms = deliver_ms + int(rand.lognormvariate(14.0, 1.5))  # median about 20 minutes
-                yield _row({**subject, "status": "opened", "latency_ms": open_ms, "event_time": sent_at + ms * open_ms})
-                if rand.random() < clicked / opened:
-                    click_ms = open_ms + int(rand.expovariate(1 / 30_000))
-                    yield _row({**subject, "status": "clicked", "latency_ms": click_ms,
-                                "event_time": sent_at + ms * click_ms})  # fmt: skip
+            add(subject, "failed", provider, 3, error, error_class, no_cost, "", 0, sent_at)
+        else:
+            cost, currency = costs[(channel, provider)]
+            add(subject, "sent", provider, 1, "", "", cost, currency, 0, sent_at)
+            if roll < failed + bounced:
+                add(subject, "bounced", provider, 0, "", "", no_cost, "", 0, sent_at + 4000)
+            elif rand.random() < delivered:
+                deliver_ms = int(rand.lognormvariate(7.5, 1.0))  # median about 1.8 s
+                add(subject, "delivered", provider, 0, "", "", no_cost, "", deliver_ms, sent_at + deliver_ms)
+                if rand.random() < opened:
+                    open_ms = deliver_ms + int(rand.lognormvariate(14.0, 1.5))  # median about 20 minutes
+                    add(subject, "opened", "", 0, "", "", no_cost, "", open_ms, sent_at + open_ms)
+                    if rand.random() < clicked / opened:
+                        click_ms = open_ms + int(rand.expovariate(1 / 30_000))
+                        add(subject, "clicked", "", 0, "", "", no_cost, "", click_ms, sent_at + click_ms)
+        if len(columns["status"]) >= batch:
+            yield HistoryBatch(columns)
+            columns = {name: [] for name in columns}
+    if columns["status"]:
+        yield HistoryBatch(columns)
 
 
-def load(store: ChdbStore, rows: Iterator[HistoryRow], batch: int) -> tuple[int, float, list[float]]:
-    """Insert in batches; returns rows written, seconds spent inserting, and each batch's rate."""
+def load(store: ChdbStore, batches: Iterator[HistoryBatch]) -> tuple[int, float, list[float]]:
+    """Insert each batch; returns events written, seconds spent inserting, and each batch's rate."""
     written, spent, rates = 0, 0.0, []
-    pending: list[HistoryRow] = []
-    for row in rows:
-        pending.append(row)
-        if len(pending) == batch:
-            began = time.perf_counter()
-            store.insert(pending)
-            took = time.perf_counter() - began
-            written, spent = written + len(pending), spent + took
-            rates.append(len(pending) / took)
-            pending = []
-            if len(rates) % 200 == 0:
-                print(f"  {written:,} rows, {written / spent:,.0f} rows/s so far", flush=True)
-    if pending:
+    for batch in batches:
         began = time.perf_counter()
-        store.insert(pending)
-        written, spent = written + len(pending), spent + time.perf_counter() - began
+        store.insert(batch)
+        took = time.perf_counter() - began
+        written, spent = written + len(batch), spent + took
+        rates.append(len(batch) / took)
+        if len(rates) % 20 == 0:
+            print(f"  {written:,} rows, {written / spent:,.0f} rows/s so far", flush=True)
     return written, spent, rates
 
 
@@ -212,7 +209,7 @@ async def run(total: int, batch: int, days: int, runs: int) -> None:
         await _campaign(engine, CAMPAIGNS[0], start - timedelta(hours=1))
         print(f"loading about {total:,} rows over {days} days in batches of {batch:,}", flush=True)
         began = time.perf_counter()
-        written, spent, rates = load(store, history(total, start, now), batch)
+        written, spent, rates = load(store, history(total, start, now, batch))
         wall = time.perf_counter() - began
         print(f"writer: {written:,} rows in {spent:.1f} s of inserts: {written / spent:,.0f} rows/s sustained "
               f"(batches p50 {statistics.median(rates):,.0f} rows/s, slowest {min(rates):,.0f}); "

@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import sqlalchemy as sa
@@ -47,7 +48,7 @@ from core.tracking import CampaignSend
 from services import campaign_store as store
 from services import delivery, metrics
 from services.delivery_events import apply_early_events_for
-from services.history import HistoryRow, HistorySubject, HistoryWriter, campaign_send_id
+from services.history import HistoryBatch, HistorySubject, HistoryWriter, campaign_send_id
 from services.providers import bulk_queue_for, message_cost
 from services.routing import ChannelRouter, ProviderDirectory
 from services.sending import retire_address
@@ -183,7 +184,7 @@ class _Recorder:
                 self._rows[:0] = rows
                 raise
             self.totals.update(counts)
-            self._history_writes.append(asyncio.create_task(self._history.record(self._history_rows(rows, at))))
+            self._history_writes.append(asyncio.create_task(self._history.record(self._history_batch(rows, at))))
 
     async def _insert(self, rows: list[dict[str, Any]]) -> tuple[Counter[str], datetime]:
         """Delivery rows and the run's counters, in one transaction; the rows' recorded time."""
@@ -204,26 +205,24 @@ class _Recorder:
             )
         return counts, at
 
-    def _history_rows(self, rows: list[dict[str, Any]], at: datetime) -> list[HistoryRow]:
+    def _history_batch(self, rows: list[dict[str, Any]], at: datetime) -> HistoryBatch:
+        """The chunk's history events, as columns (the writer's cost is a list per column, not
+        a row object per event): a sent event carries its provider's cost and currency."""
         campaign_id, run_id = self._spec.campaign_id, self._run_id
         costs: dict[str, dict[str, Any]] = {}  # a sent event's cost and currency, by provider
-        events = []
         for row in rows:
-            cost: dict[str, Any] = {}
-            if row["status"] == "sent":
-                if row["provider"] not in costs:
-                    costs[row["provider"]] = self._cost(row["provider"])
-                cost = costs[row["provider"]]
-            recipient = {
-                "notification_id": campaign_send_id(campaign_id, run_id, row["recipient_id"], row["channel"]),
-                "user_id": row["user_id"],
-                "country": row["country"],
-                "timezone": row["timezone"],
-            }
-            events.append(self._subject.event_of(recipient, row["channel"], row["status"], error=row["error"],
-                                                 provider=row["provider"], error_class=row["error_class"],
-                                                 event_time=at, **cost))  # fmt: skip
-        return events
+            if row["status"] == "sent" and row["provider"] not in costs:
+                costs[row["provider"]] = self._cost(row["provider"])
+        priced = [costs[row["provider"]] if row["status"] == "sent" else {} for row in rows]
+        columns: dict[str, list[Any]] = {
+            name: [row[name] for row in rows]
+            for name in ("user_id", "country", "timezone", "channel", "status", "error", "provider", "error_class")
+        }
+        columns["notification_id"] = [campaign_send_id(campaign_id, run_id, row["recipient_id"], row["channel"])
+                                      for row in rows]  # fmt: skip
+        columns["cost"] = [cost.get("cost", Decimal(0)) for cost in priced]
+        columns["currency"] = [cost.get("currency", "") for cost in priced]
+        return self._subject.batch_of(columns, event_time=at)
 
     def _cost(self, provider: str) -> dict[str, Any]:
         loaded = self._directory.loaded.get(provider)

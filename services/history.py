@@ -34,7 +34,7 @@ import hashlib
 import json
 import threading
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import MISSING, asdict, dataclass, fields, replace
 from datetime import UTC, date, datetime, timedelta
@@ -439,6 +439,24 @@ class HistorySubject:
             raise TypeError(f"not a history subject field or event detail: {', '.join(sorted(unknown))}")
         return _history_row({**self._row_fields, **subject, "channel": channel, "status": status, **details})
 
+    def batch_of(self, columns: Mapping[str, list[Any]], **shared: Any) -> HistoryBatch:
+        """The events event_of would give, as one batch and without a row object each (a
+        campaign chunk's): `columns` the fields that vary, a list each, as long as each other;
+        `shared` the fields every event has (channel, status, details as event() takes them);
+        this subject's fields and the defaults for the rest."""
+        unknown = (set(columns) | set(shared)) - _ROW_DEFAULTS.keys()
+        if unknown:
+            raise TypeError(f"not a history subject field or event detail: {', '.join(sorted(unknown))}")
+        count = len(next(iter(columns.values()))) if columns else 0
+        every = {**self._row_fields, **shared}
+        if isinstance(every["event_time"], datetime):
+            every["event_time"] = epoch_ms(every["event_time"])
+        batch = {name: list(columns[name]) if name in columns else [every[name]] * count for name in _ROW_DEFAULTS}
+        if "event_time" in columns:
+            batch["event_time"] = [None if at is None else epoch_ms(at) for at in batch["event_time"]]
+        batch["error"] = [(error or "")[:1000] for error in batch["error"]]
+        return HistoryBatch(batch)
+
     @functools.cached_property
     def _row_fields(self) -> dict[str, Any]:
         """A row's fields with this subject's values, once (asdict copied them for every event)."""
@@ -457,6 +475,46 @@ def _stored_time(at: datetime) -> str:
     return _utc(at).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MILLISECOND = timedelta(milliseconds=1)
+
+
+def epoch_ms(at: datetime) -> int:
+    """An event time as stored: milliseconds since the epoch in UTC (a naive time read as
+    UTC), the microseconds dropped."""
+    return (_utc(at) - _EPOCH) // _MILLISECOND
+
+
+class HistoryBatch:
+    """History events as columns: a list per HistoryRow field, in its order, event_time as
+    `epoch_ms` gives it (None: the time of the insert). What the writer buffers and a store
+    inserts, and what a producer of many events hands the writer (HistorySubject.batch_of):
+    reading every field of a million row objects was half the writer's time
+    (docs/benchmarks.md), a list per column of a chunk is a fraction of it."""
+
+    __slots__ = ("columns",)
+
+    def __init__(self, columns: Mapping[str, list[Any]]) -> None:
+        if set(columns) != _ROW_DEFAULTS.keys():
+            raise TypeError(f"a history batch has a column per HistoryRow field, not {', '.join(sorted(columns))}")
+        if len({len(column) for column in columns.values()}) > 1:
+            raise ValueError("a history batch's columns differ in length")
+        self.columns = {name: list(columns[name]) for name in _ROW_DEFAULTS}
+
+    @classmethod
+    def of(cls, rows: Sequence[HistoryRow]) -> HistoryBatch:
+        columns = {name: list(map(attrgetter(name), rows)) for name in _ROW_DEFAULTS}
+        columns["event_time"] = [None if at is None else epoch_ms(at) for at in columns["event_time"]]
+        return cls(columns)
+
+    def __len__(self) -> int:
+        return len(self.columns["notification_id"])
+
+    def extend(self, other: HistoryBatch) -> None:
+        for name, column in self.columns.items():
+            column.extend(other.columns[name])
+
+
 class HistoryReader(Protocol):
     """What reads history: the HistoryWriter a process holds, or the API's lazy reader."""
 
@@ -466,7 +524,7 @@ class HistoryReader(Protocol):
 class HistoryStore(Protocol):
     def ensure_schema(self) -> None: ...
 
-    def insert(self, rows: list[HistoryRow]) -> None: ...
+    def insert(self, batch: HistoryBatch) -> None: ...
 
     def query(self, sql: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]: ...
 
@@ -513,18 +571,18 @@ class _ClickHouse:
             if ttl not in row["engine_full"]:  # MODIFY TTL rewrites every part: only on a change
                 self._command(f"ALTER TABLE {table} MODIFY {ttl}")
 
-    def insert(self, rows: list[HistoryRow]) -> None:
-        """Insert the rows not stored yet (by event_id); see the module's note on the race.
+    def insert(self, batch: HistoryBatch) -> None:
+        """Insert the events not stored yet (by event_id); see the module's note on the race.
 
         The batch is handled as columns, never row by row (building JSON text capped the
         writer at a few thousand rows a second): an Arrow table, whose event ids and
         duplicate check each store computes as cheaply as it can (`_insert_new`)."""
-        if not rows:
+        if not len(batch):
             return
-        batch = _arrow_batch(rows)
+        table = _arrow_batch(batch)
         # The batch's days as one range, so the sort key's event_time prunes the lookup.
-        span = pc.min_max(batch.column("event_time"))
-        self._insert_new(batch, span["min"].as_py().date(), span["max"].as_py().date() + timedelta(days=1))
+        span = pc.min_max(table.column("event_time"))
+        self._insert_new(table, span["min"].as_py().date(), span["max"].as_py().date() + timedelta(days=1))
 
     def _insert_new(self, batch: pa.Table, since: date, until: date) -> None:
         """Insert the batch's events (HISTORY_COLUMNS but event_id, plus occurrence) whose
@@ -558,74 +616,72 @@ _ID_PARTS = ("notification_id", "channel", "status", "occurrence")
 _HEX_ID = "replaceAll(toString(event_id), '-', '')"  # as _uuid5 writes it
 _ARROW_TYPES = {"event_time": pa.timestamp("ms", tz="UTC"), "attempt": pa.uint16(), "template_version": pa.uint32(),
                 "latency_ms": pa.uint32(), "cost": pa.decimal128(18, 6)}  # fmt: skip
-# What _arrow_columns converts in one C++ pass from each row's __dict__ (cost apart: it is
-# rounded; event times apart: a list of datetimes converts in 30 % less time than a field).
-_ROW_TYPE = pa.struct([(name, _ARROW_TYPES.get(name, pa.string())) for name in (*HISTORY_COLUMNS[1:], "occurrence")
-                       if name not in ("cost", "event_time")])  # fmt: skip
+# The columns of an insert, in order: HISTORY_COLUMNS but event_id (computed by the insert), then occurrence.
+_INSERT_FIELDS = (*HISTORY_COLUMNS[1:], "occurrence")
 MICRO = Decimal("0.000001")
+_FILLS = {"attempt": 0, "template_version": 0, "latency_ms": 0, "cost": Decimal(0)}  # a null's default; others ""
 
 
-def _arrow_columns(rows: list[HistoryRow], times: list[datetime | None]) -> tuple[list[str], list[pa.Array]]:
-    """The rows as Arrow columns, names beside: HISTORY_COLUMNS but event_id, then occurrence;
-    event times (`times`, the rows' own) truncated to milliseconds, naive ones read as UTC; a
-    None is a null."""
-    columns = pa.array([row.__dict__ for row in rows], _ROW_TYPE).flatten()
-    names = list(_ROW_TYPE.names)
-    names.insert(0, "event_time")
-    columns.insert(0, pa.array(times, _ARROW_TYPES["event_time"]))
-    # Few distinct costs: convert each once, then index.
-    distinct: dict[Any, int] = {}
-    indices = [distinct.setdefault(cost, len(distinct)) for cost in map(attrgetter("cost"), rows)]
-    exact = [Decimal(str(cost)).quantize(MICRO, ROUND_DOWN) for cost in distinct]
-    cost = pa.DictionaryArray.from_arrays(pa.array(indices, pa.int32()), pa.array(exact, _ARROW_TYPES["cost"]))
-    names.insert(HISTORY_COLUMNS.index("cost") - 1, "cost")
-    columns.insert(HISTORY_COLUMNS.index("cost") - 1, cost.dictionary_decode())
-    return names, columns
+def _arrow_columns(batch: HistoryBatch, start: int, stop: int, now: datetime) -> list[pa.Array]:
+    """The batch's events [start, stop) as Arrow columns of _INSERT_FIELDS: no event time is
+    `now`, another None a null."""
+    columns = []
+    for name in _INSERT_FIELDS:
+        values = batch.columns[name][start:stop]
+        if name == "event_time":
+            column = pc.fill_null(pa.array(values, pa.int64()), epoch_ms(now)).cast(_ARROW_TYPES["event_time"])
+        elif name == "cost":  # few distinct costs: convert each once, then index
+            distinct: dict[Any, int] = {}
+            indices = [distinct.setdefault(cost, len(distinct)) for cost in values]
+            exact = [None if cost is None else Decimal(str(cost)).quantize(MICRO, ROUND_DOWN) for cost in distinct]
+            dictionary = pa.array(exact, _ARROW_TYPES["cost"])
+            column = pa.DictionaryArray.from_arrays(pa.array(indices, pa.int32()), dictionary).dictionary_decode()
+        else:
+            column = pa.array(values, _ARROW_TYPES.get(name, pa.string()))
+        columns.append(column)
+    return columns
 
 
-def _arrow_batch(rows: list[HistoryRow]) -> pa.Table:
-    """The rows as an Arrow table (`_arrow_columns`), no event time read as now."""
-    names, columns = _arrow_columns(rows, list(map(attrgetter("event_time"), rows)))
-    times = names.index("event_time")
-    if columns[times].null_count:
-        columns[times] = pc.fill_null(columns[times], pa.scalar(datetime.now(UTC), _ARROW_TYPES["event_time"]))
+def _arrow_batch(batch: HistoryBatch) -> pa.Table:
+    """The batch as an Arrow table (`_arrow_columns`)."""
+    columns = _arrow_columns(batch, 0, len(batch), datetime.now(UTC))
     # A column without nulls is declared not null: chDB's Python() then reads a plain column
     # rather than a Nullable one the insert converts (~0.2 µs a row less of chDB's CPU).
     fields = [pa.field(name, column.type, nullable=column.null_count > 0)
-              for name, column in zip(names, columns, strict=True)]  # fmt: skip
+              for name, column in zip(_INSERT_FIELDS, columns, strict=True)]  # fmt: skip
     return pa.Table.from_arrays(columns, schema=pa.schema(fields))
 
 
 # A streamed batch's chunks (ChdbStore.insert) share one schema, every column not null.
 _CHUNK_SCHEMA = pa.schema([pa.field(name, _ARROW_TYPES.get(name, pa.string()), nullable=False)
-                           for name in (*HISTORY_COLUMNS[1:], "occurrence")])  # fmt: skip
+                           for name in _INSERT_FIELDS])  # fmt: skip
 
 
-def _arrow_chunk(rows: list[HistoryRow], times: list[datetime | None], now: datetime) -> pa.RecordBatch:
-    """The rows (their event times beside) as one record batch of _CHUNK_SCHEMA, stored as
+def _arrow_chunk(batch: HistoryBatch, start: int, stop: int, now: datetime) -> pa.RecordBatch:
+    """The batch's events [start, stop) as one record batch of _CHUNK_SCHEMA, stored as
     _arrow_batch's table would be: no event time is `now`, another None its column's default
     (ClickHouse stores a null as that), and a row missing a part of its event id is left out
     (a null id: the table's insert leaves it out too)."""
-    names, columns = _arrow_columns(rows, times)
+    columns = _arrow_columns(batch, start, stop, now)
     if any(column.null_count for column in columns):  # rare: None where a value is due
-        keep = pc.is_valid(columns[names.index(_ID_PARTS[0])])
+        keep = pc.is_valid(columns[_INSERT_FIELDS.index(_ID_PARTS[0])])
         for name in _ID_PARTS[1:]:
-            keep = pc.and_(keep, pc.is_valid(columns[names.index(name)]))
-        defaults = {"event_time": now, "attempt": 0, "template_version": 0, "latency_ms": 0}
-        columns = [(pc.fill_null(column, pa.scalar(defaults.get(name, ""), column.type)) if column.null_count
-                    else column).filter(keep) for name, column in zip(names, columns, strict=True)]  # fmt: skip
+            keep = pc.and_(keep, pc.is_valid(columns[_INSERT_FIELDS.index(name)]))
+        columns = [(pc.fill_null(column, pa.scalar(_FILLS.get(name, ""), column.type)) if column.null_count
+                    else column).filter(keep) for name, column in zip(_INSERT_FIELDS, columns, strict=True)
+                   ]  # fmt: skip
     return pa.RecordBatch.from_arrays(columns, schema=_CHUNK_SCHEMA)
 
 
-def _days(times: list[datetime | None], now: datetime) -> tuple[date, date]:
-    """[first day, day after the last) of these event times in UTC (None: `now`)."""
-    present = cast("list[datetime]", times)
+def _days(times: list[int | None], now: datetime) -> tuple[date, date]:
+    """[first day, day after the last) of these event times (epoch_ms; None: `now`) in UTC."""
+    present = cast("list[int]", times)
     try:
         first, last = min(present), max(present)
-    except TypeError:  # a None after all, or naive and aware times together
-        known = [_utc(at) if at is not None else now for at in times]
+    except TypeError:  # a None after all
+        known = [at if at is not None else epoch_ms(now) for at in times]
         first, last = min(known), max(known)
-    return _utc(first).date(), _utc(last).date() + timedelta(days=1)
+    return (_EPOCH + first * _MILLISECOND).date(), (_EPOCH + last * _MILLISECOND).date() + timedelta(days=1)
 
 
 _BATCH_ID = _uuid5_sql("concat(notification_id, ':', channel, ':', status, ':', occurrence)")
@@ -650,7 +706,7 @@ _INSERT_NEW = (
 # is hashed, checked and squashed; parts and views are written once the last has arrived.
 _INSERT_STREAMED = (
     f"INSERT INTO notification_history ({', '.join(HISTORY_COLUMNS)}) "
-    f"SELECT {_BATCH_ID} AS id, {_BATCH_VALUES} FROM Python(batch) "
+    f"SELECT {_BATCH_ID} AS id, {_BATCH_VALUES} FROM Python(stream) "
     "WHERE id NOT IN (SELECT event_id FROM notification_history "
     "WHERE event_time >= {since:Date} AND event_time < {until:Date}) "
     "LIMIT 1 BY id SETTINGS max_insert_threads = 2, optimize_on_insert = 0, parallel_view_processing = 1"
@@ -690,34 +746,32 @@ class ChdbStore(_ClickHouse):
         with self._lock:
             self._session.query(sql)
 
-    def insert(self, rows: list[HistoryRow]) -> None:
+    def insert(self, batch: HistoryBatch) -> None:
         """A large batch streams into one INSERT (_INSERT_STREAMED): building its Arrow
-        chunks, a third of the writer's time, runs beside chDB's work instead of before it.
-        Its duplicate check reads every stored id of the batch's days, so it gives up (before
-        reading the batch) when they are more than STREAM_MAX_STORED a batch row, and so do
-        the next batches until their days are past those; then, and for small batches (whose
-        ids select the stored ones through the bloom filter instead of reading a day's ids),
-        the insert every store makes (_ClickHouse.insert, _insert_new)."""
-        if len(rows) < STREAM_MIN_ROWS:
-            super().insert(rows)
+        chunks runs beside chDB's work instead of before it. Its duplicate check reads every
+        stored id of the batch's days, so it gives up (before reading the batch) when they are
+        more than STREAM_MAX_STORED a batch row, and so do the next batches until their days
+        are past those; then, and for small batches (whose ids select the stored ones through
+        the bloom filter instead of reading a day's ids), the insert every store makes
+        (_ClickHouse.insert, _insert_new)."""
+        if len(batch) < STREAM_MIN_ROWS:
+            super().insert(batch)
             return
         now = datetime.now(UTC)
-        times = list(map(attrgetter("event_time"), rows))
-        since, until = _days(times, now)
+        since, until = _days(batch.columns["event_time"], now)
         if since < self._crowded_until:
-            super().insert(rows)
+            super().insert(batch)
             return
-        chunks = (_arrow_chunk(rows[start : start + CHUNK_ROWS], times[start : start + CHUNK_ROWS], now)
-                  for start in range(0, len(rows), CHUNK_ROWS))  # fmt: skip
-        batch = pa.RecordBatchReader.from_batches(_CHUNK_SCHEMA, chunks)  # noqa: F841  (Python(batch))
+        chunks = (_arrow_chunk(batch, start, start + CHUNK_ROWS, now) for start in range(0, len(batch), CHUNK_ROWS))
+        stream = pa.RecordBatchReader.from_batches(_CHUNK_SCHEMA, chunks)  # noqa: F841  (Python(stream))
         try:
-            self.query(f"{_INSERT_STREAMED}, max_rows_in_set = {STREAM_MAX_STORED * len(rows)}, "
+            self.query(f"{_INSERT_STREAMED}, max_rows_in_set = {STREAM_MAX_STORED * len(batch)}, "
                        "set_overflow_mode = 'throw'", {"since": since, "until": until})  # fmt: skip
         except RuntimeError as error:  # chDB's errors are RuntimeErrors that name their code
             if "SET_SIZE_LIMIT_EXCEEDED" not in str(error):
                 raise
             self._crowded_until = until
-            super().insert(rows)
+            super().insert(batch)
 
     def _insert_new(self, batch: pa.Table, since: date, until: date) -> None:
         # One statement: chDB reads the Arrow tables `first` and `second` from this frame,
@@ -817,18 +871,19 @@ class HistoryWriter:
         self.store = store
         self._flush_seconds = flush_seconds
         self._flush_rows = flush_rows
-        self._pending: list[HistoryRow] = []
+        self._pending = HistoryBatch.of([])
         self._waiters: list[asyncio.Future[None]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._full = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="history")
 
-    async def record(self, rows: list[HistoryRow]) -> None:
-        """Queue rows and return once they are stored (raises if the insert failed)."""
-        if not rows:
+    async def record(self, events: HistoryBatch | Sequence[HistoryRow]) -> None:
+        """Queue events and return once they are stored (raises if the insert failed)."""
+        batch = events if isinstance(events, HistoryBatch) else HistoryBatch.of(events)
+        if not len(batch):
             return
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.extend(rows)
+        self._pending.extend(batch)
         self._waiters.append(waiter)
         if len(self._pending) >= self._flush_rows:
             self._full.set()
@@ -840,10 +895,10 @@ class HistoryWriter:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._full.wait(), timeout=self._flush_seconds)
         self._full.clear()
-        rows, waiters = self._pending, self._waiters
-        self._pending, self._waiters = [], []
+        batch, waiters = self._pending, self._waiters
+        self._pending, self._waiters = HistoryBatch.of([]), []
         try:
-            await asyncio.get_running_loop().run_in_executor(self._executor, self.store.insert, rows)
+            await asyncio.get_running_loop().run_in_executor(self._executor, self.store.insert, batch)
             error: BaseException | None = None
         except Exception as err:
             error = err
@@ -854,7 +909,7 @@ class HistoryWriter:
                 waiter.set_result(None)
             else:
                 waiter.set_exception(error)
-        if self._pending:
+        if len(self._pending):
             # Rows that arrived during the insert found this task running: flush them next.
             self._flusher = asyncio.create_task(self._flush_soon())
 

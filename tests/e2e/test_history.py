@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import pytest
 
 from services import history as history_module
-from services.history import HistoryRow, HistoryStore, HistoryWriter
+from services.history import HistoryBatch, HistoryRow, HistoryStore, HistorySubject, HistoryWriter
 from worker import WorkerServices
 
 
@@ -25,9 +26,9 @@ class CountingStore:
         self.store = store
         self.inserts = 0
 
-    def insert(self, rows: list[HistoryRow]) -> None:
+    def insert(self, batch: HistoryBatch) -> None:
         self.inserts += 1
-        self.store.insert(rows)
+        self.store.insert(batch)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.store, name)
@@ -119,3 +120,33 @@ async def test_a_streamed_batch_over_crowded_days_is_inserted_as_a_small_one(
     assert streaming.store._crowded_until > today.date()  # type: ignore[attr-defined]
     await streaming.record([*rows, *rows])
     assert await _stored(streaming, [*stored, *ids]) == 12
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_a_batch_of_columns_is_stored_as_its_rows_would_be(
+    services: WorkerServices, streaming: HistoryWriter, monkeypatch: pytest.MonkeyPatch, streamed: bool
+) -> None:
+    if not streamed:
+        monkeypatch.setattr(history_module, "STREAM_MIN_ROWS", 1_000_000)
+    subject = HistorySubject("", "", "promo", template_key="welcome", template_version=2)
+    ids = [str(uuid.uuid4()) for _ in range(4)]
+    at = datetime(2026, 12, 6, 21, 30, 5, 123456)  # naive: read as UTC, stored to the millisecond
+    columns: dict[str, list[Any]] = {"notification_id": ids, "user_id": ["u-1", "u-2", "u-3", "u-4"]}
+    columns |= {"event_time": [at, None, at, at], "cost": [Decimal("0.25"), None, 0, 1]}
+    before = datetime.now(UTC)
+    await streaming.record(subject.batch_of(columns, channel="push", status="sent", provider="fcm"))
+    listed = ", ".join(f"'{nid}'" for nid in ids)
+    stored = await streaming.query(
+        "SELECT toString(notification_id) AS id, user_id, channel, status, provider, category, template_key, "
+        "template_version, toString(cost) AS cost, event_time FROM notification_history "
+        f"WHERE notification_id IN ({listed})"
+    )
+    found = {row.pop("id"): row for row in stored}
+    assert [found[nid]["user_id"] for nid in ids] == ["u-1", "u-2", "u-3", "u-4"]
+    shared = {(row["channel"], row["status"], row["provider"], row["category"], row["template_key"],
+               row["template_version"]) for row in stored}  # fmt: skip
+    assert shared == {("push", "sent", "fcm", "promo", "welcome", 2)}
+    assert [found[nid]["cost"] for nid in ids] == ["0.25", "0", "0", "1"]  # None: the column's default
+    assert found[ids[0]]["event_time"] == "2026-12-06 21:30:05.123"
+    stamped = datetime.fromisoformat(found[ids[1]]["event_time"]).replace(tzinfo=UTC)
+    assert before - timedelta(milliseconds=1) <= stamped <= datetime.now(UTC)  # None: the insert's time

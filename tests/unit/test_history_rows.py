@@ -1,16 +1,17 @@
-"""History rows built without the dataclass __init__ are the rows the dataclass builds."""
+"""History rows built without the dataclass __init__ are the rows the dataclass builds, and a
+batch of columns holds what the rows of the same events hold."""
 
 from __future__ import annotations
 
 import uuid
 from dataclasses import asdict
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
 import pytest
 
-from services.history import HistoryRow, HistorySubject, campaign_send_id
+from services.history import HistoryBatch, HistoryRow, HistorySubject, campaign_send_id, epoch_ms
 
 AT = datetime(2026, 12, 6, 21, 30, 5, 123456, tzinfo=UTC)
 
@@ -82,3 +83,46 @@ def test_a_campaign_send_id_is_the_uuid5_of_the_send(run_id: str, channel: str) 
             assert campaign_send_id(campaign_id, run_id, recipient_id, channel) == str(
                 uuid.uuid5(campaign_id, f"{run_id}:{recipient_id}:{channel}")
             )
+
+
+def test_a_subjects_batch_holds_the_events_event_of_gives() -> None:
+    subject = HistorySubject("", "", "marketing", "camp-1", run_id="run-1", template_key="welcome", template_version=3)
+    recipients = [{"notification_id": f"n-{n}", "user_id": f"user-{n}", "country": "FR", "timezone": "Europe/Paris"}
+                  for n in range(3)]  # fmt: skip
+    outcomes: list[dict[str, Any]] = [
+        {"status": "sent", "provider": "smtp", "error": None, "cost": Decimal("0.0012"), "currency": "USD"},
+        {"status": "failed", "provider": "smtp", "error": "x" * 1500, "cost": Decimal(0), "currency": ""},
+        {"status": "suppressed", "provider": "", "error": "", "cost": Decimal(0), "currency": ""},
+    ]
+    columns = {name: [row[name] for row in recipients] for name in recipients[0]}
+    columns |= {name: [outcome[name] for outcome in outcomes] for name in outcomes[0]}
+    batch = subject.batch_of(columns, channel="email", event_time=AT)
+    events = [subject.event_of(recipient, "email", outcome.pop("status"), event_time=AT, **outcome)
+              for recipient, outcome in zip(recipients, outcomes, strict=True)]  # fmt: skip
+    assert batch.columns == HistoryBatch.of(events).columns
+    assert batch.columns["error"] == ["", "x" * 1000, ""]
+    assert batch.columns["event_time"] == [epoch_ms(AT)] * 3
+    with pytest.raises(TypeError, match="colour"):
+        subject.batch_of({"colour": ["red"]}, channel="email")
+
+
+def test_a_batch_has_every_column_and_one_length() -> None:
+    rows = [HistorySubject("n-1", "u", "c").event("sms", status) for status in ("pending", "sent")]
+    columns = HistoryBatch.of(rows).columns
+    assert list(columns) == list(rows[0].__dict__)  # HistoryRow's fields, in order
+    assert columns["event_time"] == [None, None]  # stamped by the insert
+    with pytest.raises(TypeError, match="column per HistoryRow field"):
+        HistoryBatch({name: values for name, values in columns.items() if name != "cost"})
+    with pytest.raises(ValueError, match="differ in length"):
+        HistoryBatch({**columns, "cost": [Decimal(0)]})
+    batch = HistoryBatch(columns)
+    batch.extend(HistoryBatch.of(rows))
+    assert len(batch) == 4
+    assert len(columns["status"]) == 2  # the batch's own lists, not the caller's
+
+
+def test_an_event_time_is_stored_in_utc_milliseconds() -> None:
+    assert epoch_ms(datetime(1970, 1, 1, tzinfo=UTC)) == 0
+    assert epoch_ms(AT) == int(datetime(2026, 12, 6, 21, 30, 5, tzinfo=UTC).timestamp()) * 1000 + 123
+    assert epoch_ms(AT.replace(tzinfo=None)) == epoch_ms(AT)  # naive: read as UTC
+    assert epoch_ms(AT.astimezone(timezone(timedelta(hours=-5)))) == epoch_ms(AT)
