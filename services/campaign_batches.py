@@ -206,8 +206,9 @@ class _Recorder:
         return counts, at
 
     def _history_batch(self, rows: list[dict[str, Any]], at: datetime) -> HistoryBatch:
-        """The chunk's history events, as columns (the writer's cost is a list per column, not
-        a row object per event): a sent event carries its provider's cost and currency."""
+        """The chunk's history events as columns, a list per field rather than a row object
+        per event (what the writer converts fastest); a sent event carries its provider's cost
+        and currency."""
         campaign_id, run_id = self._spec.campaign_id, self._run_id
         costs: dict[str, dict[str, Any]] = {}  # a sent event's cost and currency, by provider
         for row in rows:
