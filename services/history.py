@@ -451,9 +451,9 @@ class HistorySubject:
         every = {**self._row_fields, **shared}
         if isinstance(every["event_time"], datetime):
             every["event_time"] = epoch_ms(every["event_time"])
-        batch = {name: list(columns[name]) if name in columns else [every[name]] * count for name in _ROW_DEFAULTS}
+        batch = {name: columns[name] if name in columns else [every[name]] * count for name in _ROW_DEFAULTS}
         if "event_time" in columns:
-            batch["event_time"] = [None if at is None else epoch_ms(at) for at in batch["event_time"]]
+            batch["event_time"] = _epoch_times(batch["event_time"])
         batch["error"] = [(error or "")[:1000] for error in batch["error"]]
         return HistoryBatch(batch)
 
@@ -485,6 +485,10 @@ def epoch_ms(at: datetime) -> int:
     return (_utc(at) - _EPOCH) // _MILLISECOND
 
 
+def _epoch_times(times: Sequence[datetime | None]) -> list[int | None]:
+    return [None if at is None else epoch_ms(at) for at in times]
+
+
 class HistoryBatch:
     """History events as columns: a list per HistoryRow field, in its order, event_time as
     `epoch_ms` gives it (None: the time of the insert). What the writer buffers and a store
@@ -504,7 +508,7 @@ class HistoryBatch:
     @classmethod
     def of(cls, rows: Sequence[HistoryRow]) -> HistoryBatch:
         columns = {name: list(map(attrgetter(name), rows)) for name in _ROW_DEFAULTS}
-        columns["event_time"] = [None if at is None else epoch_ms(at) for at in columns["event_time"]]
+        columns["event_time"] = _epoch_times(columns["event_time"])
         return cls(columns)
 
     def __len__(self) -> int:
@@ -579,10 +583,9 @@ class _ClickHouse:
         duplicate check each store computes as cheaply as it can (`_insert_new`)."""
         if not len(batch):
             return
-        table = _arrow_batch(batch)
+        now = datetime.now(UTC)
         # The batch's days as one range, so the sort key's event_time prunes the lookup.
-        span = pc.min_max(table.column("event_time"))
-        self._insert_new(table, span["min"].as_py().date(), span["max"].as_py().date() + timedelta(days=1))
+        self._insert_new(_arrow_batch(batch, now), *_days(batch.columns["event_time"], now))
 
     def _insert_new(self, batch: pa.Table, since: date, until: date) -> None:
         """Insert the batch's events (HISTORY_COLUMNS but event_id, plus occurrence) whose
@@ -642,9 +645,9 @@ def _arrow_columns(batch: HistoryBatch, start: int, stop: int, now: datetime) ->
     return columns
 
 
-def _arrow_batch(batch: HistoryBatch) -> pa.Table:
+def _arrow_batch(batch: HistoryBatch, now: datetime) -> pa.Table:
     """The batch as an Arrow table (`_arrow_columns`)."""
-    columns = _arrow_columns(batch, 0, len(batch), datetime.now(UTC))
+    columns = _arrow_columns(batch, 0, len(batch), now)
     # A column without nulls is declared not null: chDB's Python() then reads a plain column
     # rather than a Nullable one the insert converts (~0.2 µs a row less of chDB's CPU).
     fields = [pa.field(name, column.type, nullable=column.null_count > 0)
@@ -675,12 +678,9 @@ def _arrow_chunk(batch: HistoryBatch, start: int, stop: int, now: datetime) -> p
 
 def _days(times: list[int | None], now: datetime) -> tuple[date, date]:
     """[first day, day after the last) of these event times (epoch_ms; None: `now`) in UTC."""
-    present = cast("list[int]", times)
-    try:
-        first, last = min(present), max(present)
-    except TypeError:  # a None after all
-        known = [at if at is not None else epoch_ms(now) for at in times]
-        first, last = min(known), max(known)
+    # min() of a single None is None, not a TypeError: look for one instead.
+    known = [at if at is not None else epoch_ms(now) for at in times] if None in times else cast("list[int]", times)
+    first, last = min(known), max(known)
     return (_EPOCH + first * _MILLISECOND).date(), (_EPOCH + last * _MILLISECOND).date() + timedelta(days=1)
 
 

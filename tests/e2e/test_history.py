@@ -150,3 +150,9 @@ async def test_a_batch_of_columns_is_stored_as_its_rows_would_be(
     assert found[ids[0]]["event_time"] == "2026-12-06 21:30:05.123"
     stamped = datetime.fromisoformat(found[ids[1]]["event_time"]).replace(tzinfo=UTC)
     assert before - timedelta(milliseconds=1) <= stamped <= datetime.now(UTC)  # None: the insert's time
+
+
+async def test_a_streamed_batch_of_one_event_without_a_time_is_stamped(streaming: HistoryWriter) -> None:
+    nid = str(uuid.uuid4())
+    await streaming.record([_row(nid)])  # its days come from the insert's time
+    assert await _stored(streaming, [nid]) == 1
