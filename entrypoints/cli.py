@@ -1,68 +1,36 @@
 """The `marquee` command: dev, api, worker, events, migrate, backup, restore, tokens, users, the secrets
-key, and the Temporal codec server and its keys."""
+key, and the Temporal codec server and its keys. The processes (entrypoints.servers) and the
+store-wide commands (entrypoints.maintenance) live in modules of their own, loaded when run."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import getpass
 import json
 import os
+import pkgutil
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
-import uvicorn
 from cryptography.fernet import Fernet
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from api.app import create_app
 from core.auth import Principal, Role, create_token
 from core.codec import CodecKeyError
 from core.codec import new_key as new_codec_key
 from core.config import Settings
 from core.db import create_engine
 from core.errors import Conflict, Invalid, NotFound
-from core.logging import configure_logging
-from core.migrate import upgrade
-from core.tracing import tracing
-from entrypoints import backup
-from entrypoints.codec_server import create_codec_app
-from entrypoints.dev import run_dev
-from entrypoints.event_consumer import NatsUnavailable, run_consumer
-from entrypoints.tls import uvicorn_tls, with_tls
 from services import admin_users
 from services.audit import ReasonRequired
-from services.history import open_store
-from worker import run_worker
 
-
-def _cmd_dev(settings: Settings, _: argparse.Namespace) -> int:
-    with tracing(settings, "marquee-dev"):
-        asyncio.run(run_dev(settings))
-    return 0
-
-
-def _cmd_api(settings: Settings, args: argparse.Namespace) -> int:
-    settings = with_tls(settings, args.tls_cert, args.tls_key)
-    configure_logging(settings)
-    with tracing(settings, "marquee-api"):
-        uvicorn.run(create_app(settings), host=args.host or settings.api_host, port=args.port or settings.api_port,
-                    log_config=None, proxy_headers=True, **uvicorn_tls(settings))  # fmt: skip
-    return 0
-
-
-def _cmd_codec_server(settings: Settings, args: argparse.Namespace) -> int:
-    settings = with_tls(settings, args.tls_cert, args.tls_key)
-    configure_logging(settings)
-    try:
-        app = create_codec_app(settings)
-    except (CodecKeyError, RuntimeError) as err:
-        raise SystemExit(f"marquee codec-server: {err}") from err
-    uvicorn.run(app, host=args.host or settings.codec_server_host, port=args.port or settings.codec_server_port,
-                log_config=None, **uvicorn_tls(settings))  # fmt: skip
-    return 0
+Handler = Callable[[Settings, argparse.Namespace], int]
+# The commands that start a server or change the stores as a whole, by name: importing the
+# API, the admin, the worker or chDB takes seconds, which `marquee user list` need not wait.
+SERVERS = "entrypoints.servers"
+MAINTENANCE = "entrypoints.maintenance"
 
 
 def _cmd_codec_key(settings: Settings, args: argparse.Namespace) -> int:
@@ -70,67 +38,6 @@ def _cmd_codec_key(settings: Settings, args: argparse.Namespace) -> int:
         print(new_codec_key(args.id))
     except CodecKeyError as err:
         raise SystemExit(f"marquee codec-key: {err}") from err
-    return 0
-
-
-def _cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
-    if args.health_port is not None:
-        settings = settings.model_copy(update={"worker_health_port": args.health_port})
-    configure_logging(settings)
-    with tracing(settings, "marquee-worker"), contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run_worker(settings))
-    return 0
-
-
-def _cmd_events_consume(settings: Settings, _: argparse.Namespace) -> int:
-    if not settings.database_url:
-        raise SystemExit("marquee events consume: MARQUEE_DATABASE_URL is not set")
-    configure_logging(settings)
-    try:
-        with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(run_consumer(settings))
-    except NatsUnavailable as err:
-        raise SystemExit(f"marquee events consume: {err}") from err
-    return 0
-
-
-def _cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
-    if not settings.database_url:
-        raise SystemExit("marquee migrate: MARQUEE_DATABASE_URL is not set")
-    upgrade(settings.database_url, args.revision)
-    print(f"database migrated to {args.revision}")
-    # The history store's own versioned migrations (chDB under data_dir, or the server by URL).
-    store = open_store(settings.clickhouse_url, settings.chdb_path, settings.history_retention_days)
-    try:
-        store.ensure_schema()
-    finally:
-        store.close()
-    print(f"history store migrated ({'ClickHouse server' if settings.clickhouse_url else settings.chdb_path})")
-    return 0
-
-
-def _cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
-    try:
-        manifest = backup.backup(settings, args.directory)
-    except backup.BackupError as err:
-        raise SystemExit(f"marquee backup: {err}") from err
-    print(json.dumps(manifest, indent=2))
-    print(f"backed up to {args.directory} in {manifest['seconds']:.1f} s")
-    return 0
-
-
-def _cmd_restore(settings: Settings, args: argparse.Namespace) -> int:
-    try:
-        manifest = backup.read_manifest(args.directory)
-        targets = [f"PostgreSQL database {backup.target_database(settings)}", backup.target_history(settings)]
-        if "temporal" in manifest and not settings.temporal_address:
-            targets.append(f"Temporal dev server file {settings.data_dir / 'temporal.db'}")
-        print(f"restoring the backup of {manifest['created_at']} into: {'; '.join(targets)}", flush=True)
-        report = backup.restore(settings, args.directory, force=args.force)
-    except backup.BackupError as err:
-        raise SystemExit(f"marquee restore: {err}") from err
-    print(json.dumps(report, indent=2))
-    print(f"restored from {args.directory} in {report['seconds']:.1f} s")
     return 0
 
 
@@ -227,35 +134,35 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     commands.add_parser("dev", help="run everything on embedded defaults (what `make run` starts)").set_defaults(
-        handler=_cmd_dev
+        handler=f"{SERVERS}:dev"
     )
     api = commands.add_parser("api", help="run the HTTP API and admin")
     api.add_argument("--host")
     api.add_argument("--port", type=int)
     _tls_arguments(api)
-    api.set_defaults(handler=_cmd_api)
+    api.set_defaults(handler=f"{SERVERS}:api")
     worker = commands.add_parser("worker", help="run a Temporal worker")
     worker.add_argument("--health-port", type=int, metavar="PORT",
                         help="serve /healthz, /readyz and this worker's /metrics on PORT "
                         "(default: MARQUEE_WORKER_HEALTH_PORT; unset: no health port)")  # fmt: skip
-    worker.set_defaults(handler=_cmd_worker)
+    worker.set_defaults(handler=f"{SERVERS}:worker")
     events = commands.add_parser("events", help="event intake").add_subparsers(dest="action", required=True)
     events.add_parser(
         "consume", help="take events from NATS JetStream (MARQUEE_NATS_URL, default nats://127.0.0.1:4222)"
-    ).set_defaults(handler=_cmd_events_consume)
+    ).set_defaults(handler=f"{SERVERS}:events_consume")
     migrate = commands.add_parser("migrate", help="apply database and history store (ClickHouse) migrations")
     migrate.add_argument("--revision", default="head")
-    migrate.set_defaults(handler=_cmd_migrate)
+    migrate.set_defaults(handler=f"{MAINTENANCE}:migrate")
 
     backup_cmd = commands.add_parser(
         "backup", help="dump PostgreSQL, the history store and the dev stack's Temporal file into DIR"
     )
     backup_cmd.add_argument("directory", type=Path, metavar="DIR", help="a new or empty directory")
-    backup_cmd.set_defaults(handler=_cmd_backup)
+    backup_cmd.set_defaults(handler=f"{MAINTENANCE}:backup")
     restore_cmd = commands.add_parser("restore", help="restore a backup made by `marquee backup`")
     restore_cmd.add_argument("directory", type=Path, metavar="DIR")
     restore_cmd.add_argument("--force", action="store_true", help="replace targets that hold data")
-    restore_cmd.set_defaults(handler=_cmd_restore)
+    restore_cmd.set_defaults(handler=f"{MAINTENANCE}:restore")
 
     token = commands.add_parser("token", help="API tokens").add_subparsers(dest="action", required=True)
     create_token = token.add_parser("create", help="print a signed JWT")
@@ -270,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     codec.add_argument("--host", help="default: MARQUEE_CODEC_SERVER_HOST (127.0.0.1)")
     codec.add_argument("--port", type=int, help="default: MARQUEE_CODEC_SERVER_PORT (8234)")
     _tls_arguments(codec)
-    codec.set_defaults(handler=_cmd_codec_server)
+    codec.set_defaults(handler=f"{SERVERS}:codec_server")
     codec_key = commands.add_parser(
         "codec-key", help="print a new key entry (id:base64) for MARQUEE_TEMPORAL_CODEC_KEYS"
     )
@@ -314,9 +221,15 @@ def _tls_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-key", type=Path, metavar="PEM", help="its private key (default: MARQUEE_TLS_KEY)")
 
 
+def handler_of(args: argparse.Namespace) -> Handler:
+    """The command's function: given, or named "module:function" and imported now."""
+    handler: Handler = pkgutil.resolve_name(args.handler) if isinstance(args.handler, str) else args.handler
+    return handler
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    code = args.handler(Settings(), args)
+    code = handler_of(args)(Settings(), args)
     sys.stdout.flush()
     sys.stderr.flush()
     if args.command in ("dev", "worker", "events"):
