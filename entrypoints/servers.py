@@ -1,13 +1,16 @@
 """`marquee dev | api | worker | codec-server | events consume`: the long-running processes.
-Each imports its whole stack, so the CLI loads this module only for these commands."""
+Each imports its whole stack, so the CLI loads this module only for these commands.
+
+Each runs on uvloop, as uvicorn runs the API: libuv's socket handling in C costs the worker
+less CPU a message than asyncio's selector loop (docs/benchmarks.md)."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 
 import uvicorn
+import uvloop
 
 from api.app import create_app
 from core.codec import CodecKeyError
@@ -23,7 +26,7 @@ from worker import run_worker
 
 def dev(settings: Settings, _: argparse.Namespace) -> int:
     with tracing(settings, "marquee-dev"):
-        asyncio.run(run_dev(settings))
+        uvloop.run(run_dev(settings))
     return 0
 
 
@@ -53,7 +56,7 @@ def worker(settings: Settings, args: argparse.Namespace) -> int:
         settings = settings.model_copy(update={"worker_health_port": args.health_port})
     configure_logging(settings)
     with tracing(settings, "marquee-worker"), contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run_worker(settings))
+        uvloop.run(run_worker(settings))
     return 0
 
 
@@ -63,7 +66,7 @@ def events_consume(settings: Settings, _: argparse.Namespace) -> int:
     configure_logging(settings)
     try:
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(run_consumer(settings))
+            uvloop.run(run_consumer(settings))
     except NatsUnavailable as err:
         raise SystemExit(f"marquee events consume: {err}") from err
     return 0
