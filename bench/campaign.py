@@ -38,6 +38,7 @@ from bench.ceilings import smtp_c_to_c
 from bench.common import (
     MarqueeChild,
     Profiler,
+    cpu_seconds,
     drop_database,
     fresh_database,
     marquee_env,
@@ -216,6 +217,7 @@ async def _campaign(
                 for label, child in children
             }
         before = sink.count()
+        cpu_before = [cpu_seconds(worker.pid) for worker in workers]
         began = time.perf_counter()
         (await http.post(f"/v1/campaigns/{campaign_id}/launch")).raise_for_status()
         samples: list[tuple[float, int]] = [(0.0, 0)]
@@ -232,6 +234,8 @@ async def _campaign(
             for worker in workers:
                 worker.check_alive()
         elapsed = time.perf_counter() - began
+        # Less noisy than the rate on a shared VM: what a message costs the workers, all threads.
+        worker_cpu = sum(cpu_seconds(worker.pid) - start for worker, start in zip(workers, cpu_before, strict=True))
         received = await asyncio.to_thread(sink.wait_for, before + recipients, 10) - before
         samples.append((time.perf_counter() - began, received))
         profiles = {name: profiler.stop() for name, profiler in profilers.items()}
@@ -257,6 +261,7 @@ async def _campaign(
         "exactly_once": received == row.sent == sent_to == recipients,
         "seconds": elapsed,
         "per_minute": recipients / elapsed * 60,
+        "worker_cpu_ms_per_message": worker_cpu / recipients * 1000,
         "worker_peak_rss_mib": peaks,
         "api_peak_rss_mib": api_peak,
         "samples": samples,
@@ -308,6 +313,7 @@ def _run_line(row: dict[str, Any], ceiling: dict[str, Any] | None) -> str:
     return (
         f"{row['workers']} worker(s): {row['received_by_smtp_server']:,} received, {row['sent_recorded']:,} recorded, "
         f"{row['seconds']:.1f} s = {row['per_minute']:,.0f}/min{ratio}; exactly once: {row['exactly_once']}; "
+        f"worker CPU {row['worker_cpu_ms_per_message']:.3f} ms a message; "
         f"peak RSS: worker {row['worker_peak_rss_mib']}, API {row['api_peak_rss_mib']:.0f} MiB"
     )
 

@@ -122,16 +122,17 @@ def campaign_block(campaign: dict[str, Any], ceilings: dict[str, Any] | None, la
         _when(campaign, label),
         "",
         "| workers | recipients | received | recorded sent | time | per minute | / C-to-C | / aiosmtplib loop "
-        "| worker peak RSS |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| worker CPU a message | worker peak RSS |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in campaign["runs"]:
         to_c = f"{run['per_minute'] / ceiling['per_minute']:.2f}" if ceiling else "n/a"
         to_loop = f"{run['per_minute'] / loop['per_minute']:.2f}" if loop else "n/a"
         rss = " + ".join(f"{_n(value)} MiB" for value in run["worker_peak_rss_mib"])
+        cpu = f"{run['worker_cpu_ms_per_message']:.3f} ms" if "worker_cpu_ms_per_message" in run else "n/a"
         lines.append(f"| {run['workers']} | {_n(campaign['recipients'])} | {_n(run['received_by_smtp_server'])} "
                      f"| {_n(run['sent_recorded'])} | {run['seconds']:.1f} s | {_n(run['per_minute'])} | {to_c} "
-                     f"| {to_loop} | {rss} |")  # fmt: skip
+                     f"| {to_loop} | {cpu} | {rss} |")  # fmt: skip
     lines.append("")
     if ceiling:
         lines.append(f"C-to-C ceiling in the same run: {_n(ceiling['per_minute'])}/min "
