@@ -8,9 +8,10 @@ Two modes:
   else embedded) and Postfix's smtp-sink as the receiver. Each rate fires requests on a
   fixed schedule for `--duration` seconds whatever the answers (latency counted from the
   scheduled time, so a slow server cannot slow the load down), then waits for the
-  deliveries to drain. Per rate: API latency p50/p95/p99, errors, sheds (429/503), and
-  accept -> sent p50/p95 read from PostgreSQL (deliveries.sent_at, written right after the
-  SMTP server's 250, minus notifications.created_at): smtp-sink cannot time a message.
+  deliveries to drain. Per rate: API latency p50/p95/p99 (all, and by answer), errors,
+  sheds (429/503), and accept -> sent p50/p95 read from PostgreSQL (deliveries.sent_at,
+  written right after the SMTP server's 250, minus notifications.created_at): smtp-sink
+  cannot time a message.
   `--profile` samples the API and the worker with py-spy.
 - closed loop (`--count 1000 --concurrency 32`, the default): the whole service in one
   process (as `marquee dev` runs it) with an aiosmtpd sink, C clients sending N requests.
@@ -205,6 +206,7 @@ async def _offered_rate(
     cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
     total = int(rate * duration)
     latencies: list[float] = []
+    by_answer: dict[str, list[float]] = {}  # above capacity: are the refusals fast, or do they wait too?
     outcomes: Counter[str] = Counter()
     accepted: list[uuid.UUID] = []
 
@@ -217,6 +219,7 @@ async def _offered_rate(
             outcomes[type(error).__name__] += 1
             return
         latencies.append(loop.time() - scheduled)  # from the schedule: a late send is latency too
+        by_answer.setdefault(str(response.status_code), []).append(latencies[-1])
         outcomes[str(response.status_code)] += 1
         if response.status_code == 202:
             accepted.append(uuid.UUID(response.json()["id"]))
@@ -260,6 +263,10 @@ async def _offered_rate(
         "api_p50_ms": percentile(latencies, 0.50) * 1000,
         "api_p95_ms": percentile(latencies, 0.95) * 1000,
         "api_p99_ms": percentile(latencies, 0.99) * 1000,
+        "api_ms_by_answer": {
+            answer: {"p50": percentile(values, 0.50) * 1000, "p95": percentile(values, 0.95) * 1000}
+            for answer, values in sorted(by_answer.items())
+        },
         "sent": len(sent),
         "unsettled_after_drain": len(accepted) - len(settled),
         "accept_to_sent_p50_ms": percentile(to_sent, 0.50) * 1000,
@@ -270,12 +277,13 @@ async def _offered_rate(
 
 
 def _rate_line(row: dict[str, Any]) -> str:
+    by_answer = ", ".join(f"{answer} {ms['p95']:.0f} ms" for answer, ms in row["api_ms_by_answer"].items())
     return (
         f"{row['offered_per_s']:g}/s offered ({row['fired_per_s']:.1f} fired): API p50 {row['api_p50_ms']:.0f} ms, "
         f"p95 {row['api_p95_ms']:.0f} ms, p99 {row['api_p99_ms']:.0f} ms; accepted {row['accepted']}, "
         f"shed {row['shed']}, errors {row['errors']}; accept->sent p95 {row['accept_to_sent_p95_ms']:.0f} ms; "
         f"CPU ms/notification {', '.join(f'{k} {v:.1f}' for k, v in row['cpu_ms_per_notification'].items())}; "
-        f"delivered {row['delivered_per_s']:.1f}/s"
+        f"delivered {row['delivered_per_s']:.1f}/s; API p95 by answer {by_answer}"
     )
 
 

@@ -219,6 +219,11 @@ def instant_block(instant: dict[str, Any], ceilings: dict[str, Any] | None, labe
         if shape in shapes:
             lines.append(f"- best delivered rate / ceiling ({shape}, {shapes[shape]['per_second']:.1f}/s): "
                          f"{best / shapes[shape]['per_second']:.2f}")  # fmt: skip
+    for row in instant["rates"]:
+        if answers := row.get("api_ms_by_answer"):
+            split = "; ".join(f"{answer}: p50 {_n(ms['p50'])} ms, p95 {_n(ms['p95'])} ms"
+                              for answer, ms in answers.items())  # fmt: skip
+            lines.append(f"- API latency by answer at {row['offered_per_s']:g}/s: {split}")
     peaks = instant["peak_rss_mib"]
     lines.append(f"- SMTP server received {_n(instant['received_by_smtp_server'])}, sent recorded "
                  f"{_n(instant['sent_recorded'])} (with one warm-up); peak RSS: API {_n(peaks['api'])} MiB, "
