@@ -867,7 +867,7 @@ def open_store(
 class HistoryWriter:
     """Group commit over a HistoryStore; blocking store calls run on one thread."""
 
-    def __init__(self, store: HistoryStore, flush_seconds: float = 0.2, flush_rows: int = 100_000) -> None:
+    def __init__(self, store: HistoryStore, flush_seconds: float = 1.0, flush_rows: int = 100_000) -> None:
         self.store = store
         self._flush_seconds = flush_seconds
         self._flush_rows = flush_rows

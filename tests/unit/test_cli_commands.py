@@ -11,12 +11,24 @@ import pytest
 from entrypoints.cli import build_parser, handler_of
 
 COMMANDS = [
-    ["dev"], ["api"], ["worker"], ["events", "consume"], ["migrate"], ["backup", "dir"], ["restore", "dir"],
-    ["token", "create", "--role", "analyst"], ["codec-server"], ["codec-key"], ["secrets-key"],
-    ["user", "create", "--email", "a@example.com", "--role", "analyst"], ["user", "deactivate", "a@example.com",
-    "--reason", "left"], ["user", "activate", "a@example.com"], ["user", "set-role", "a@example.com", "admin",
-    "--reason", "why"], ["user", "reset-password", "a@example.com"], ["user", "list"],
-]  # fmt: skip
+    ["dev"],
+    ["api"],
+    ["worker"],
+    ["events", "consume"],
+    ["migrate"],
+    ["backup", "dir"],
+    ["restore", "dir"],
+    ["token", "create", "--role", "analyst"],
+    ["codec-server"],
+    ["codec-key"],
+    ["secrets-key"],
+    ["user", "create", "--email", "a@example.com", "--role", "analyst"],
+    ["user", "deactivate", "a@example.com", "--reason", "left"],
+    ["user", "activate", "a@example.com"],
+    ["user", "set-role", "a@example.com", "admin", "--reason", "why"],
+    ["user", "reset-password", "a@example.com"],
+    ["user", "list"],
+]
 
 
 @pytest.mark.parametrize("argv", COMMANDS, ids=" ".join)
